@@ -1,0 +1,45 @@
+"""Installs spectron_jax: a JAX/Flax NNX implementation of Spectron (spoken LM over spectrograms)."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "seqio==0.0.20",
+    "clu==0.0.12",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources",  # undeclared need of tensorflow-datasets 4.9.10
+    "librosa==0.11.0",
+    "soundfile==0.14.0",
+    "gin-config==0.5.0",
+    "sentencepiece==0.2.3",
+    "numpy==2.4.6",
+    "protobuf==7.36.2",
+    "tqdm",
+]
+
+EXTRAS_REQUIRE = {
+    # Compile for TPU topologies on a CPU host (aot) and run on Cloud TPU VMs.
+    "tpu": ["libtpu==0.0.42.*"],
+    # Speaker similarity (resemblyzer ships its weights). torch must be exactly 2.13.0: any
+    # other version pulls the CUDA build; webrtcvad needs pkg_resources, gone in setuptools 81.
+    "eval": ["torch==2.13.0", "resemblyzer==0.1.4", "setuptools<81"],
+    # Importers of open checkpoints (Gemma decoders, w2v-BERT 2.0 encoder).
+    "convert": ["torch==2.13.0", "transformers", "safetensors"],
+    "test": ["pytest", "pytest-xdist"],
+}
+
+setup(
+    name="spectron_jax",
+    version="0.1.0",
+    description="Spectron: spoken question answering and speech continuation with a spectrogram-powered LLM, in JAX",
+    packages=find_packages(include=["spectron_jax", "spectron_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
