@@ -1,0 +1,1 @@
+"""Speech data: log-mel features, the `prepare` tool that writes TFRecord shards, and their readers."""

@@ -1,0 +1,308 @@
+"""The training input: per-host, deterministic, exactly resumable batches of a Spectron Task.
+
+`make_pipeline` returns a `SpectronInput`, an iterator of NumPy batch dicts in the model's batch
+contract (`spectron_jax.data.converter`), holding this host's rows: global_batch / num_shards of them.
+
+Order. Epoch e of host h is a fixed stream: the host's files (seqio.ShardInfo(h, num_shards)) in an
+order shuffled with a seed derived from (seed, e), their records interleaved deterministically, and the
+records shuffled with a fixed buffer under the same seed. The stream is tagged with each record's
+position in it *before* any preprocessing, then preprocessed (length filter, split, tokenisation,
+SpecAugment seeded by (SpecAugmentConfig.seed, example id)), converted and batched. Epochs follow each other without a
+gap: a batch may hold the last examples of epoch e and the first of e + 1.
+
+Resume. `state()` is {epoch, position, ...} of plain ints: position = records of the current epoch's
+stream consumed by the batches returned so far. `restore(state)` rebuilds the stream of that epoch and
+skips `position` records, before preprocessing, so what comes next is exactly what an uninterrupted
+iterator would have returned (SpecAugment included: its masks depend on the example's id, not on its
+place in the stream). The cost of a restore is reading and parsing at most one epoch's worth of this
+host's records (no preprocessing); tf.data's own iterator checkpoints were not used because they
+serialise the shuffle buffer (hundreds of MB of spectrograms) instead of two integers.
+
+Multi-host contract. Every process calls
+    make_pipeline(..., batch_size=GLOBAL_BATCH, shard_index=jax.process_index(),
+                  num_shards=jax.process_count())
+and gets rows [GLOBAL_BATCH / process_count, ...]. With at least as many shard files as processes,
+each process reads its own files (file i goes to process i mod num_shards); otherwise every process
+reads all files and keeps every num_shards-th record. The training code assembles the global batch
+with `jax.make_array_from_process_local_data(NamedSharding(mesh, P(batch axes)), local_batch)`, and
+saves `state()` of every process separately (states differ between processes); a state restores
+only into a pipeline with the same seed, shard_index and num_shards. With repeat=False, processes
+may run out after different numbers of batches (uneven files); evaluation code that needs lockstep
+should use repeat=False with drop_remainder=False and pad with empty batches on the processes that
+end early. A change of process count cannot resume exactly (each process's stream changes); start
+the new processes at position 0 of the saved epoch instead.
+
+With repeat=True a split whose every record fails the length filter yields nothing, forever: check
+`prepare`'s report (utterances per split) against TaskConfig's minimum length.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from spectron_jax.data import converter as converter_lib
+
+_log = logging.getLogger(__name__)
+
+_EPOCH = "_input_epoch"
+_POSITION = "_input_position"
+_EPOCH_SEED_STRIDE = 1_000_003  # epoch seed = seed * stride + epoch
+
+
+class SpectronInput:
+    """An iterator of per-host NumPy batches with a checkpointable position (see the module docstring).
+
+    Each batch is {key: np.ndarray} with the shapes of `batch_spec`; padded final rows (only with
+    repeat=False, drop_remainder=False) have every mask and weight 0. Frames and tokens the converter
+    cuts are summed in `truncation_counts` and logged (when a kind of cut first happens, then every
+    `log_every_batches` batches).
+    """
+
+    def __init__(
+        self,
+        task: seqio.Task,
+        split: str,
+        per_host_batch_size: int,
+        shard_index: int,
+        num_shards: int,
+        seed: int,
+        shuffle: bool,
+        repeat: bool,
+        shuffle_buffer_size: int,
+        converter: converter_lib.SpectronFeatureConverter,
+        drop_remainder: bool = True,
+        prefetch_batches: int = 2,
+        log_every_batches: int = 1000,
+    ):
+        self.task = task
+        self.split = split
+        self.per_host_batch_size = per_host_batch_size
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self.seed = seed
+        self.shuffle = shuffle
+        self.repeat = repeat
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.converter = converter
+        self.drop_remainder = drop_remainder
+        self.prefetch_batches = prefetch_batches
+        self.log_every_batches = log_every_batches
+        self._files = list(task.source.list_shards(split))
+        if not self._files:
+            pattern = getattr(task.source, "_split_to_filepattern", {}).get(split, "its file pattern")
+            raise FileNotFoundError(f"task {task.name!r}, split {split!r}: no shard files match {pattern}")
+        self._shard_files = len(self._files) >= num_shards
+        self._epoch = 0
+        self._position = 0
+        self._batches = 0
+        self._truncated = {key: 0 for key in converter_lib.STATS_KEYS}
+        self._iterator: Iterator | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # Position
+    # ------------------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, int]:
+        """The position after the last returned batch, as plain ints (save one per process)."""
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "batches": self._batches,
+            "seed": self.seed,
+            "shard_index": self.shard_index,
+            "num_shards": self.num_shards,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continues from `state()` of an earlier pipeline with the same seed and sharding."""
+        for key in ("seed", "shard_index", "num_shards"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"input state was saved with {key}={int(state[key])}, this pipeline has "
+                    f"{key}={getattr(self, key)}; exact resume needs the same seed and sharding"
+                )
+        missing = [key for key in ("epoch", "position") if key not in state]
+        if missing:
+            raise ValueError(f"input state lacks {', '.join(missing)}")
+        self._epoch = int(state["epoch"])
+        self._position = int(state["position"])
+        self._batches = int(state.get("batches", 0))
+        self._iterator = None
+
+    @property
+    def truncation_counts(self) -> dict[str, int]:
+        """Totals, over the batches returned so far, of frames and tokens cut to fit the batch shapes."""
+        return dict(self._truncated)
+
+    @property
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{key: (per-host shape, dtype)} of every batch."""
+        return self.converter.batch_spec(self.per_host_batch_size)
+
+    # ------------------------------------------------------------------------------------------------
+    # The tf.data graph
+    # ------------------------------------------------------------------------------------------------
+
+    def _epoch_records(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
+        """This host's parsed records of `epoch` in their fixed order, tagged, the first `skip` dropped."""
+        epoch_seed = tf.constant(self.seed, tf.int64) * _EPOCH_SEED_STRIDE + epoch
+        shard_info = seqio.ShardInfo(self.shard_index, self.num_shards)
+        records = self.task.source.get_dataset(
+            split=self.split,
+            shuffle=self.shuffle,
+            seed=epoch_seed,
+            shard_info=shard_info if self._shard_files else None,
+        )
+        if not self._shard_files:
+            records = records.shard(self.num_shards, self.shard_index)
+        if self.shuffle:
+            records = records.shuffle(self.shuffle_buffer_size, seed=epoch_seed)
+        records = records.enumerate().map(lambda i, ex: {**ex, _EPOCH: epoch, _POSITION: i})
+        return records.skip(skip)
+
+    def _dataset(self) -> tf.data.Dataset:
+        """Batches (row, stats, tags) from the current position on."""
+        start_epoch = tf.constant(self._epoch, tf.int64)
+        start_position = tf.constant(self._position, tf.int64)
+        if self.repeat:
+            epochs = tf.data.Dataset.counter(self._epoch, dtype=tf.int64)
+        else:
+            epochs = tf.data.Dataset.range(self._epoch, 1, dtype=tf.int64)
+        records = epochs.flat_map(
+            lambda e: self._epoch_records(e, tf.where(tf.equal(e, start_epoch), start_position, 0))
+        )
+        examples = self.task.preprocess_precache(records)
+        examples = self.task.preprocess_postcache(examples, sequence_length=None)
+
+        def convert(example):
+            row, stats = self.converter.convert_example(example)
+            return row, stats, {_EPOCH: example[_EPOCH], _POSITION: example[_POSITION]}
+
+        batches = examples.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+        batches = batches.batch(self.per_host_batch_size, drop_remainder=self.drop_remainder)
+        if not self.drop_remainder:
+            batches = batches.map(self._pad_batch)
+        options = tf.data.Options()
+        options.deterministic = True
+        return batches.with_options(options).prefetch(self.prefetch_batches)
+
+    def _pad_batch(self, row: dict, stats: dict, tags: dict):
+        """Pads a short final batch to per_host_batch_size rows: empty rows, tags -1."""
+
+        def pad(values, value):
+            rows = self.per_host_batch_size - tf.shape(values)[0]
+            padding = [[0, rows]] + [[0, 0]] * (values.shape.rank - 1)
+            padded = tf.pad(values, padding, constant_values=tf.cast(value, values.dtype))
+            return tf.ensure_shape(padded, [self.per_host_batch_size] + values.shape[1:].as_list())
+
+        row = {k: pad(v, self.converter.pad_id if k in ("text_inputs", "text_targets") else 0) for k, v in row.items()}
+        stats = {k: pad(v, 0) for k, v in stats.items()}
+        tags = {k: pad(v, -1) for k, v in tags.items()}
+        return row, stats, tags
+
+    # ------------------------------------------------------------------------------------------------
+    # Iteration
+    # ------------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> "SpectronInput":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._dataset().as_numpy_iterator()
+        row, stats, tags = next(self._iterator)
+        valid = np.flatnonzero(tags[_POSITION] >= 0)
+        last = valid[-1]
+        self._epoch = int(tags[_EPOCH][last])
+        self._position = int(tags[_POSITION][last]) + 1
+        self._batches += 1
+        cut = {key: int(np.sum(value)) for key, value in stats.items()}
+        first = [key for key, value in cut.items() if value and not self._truncated[key]]
+        for key, value in cut.items():
+            self._truncated[key] += value
+        if first or (any(self._truncated.values()) and self._batches % self.log_every_batches == 0):
+            _log.warning(
+                "%s/%s: frames or tokens cut to fit the batch shapes, totals after %d batches: %s",
+                self.task.name,
+                self.split,
+                self._batches,
+                self._truncated,
+            )
+        return row
+
+
+def make_pipeline(
+    task_name: str,
+    split: str,
+    batch_size: int,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    *,
+    prompt_len: int = 240,
+    text_len: int = 128,
+    cont_len: int = 800,
+    reduction_factor: int = 1,
+    with_segments: bool = False,
+    shuffle_buffer_size: int | None = None,
+    drop_remainder: bool = True,
+    prefetch_batches: int = 2,
+) -> SpectronInput:
+    """The input iterator of one host for a registered Spectron Task (see the module docstring).
+
+    Args:
+      task_name: a registered seqio Task (`spectron_jax.data.tasks.register_tasks`).
+      split: train, validation or test.
+      batch_size: the GLOBAL batch; each host yields batch_size / num_shards rows.
+      shard_index, num_shards: this host's index and the number of hosts (jax.process_index() /
+        jax.process_count()).
+      seed: seeds the file order and the record shuffle of every epoch.
+      shuffle: shuffle files and records (training); False keeps the files' order.
+      repeat: loop over epochs forever; False stops after one epoch.
+      prompt_len, text_len, cont_len, reduction_factor, with_segments: the batch shapes
+        (`SpectronFeatureConverter`); cont_len must be a multiple of reduction_factor.
+      shuffle_buffer_size: records in the shuffle buffer (default: the Task's, 1000). Memory is about
+        this many utterances' spectrograms.
+      drop_remainder: drop a short final batch (repeat=False only); False pads it with empty rows.
+      prefetch_batches: batches tf.data prepares ahead.
+    """
+    if batch_size < 1 or num_shards < 1 or batch_size % num_shards:
+        raise ValueError(f"the global batch_size ({batch_size}) must be a positive multiple of num_shards ({num_shards})")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must lie in [0, {num_shards}), got {shard_index}")
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must lie in [0, 2**31), got {seed}")
+    try:
+        task = seqio.get_mixture_or_task(task_name)
+    except ValueError as e:
+        raise ValueError(f"unknown task {task_name!r}: register it first (spectron_jax.data.tasks.register_tasks)") from e
+    if split not in task.splits:
+        raise ValueError(f"task {task_name!r} has no split {split!r}; splits: {', '.join(task.splits)}")
+    converter = converter_lib.SpectronFeatureConverter(
+        prompt_len=prompt_len,
+        text_len=text_len,
+        cont_len=cont_len,
+        reduction_factor=reduction_factor,
+        with_segments=with_segments,
+    )
+    return SpectronInput(
+        task=task,
+        split=split,
+        per_host_batch_size=batch_size // num_shards,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        seed=seed,
+        shuffle=shuffle,
+        repeat=repeat,
+        shuffle_buffer_size=shuffle_buffer_size or task.shuffle_buffer_size or 1000,
+        converter=converter,
+        drop_remainder=drop_remainder,
+        prefetch_batches=prefetch_batches,
+    )

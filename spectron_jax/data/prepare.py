@@ -1,0 +1,506 @@
+"""`prepare`: featurises a speech corpus into TFRecord shards of log-mel spectrograms.
+
+    python -m spectron_jax.data.prepare --format=librispeech|librilight|manifest|embedded \\
+        --input=PATH --output_dir=DIR [--num_shards=N] [--num_workers=N] [--splits=train,validation] \\
+        [--split=NAME] [--stats] [--min_seconds=S] \\
+        [--transcripts=TSV --segmentation=vad|fixed --max_segment_seconds=20 --write_segments=TSV]
+
+The input formats are described in `spectron_jax.data.sources`.
+
+Output (a contract: the seqio tasks read it):
+
+- `DIR/<split>.tfrecord-<i:05d>-of-<n:05d>`: TFRecord files of `tf.train.Example`s in the schema of
+  `spectron_jax.data.tfrecords` (id, transcript, speaker, duration, num_frames, log_mel [T, 128]).
+- `DIR/report.json`: per split the utterances written, hours, frames, skipped utterances by reason
+  (with up to 20 examples each) and the shards with their example counts; see `build_report`.
+- `DIR/stats.json` (with `--stats`): per-bin mean/std of the train split's frames
+  (`features.FeatureStats`); of all prepared splits when there is no train split.
+- `DIR/shard_index/<shard>.json`: one record per finished shard (its job's fingerprint, example and
+  byte counts, skips, statistics sums), what makes re-runs resumable.
+
+Sharding: a split's audio files are sorted by path and dealt round-robin to its shards (default
+ceil(utterances / 256) shards; pass --num_shards to make the count divide the number of hosts). Each
+shard is one job run by a worker process. A shard is written under a temporary hidden name and renamed
+when complete, then its index record is written; a re-run skips every shard whose file, index record,
+fingerprint (inputs, their sizes and mtimes, feature numbers) and TFRecord count all agree, so nothing
+finished is rewritten and a crash never leaves a truncated file under a shard name. After a successful
+run, shards of the same split with another shard count and stale temporary files are removed.
+
+Bad utterances (missing, empty, corrupt, zero-sample or NaN audio, empty transcript, duplicate id,
+malformed manifest line, too short) are skipped and counted by reason, never fatal. An input with
+nothing usable is a one-line error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+
+from spectron_jax import cli
+from spectron_jax.data import features, sources
+from spectron_jax.data.tfrecords import count_records, encode_example, parse_example, shard_name, tfrecord_features  # noqa: F401
+
+FORMATS = ("librispeech", "librilight", "manifest", "embedded")
+FORMAT_VERSION = 1
+DEFAULT_EXAMPLES_PER_SHARD = 256
+INDEX_DIR = "shard_index"
+REPORT_EXAMPLES_PER_REASON = 20
+
+
+def __getattr__(name: str):
+    # TFRECORD_FEATURES is built on first access so that importing this module does not import TF.
+    if name == "TFRECORD_FEATURES":
+        return tfrecord_features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    """How utterances are featurised and filtered (part of every shard's fingerprint)."""
+
+    spec: features.FeatureSpec = features.SPECTRON_FEATURES
+    min_seconds: float = 0.0  # shorter utterances are skipped ('too_short'). DEFAULT, keeps all.
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its split, index, the audio files dealt to it and their fingerprint."""
+
+    split: str
+    index: int
+    num_shards: int
+    files: tuple[sources.SourceFile, ...]
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index, self.num_shards)
+
+    @property
+    def num_segments(self) -> int:
+        return sum(len(f.segments) for f in self.files)
+
+
+def _file_state(path: str) -> list:
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [None, None]
+
+
+def plan_shards(listing: sources.Listing, options: PrepareOptions, num_shards: int | None = None) -> list[ShardJob]:
+    """Deals each split's files round-robin (sorted by path) to its shards."""
+    by_split: dict[str, list[sources.SourceFile]] = {}
+    for source in listing.sources:
+        by_split.setdefault(source.split, []).append(source)
+    jobs = []
+    for split, files in sorted(by_split.items()):
+        files.sort(key=lambda s: (s.source, s.path))
+        segments = sum(len(f.segments) for f in files)
+        count = num_shards or max(1, min(len(files), math.ceil(segments / DEFAULT_EXAMPLES_PER_SHARD)))
+        for index in range(count):
+            dealt = tuple(files[index::count])
+            payload = {
+                "version": FORMAT_VERSION,
+                "features": options.spec.to_dict(),
+                "min_seconds": options.min_seconds,
+                "files": [
+                    [f.path, f.source, _file_state(f.path), [dataclasses.astuple(s) for s in f.segments]] for f in dealt
+                ],
+            }
+            digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+            jobs.append(ShardJob(split, index, count, dealt, digest))
+    return jobs
+
+
+def _index_path(output_dir: str, name: str) -> str:
+    return os.path.join(output_dir, INDEX_DIR, name + ".json")
+
+
+def _write_json(path: str, payload: Any) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def finished_shard(output_dir: str, job: ShardJob) -> dict | None:
+    """The index record of `job` if its shard is complete and matches the job, else None."""
+    try:
+        with open(_index_path(output_dir, job.name)) as f:
+            record = json.load(f)
+        path = os.path.join(output_dir, job.name)
+        if record.get("fingerprint") != job.fingerprint or os.path.getsize(path) != record["bytes"]:
+            return None
+        return record if count_records(path) == record["examples"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _skip_dict(skip: sources.Skip) -> dict:
+    return {"id": skip.id, "source": skip.source, "split": skip.split, "reason": skip.reason, "detail": skip.detail}
+
+
+def featurise_file(source: sources.SourceFile, options: PrepareOptions):
+    """Yields (segment, duration s, [frames, mel] log-mel) or (segment, None, Skip) for each segment."""
+    spec = options.spec
+    try:
+        wave = features.load_audio(source.path, spec)
+    except features.AudioError as e:
+        for seg in source.segments:
+            yield seg, None, sources.Skip(seg.id, source.source, source.split, e.reason, e.detail)
+        return
+    for seg in source.segments:
+        start = int(round(seg.start * spec.sample_rate))
+        end = len(wave) if seg.end is None else min(len(wave), int(round(seg.end * spec.sample_rate)))
+        piece = wave[start:end]
+        duration = piece.size / spec.sample_rate
+        if piece.size == 0:
+            yield (
+                seg,
+                None,
+                sources.Skip(seg.id, source.source, source.split, "empty_audio", "segment lies past the audio's end"),
+            )
+        elif duration < options.min_seconds:
+            yield seg, None, sources.Skip(seg.id, source.source, source.split, "too_short", f"{duration:.2f} s")
+        else:
+            try:
+                frames = features.log_mel(piece, spec)
+            except Exception as e:  # never expected; one bad segment must not stop the shard
+                yield seg, None, sources.Skip(seg.id, source.source, source.split, "feature_error", str(e))
+                continue
+            yield seg, duration, frames
+
+
+def write_shard(
+    job: ShardJob, output_dir: str, options: PrepareOptions, progress: Callable[[int], None] | None = None
+) -> dict:
+    """Featurises the job's files into its shard (temp name, then rename) and writes its index record."""
+    import tensorflow as tf
+
+    final = os.path.join(output_dir, job.name)
+    tmp = os.path.join(output_dir, f".tmp-{job.name}-{os.getpid()}")
+    stats = features.StatsAccumulator(options.spec)
+    skips, examples, seconds, frames_total = [], 0, 0.0, 0
+    try:
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for source in job.files:
+                for segment, duration, result in featurise_file(source, options):
+                    if duration is None:
+                        skips.append(_skip_dict(result))
+                        continue
+                    writer.write(encode_example(segment, duration, result))
+                    stats.add(result)
+                    examples += 1
+                    seconds += duration
+                    frames_total += result.shape[0]
+                if progress is not None:
+                    progress(len(source.segments))
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    record = {
+        "shard": job.name,
+        "split": job.split,
+        "fingerprint": job.fingerprint,
+        "examples": examples,
+        "bytes": os.path.getsize(final),
+        "seconds": seconds,
+        "frames": frames_total,
+        "skipped": skips,
+        "stats": stats.to_dict(),
+    }
+    _write_json(_index_path(output_dir, job.name), record)
+    return record
+
+
+_worker_progress = None  # a shared counter of segments done, set in each worker process
+
+
+def _init_worker(counter) -> None:
+    global _worker_progress
+    _worker_progress = counter
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _count_progress(n: int) -> None:
+    with _worker_progress.get_lock():
+        _worker_progress.value += n
+
+
+def _run_job(job: ShardJob, output_dir: str, options: PrepareOptions) -> dict:
+    return write_shard(job, output_dir, options, _count_progress)
+
+
+def run_jobs(jobs: Sequence[ShardJob], output_dir: str, options: PrepareOptions, num_workers: int) -> list[dict]:
+    """Writes the shards of `jobs` (in worker processes when num_workers > 1), with a progress bar."""
+    import tqdm
+
+    total = sum(j.num_segments for j in jobs)
+    bar = tqdm.tqdm(total=total, unit="utt", desc="prepare", disable=None, file=sys.stderr)
+    try:
+        if num_workers <= 1 or len(jobs) <= 1:
+            return [write_shard(job, output_dir, options, bar.update) for job in jobs]
+        import concurrent.futures
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # TF and fork do not mix.
+        counter = context.Value("q", 0)
+        # A worker that dies (e.g. killed for memory) fails the run with BrokenProcessPool, never hangs it.
+        with concurrent.futures.ProcessPoolExecutor(
+            min(num_workers, len(jobs)), mp_context=context, initializer=_init_worker, initargs=(counter,)
+        ) as pool:
+            futures = [pool.submit(_run_job, job, output_dir, options) for job in jobs]
+            try:
+                pending = set(futures)
+                while pending:
+                    done, pending = concurrent.futures.wait(pending, timeout=0.2, return_when="FIRST_EXCEPTION")
+                    bar.update(counter.value - bar.n)
+                    for future in done:
+                        future.result()  # re-raises a worker's error at once
+                return [f.result() for f in futures]
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        bar.close()
+
+
+def _summarise_skips(skips: list[dict]) -> dict:
+    by_reason: dict[str, int] = {}
+    examples: dict[str, list] = {}
+    for skip in skips:
+        by_reason[skip["reason"]] = by_reason.get(skip["reason"], 0) + 1
+        kept = examples.setdefault(skip["reason"], [])
+        if len(kept) < REPORT_EXAMPLES_PER_REASON:
+            kept.append({k: skip[k] for k in ("id", "source", "detail")})
+    return {"total": len(skips), "by_reason": dict(sorted(by_reason.items())), "examples": examples}
+
+
+def build_report(records: list[dict], listing_skips: list[sources.Skip], meta: dict) -> dict:
+    """report.json: {format, input, features, splits: {split: {...}}, totals, [skipped_without_split]}.
+
+    Each split: utterances, hours, frames, skipped {total, by_reason, examples}, num_shards and
+    shards [{file, examples, bytes}].
+    """
+    splits: dict[str, dict] = {}
+    skips_by_split: dict[str | None, list[dict]] = {}
+    for skip in listing_skips:
+        skips_by_split.setdefault(skip.split, []).append(_skip_dict(skip))
+    for record in records:
+        entry = splits.setdefault(record["split"], {"utterances": 0, "seconds": 0.0, "frames": 0, "shards": []})
+        entry["utterances"] += record["examples"]
+        entry["seconds"] += record["seconds"]
+        entry["frames"] += record["frames"]
+        entry["shards"].append({"file": record["shard"], "examples": record["examples"], "bytes": record["bytes"]})
+        skips_by_split.setdefault(record["split"], []).extend(record["skipped"])
+    report_splits = {}
+    for split in sorted(set(splits) | {s for s in skips_by_split if s is not None}):
+        entry = splits.get(split, {"utterances": 0, "seconds": 0.0, "frames": 0, "shards": []})
+        report_splits[split] = {
+            "utterances": entry["utterances"],
+            "hours": round(entry["seconds"] / 3600, 6),
+            "frames": entry["frames"],
+            "skipped": _summarise_skips(skips_by_split.get(split, [])),
+            "num_shards": len(entry["shards"]),
+            "shards": sorted(entry["shards"], key=lambda s: s["file"]),
+        }
+    report = dict(meta)
+    report["splits"] = report_splits
+    report["totals"] = {
+        "utterances": sum(s["utterances"] for s in report_splits.values()),
+        "hours": round(sum(s["hours"] for s in report_splits.values()), 6),
+        "skipped": sum(s["skipped"]["total"] for s in report_splits.values()) + len(skips_by_split.get(None, [])),
+    }
+    if skips_by_split.get(None):
+        report["skipped_without_split"] = _summarise_skips(skips_by_split[None])
+    return report
+
+
+def _remove_stale(output_dir: str, jobs: Sequence[ShardJob]) -> list[str]:
+    """Deletes shards of the prepared splits that this run did not plan, and leftover temp files."""
+    current = {j.name for j in jobs}
+    removed = []
+    for split in {j.split for j in jobs}:
+        for path in glob.glob(os.path.join(glob.escape(output_dir), glob.escape(split) + ".tfrecord-*")):
+            if os.path.basename(path) not in current:
+                removed.append(os.path.basename(path))
+                os.remove(path)
+                index = _index_path(output_dir, os.path.basename(path))
+                if os.path.exists(index):
+                    os.remove(index)
+    folder = glob.escape(output_dir)
+    for pattern in (os.path.join(folder, ".tmp-*"), os.path.join(folder, INDEX_DIR, ".tmp-*")):
+        for path in glob.glob(pattern):
+            os.remove(path)
+    return removed
+
+
+def prepare(
+    listing: sources.Listing,
+    output_dir: str,
+    options: PrepareOptions = PrepareOptions(),
+    num_shards: int | None = None,
+    num_workers: int = 1,
+    stats: bool = False,
+    meta: dict | None = None,
+) -> dict:
+    """Writes the shards of `listing` (resuming finished ones), report.json and maybe stats.json.
+
+    Returns:
+      The report (also written to `output_dir/report.json`); its `run` entry says how many shards
+      were written and how many were already complete.
+    """
+    os.makedirs(os.path.join(output_dir, INDEX_DIR), exist_ok=True)
+    jobs = plan_shards(listing, options, num_shards)
+    done = {job.name: finished_shard(output_dir, job) for job in jobs}
+    pending = [job for job in jobs if done[job.name] is None]
+    for record in run_jobs(pending, output_dir, options, num_workers):
+        done[record["shard"]] = record
+    records = [done[job.name] for job in jobs]
+    removed = _remove_stale(output_dir, jobs)
+    report_meta = {"features": options.spec.to_dict(), "min_seconds": options.min_seconds, **(meta or {})}
+    report = build_report(records, listing.skips, report_meta)
+    report["run"] = {
+        "shards_written": len(pending),
+        "shards_resumed": len(jobs) - len(pending),
+        "stale_removed": removed,
+    }
+    if stats:
+        chosen = [r for r in records if r["split"] == "train"] or records
+        acc = features.StatsAccumulator(options.spec)
+        for record in chosen:
+            acc.merge(features.StatsAccumulator.from_dict(record["stats"], options.spec))
+        if acc.count:
+            acc.finalize().to_json(os.path.join(output_dir, "stats.json"))
+            report["stats"] = {
+                "file": "stats.json",
+                "splits": sorted({r["split"] for r in chosen}),
+                "frames": acc.count,
+            }
+    _write_json(os.path.join(output_dir, "report.json"), report)
+    return report
+
+
+def read_listing(args) -> sources.Listing:
+    """Runs the reader of `--format` on `--input`."""
+    if args.format == "librispeech":
+        return sources.read_librispeech(args.input, args.split)
+    if args.format == "manifest":
+        return sources.read_manifest(args.input, args.split)
+    if args.format == "embedded":
+        return sources.read_embedded(args.input, args.split)
+    return sources.read_librilight(
+        args.input, args.transcripts, args.split, args.segmentation, args.max_segment_seconds
+    )
+
+
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="spectron_jax.data.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--input", required=True, help="corpus folder or manifest file")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--num_shards", type=int, default=None, help="shards per split (default: ceil(utterances / 256))")
+    p.add_argument("--num_workers", type=int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--splits", default=None, help="comma-separated splits to prepare (default: all)")
+    p.add_argument(
+        "--split", default=None, help="split of every utterance (librispeech/librilight) or default split (manifest)"
+    )
+    p.add_argument("--stats", action="store_true", help="also write stats.json (per-bin mean/std)")
+    p.add_argument("--min_seconds", type=float, default=0.0, help="skip shorter utterances")
+    p.add_argument("--transcripts", default=None, help="librilight: transcript TSV (see sources.read_librilight)")
+    p.add_argument("--segmentation", default="vad", choices=("vad", "fixed"), help="librilight: how files are cut")
+    p.add_argument("--max_segment_seconds", type=float, default=20.0, help="librilight: longest segment")
+    p.add_argument("--write_segments", default=None, help="librilight: write the planned segments TSV and stop")
+    return p
+
+
+def _check_args(args) -> None:
+    for flag in ("num_shards", "num_workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise cli.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not args.min_seconds >= 0:
+        raise cli.UsageError(f"--min_seconds must be >= 0, got {args.min_seconds}")
+    if not args.max_segment_seconds > 0:
+        raise cli.UsageError(f"--max_segment_seconds must be > 0, got {args.max_segment_seconds}")
+    if args.split is not None and not sources.is_valid_split(args.split):
+        raise cli.UsageError(f"--split must be letters, digits or '_', got '{args.split}'")
+    if args.format == "librilight" and not args.transcripts and not args.write_segments:
+        raise cli.UsageError("--format=librilight needs --transcripts=TSV (or --write_segments=TSV to list segments)")
+    if not os.path.exists(args.input):
+        raise cli.InputError(f"--input {args.input}: no such file or folder")
+    if args.transcripts and not os.path.isfile(args.transcripts):
+        raise cli.InputError(f"--transcripts {args.transcripts}: no such file")
+
+
+def _write_segments(args) -> int:
+    planned, skips = sources.plan_librilight_segments(args.input, args.segmentation, args.max_segment_seconds)
+    with open(args.write_segments, "w", encoding="utf-8") as f:
+        f.write("id\tfile\tstart\tend\n")
+        for seg_id, rel, start, end in planned:
+            f.write(f"{seg_id}\t{rel}\t{start:.3f}\t{end:.3f}\n")
+    print(f"wrote {len(planned)} segments to {args.write_segments} ({len(skips)} files without usable voice activity)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = _parser().parse_args(argv)
+    _check_args(args)
+    try:
+        if args.write_segments:
+            return _write_segments(args)
+        listing = read_listing(args)
+    except sources.SourceError as e:
+        raise cli.InputError(str(e)) from e
+    if args.splits:
+        wanted = {s.strip() for s in args.splits.split(",") if s.strip()}
+        listing.sources = [s for s in listing.sources if s.split in wanted]
+        listing.skips = [s for s in listing.skips if s.split in wanted or s.split is None]
+    if not listing.sources:
+        reasons = _summarise_skips([_skip_dict(s) for s in listing.skips])["by_reason"]
+        detail = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "no utterances"
+        where = f" in splits {args.splits}" if args.splits else ""
+        raise cli.InputError(f"{args.input}: nothing usable{where} ({detail})")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise cli.InputError(f"--output_dir {args.output_dir}: exists and is not a folder")
+    workers = (
+        args.num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+    )
+    meta = {"format": args.format, "input": args.input}
+    try:
+        report = prepare(
+            listing,
+            args.output_dir,
+            PrepareOptions(min_seconds=args.min_seconds),
+            args.num_shards,
+            workers,
+            args.stats,
+            meta,
+        )
+    except OSError as e:
+        raise cli.InputError(f"--output_dir {args.output_dir}: cannot write ({e})") from e
+    totals = report["totals"]
+    print(
+        f"prepared {totals['utterances']} utterances ({totals['hours']:.3f} h) in {len(report['splits'])} split(s), "
+        f"skipped {totals['skipped']}; shards written {report['run']['shards_written']}, "
+        f"resumed {report['run']['shards_resumed']}; report: {os.path.join(args.output_dir, 'report.json')}"
+    )
+    if totals["utterances"] == 0:
+        raise cli.InputError(
+            f"{args.input}: no utterance could be prepared; see {os.path.join(args.output_dir, 'report.json')}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,307 @@
+"""seqio preprocessors: parse, filter, prompt/continuation split, tokenisation and SpecAugment.
+
+Every function here maps one `tf.data.Dataset` of example dicts to another with pure TensorFlow ops,
+so the whole chain runs inside the tf.data graph. The order a Task applies them in is
+
+    parse_example -> filter_short -> split_prompt_continuation -> tokenize_transcript -> spec_augment
+
+and the example dict grows like this (frames at 80 per second, 128 mel bins):
+
+    after parse_example             id, transcript, speaker: tf.string []
+                                    log_mel: float32 [frames, 128]
+    after split_prompt_continuation prompt: float32 [prompt_frames, 128]    (the first 3 s = 240 frames)
+                                    continuation: float32 [cont_frames, 128] (the rest, cropped)
+                                    total_frames: int32 []                   (before the crop)
+    after tokenize_transcript       text: int32 [tokens]                     (no bos, no eos)
+                                    text_segments: int32 [tokens]            (with phi_split: 1 / 2)
+    after spec_augment              prompt masked (training split only)
+
+Keys a function does not know about (for instance the `split` tag the Task's data source adds, or the
+position tags of the input pipeline) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import seqio
+import tensorflow as tf
+
+from spectron_jax.data import features as features_lib
+from spectron_jax.data import tfrecords
+
+# Mel bins per frame (the feature module owns the number: 128).
+NUM_MEL_BINS = features_lib.SPECTRON_FEATURES.num_mel
+
+# Segment ids of `text_segments` (and of the batch's `text_segments`).
+PROMPT_SEGMENT = 1
+CONTINUATION_SEGMENT = 2
+
+# The TFRecord schema written by `spectron_jax.data.prepare`: one tf.train.Example per utterance.
+FEATURE_DESCRIPTION = tfrecords.tfrecord_features()
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecAugmentConfig:
+    """SpecAugment of the prompt spectrogram (frequency and time masks, no time warp).
+
+    The paper applies SpecAugment to the prompt but gives no values; the defaults are those of the
+    Conformer / Translatotron 2 recipes (paper.md §2).
+    """
+
+    # Number of frequency masks. DEFAULT, not in the paper.
+    num_freq_masks: int = 2
+    # Largest frequency-mask width in mel bins; each width is drawn from 0..max. DEFAULT, not in the paper.
+    max_freq_mask_bins: int = 27
+    # Number of time masks. DEFAULT, not in the paper.
+    num_time_masks: int = 10
+    # Largest time-mask width as a fraction of the prompt's frame count. DEFAULT, not in the paper.
+    max_time_mask_ratio: float = 0.05
+    # What masked cells become: "mean" (the prompt's mean log-mel) or "zero". Zero in the log domain is
+    # loud (mel magnitude 1), so the mean is the neutral choice for unnormalised log-mel.
+    # DEFAULT, not in the paper.
+    mask_value: str = "mean"
+    # Mixed with a hash of each example's id to seed its masks: the same example gets the same masks in
+    # every epoch, different examples get different masks. DEFAULT, not in the paper.
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mask_value not in ("mean", "zero"):
+            raise ValueError(f"SpecAugmentConfig.mask_value must be 'mean' or 'zero', got {self.mask_value!r}")
+        if min(self.num_freq_masks, self.max_freq_mask_bins, self.num_time_masks) < 0:
+            raise ValueError("SpecAugmentConfig mask counts and widths must be >= 0")
+        if not 0.0 <= self.max_time_mask_ratio <= 1.0:
+            raise ValueError(f"SpecAugmentConfig.max_time_mask_ratio must lie in [0, 1], got {self.max_time_mask_ratio}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------
+
+
+@seqio.map_over_dataset
+def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL_BINS) -> dict:
+    """Shapes a parsed tf.train.Example (see FEATURE_DESCRIPTION) into an utterance dict.
+
+    Args:
+      features: `id`, `transcript`, `speaker` (tf.string []), `num_frames` (int64 []), `duration`
+        (float32 []) and `log_mel` (float32 [num_frames * num_mel_bins], row-major).
+      num_mel_bins: mel bins per frame.
+
+    Returns:
+      `id`, `transcript`, `speaker` (tf.string []) and `log_mel` float32 [frames, num_mel_bins]; any key
+      outside the TFRecord schema passes through.
+    """
+    flat = features["log_mel"]
+    num_frames = tf.cast(features["num_frames"], tf.int32)
+    check = tf.debugging.assert_equal(
+        tf.size(flat),
+        num_frames * num_mel_bins,
+        message=f"TFRecord example: log_mel holds a number of values other than num_frames * {num_mel_bins}",
+    )
+    with tf.control_dependencies([check]):
+        log_mel = tf.reshape(flat, [num_frames, num_mel_bins])
+    out = {k: v for k, v in features.items() if k not in FEATURE_DESCRIPTION}
+    out.update(
+        id=features["id"],
+        transcript=features["transcript"],
+        speaker=features["speaker"],
+        log_mel=log_mel,
+    )
+    return out
+
+
+def decode_serialized_example(serialized: tf.Tensor, num_mel_bins: int = NUM_MEL_BINS) -> dict:
+    """Parses one serialised tf.train.Example (tf.string []) into the dict `parse_example` returns."""
+    features = tf.io.parse_single_example(serialized, FEATURE_DESCRIPTION)
+    return parse_example.__wrapped__(features, num_mel_bins=num_mel_bins)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Length filter and the prompt / continuation split
+# ----------------------------------------------------------------------------------------------------
+
+
+def filter_short(dataset: tf.data.Dataset, min_frames: int) -> tf.data.Dataset:
+    """Drops utterances with fewer than `min_frames` log-mel frames.
+
+    `min_frames` is `TaskConfig.min_frames` (prompt plus minimum continuation, 280 frames by default):
+    an utterance must cover the whole prompt and leave some continuation to predict.
+    """
+    return dataset.filter(lambda ex: tf.shape(ex["log_mel"])[0] >= min_frames)
+
+
+@seqio.map_over_dataset
+def split_prompt_continuation(
+    features: Mapping[str, tf.Tensor], prompt_frames: int, max_continuation_frames: int | None
+) -> dict:
+    """Cuts `log_mel` [frames, mel] into the prompt (first `prompt_frames`) and the continuation.
+
+    Args:
+      features: an utterance dict with `log_mel` float32 [frames, mel].
+      prompt_frames: frames of the prompt (3 s = 240 in the paper).
+      max_continuation_frames: the continuation is cropped to this many frames (None: no crop).
+
+    Returns:
+      the dict without `log_mel`, plus `prompt` float32 [min(frames, prompt_frames), mel],
+      `continuation` float32 [cont_frames, mel] (the frames right after the prompt, at most
+      `max_continuation_frames`) and `total_frames` int32 [] (the utterance's frames before the crop).
+    """
+    log_mel = features["log_mel"]
+    out = {k: v for k, v in features.items() if k != "log_mel"}
+    out["prompt"] = log_mel[:prompt_frames]
+    end = None if max_continuation_frames is None else prompt_frames + max_continuation_frames
+    out["continuation"] = log_mel[prompt_frames:end]
+    out["total_frames"] = tf.shape(log_mel)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenisation and the phi split of the transcript
+# ----------------------------------------------------------------------------------------------------
+
+
+def _round_div(numerator: tf.Tensor, denominator: tf.Tensor) -> tf.Tensor:
+    """round(numerator / denominator) for non-negative int64 tensors, halves rounded up, in integers."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+@seqio.map_over_dataset
+def _tokenize_and_split(
+    features: Mapping[str, tf.Tensor],
+    vocabulary: seqio.Vocabulary,
+    phi_split: bool,
+    trim_to_kept_audio: bool,
+) -> dict:
+    tokens = vocabulary.encode_tf(features["transcript"])
+    num_tokens = tf.cast(tf.size(tokens), tf.int64)
+    total = tf.maximum(tf.cast(features["total_frames"], tf.int64), 1)
+    prompt = tf.cast(tf.shape(features["prompt"])[0], tf.int64)
+    kept = prompt + tf.cast(tf.shape(features["continuation"])[0], tf.int64)
+    # phi: token index of a frame index, in proportion to the share of the utterance's duration.
+    num_kept = _round_div(num_tokens * kept, total) if trim_to_kept_audio else num_tokens
+    num_prompt = tf.minimum(_round_div(num_tokens * prompt, total), num_kept)
+    out = dict(features)
+    out["text"] = tf.cast(tokens[:num_kept], tf.int32)
+    if phi_split:
+        positions = tf.range(num_kept)
+        out["text_segments"] = tf.where(positions < num_prompt, PROMPT_SEGMENT, CONTINUATION_SEGMENT)
+        out["text_segments"] = tf.cast(out["text_segments"], tf.int32)
+    return out
+
+
+def tokenize_transcript(
+    dataset: tf.data.Dataset,
+    output_features: Mapping[str, seqio.Feature],
+    phi_split: bool = False,
+    trim_to_kept_audio: bool = True,
+    text_key: str = "text",
+) -> tf.data.Dataset:
+    """Tokenises `transcript` into `text` int32 [tokens] with the `text` feature's vocabulary.
+
+    The whole transcript is the text target (the paper's loss needs no alignment). Two uses of phi, the
+    map from a frame index to a token index, here taken as proportional to duration: token k belongs to
+    frame round(k * total_frames / tokens). This is an approximation (speaking rate is not constant),
+    good enough for reporting and for trimming; it is not a forced alignment.
+
+    Args:
+      dataset: examples after `split_prompt_continuation` (`prompt`, `continuation`, `total_frames`).
+      output_features: the Task's features; `output_features[text_key].vocabulary` tokenises.
+      phi_split: also write `text_segments` int32 [tokens]: 1 for the first
+        round(tokens * prompt_frames / total_frames) tokens (the prompt's transcript), 2 for the rest.
+      trim_to_kept_audio: when the continuation was cropped, keep only the first
+        round(tokens * (prompt + kept continuation frames) / total_frames) tokens, so the text does not
+        run past the audio. Without a crop this keeps every token.
+      text_key: the output feature holding the tokens.
+    """
+    return _tokenize_and_split(
+        dataset,
+        vocabulary=output_features[text_key].vocabulary,
+        phi_split=phi_split,
+        trim_to_kept_audio=trim_to_kept_audio,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# SpecAugment
+# ----------------------------------------------------------------------------------------------------
+
+
+def example_seed(example_id: tf.Tensor, seed: int) -> tf.Tensor:
+    """A stateless-RNG seed int64 [2] from (seed, a stable 62-bit fingerprint hash of the example id)."""
+    digest = tf.strings.to_hash_bucket_fast(example_id, 2**62)
+    return tf.stack([tf.constant(seed, tf.int64), digest])
+
+
+def _stripe_mask(
+    seed: tf.Tensor, num_masks: int, max_width: tf.Tensor, size: tf.Tensor
+) -> tf.Tensor:
+    """bool [size]: the union of `num_masks` stripes, widths uniform in 0..max_width, starts uniform."""
+    if num_masks == 0:
+        return tf.zeros([size], tf.bool)
+    width_seed, start_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    max_width = tf.minimum(max_width, size)
+    unit_width = tf.random.stateless_uniform([num_masks], seed=width_seed)
+    widths = tf.cast(unit_width * tf.cast(max_width + 1, tf.float32), tf.int32)
+    widths = tf.minimum(widths, max_width)
+    unit_start = tf.random.stateless_uniform([num_masks], seed=start_seed)
+    starts = tf.cast(unit_start * tf.cast(size - widths + 1, tf.float32), tf.int32)
+    starts = tf.minimum(starts, size - widths)
+    index = tf.range(size)[:, None]  # [size, 1]
+    inside = (index >= starts[None, :]) & (index < (starts + widths)[None, :])  # [size, num_masks]
+    return tf.reduce_any(inside, axis=1)
+
+
+def spec_augment_mask(num_frames: tf.Tensor, num_bins: int, seed: tf.Tensor, config: SpecAugmentConfig) -> tf.Tensor:
+    """bool [num_frames, num_bins]: True where SpecAugment masks (whole frames or whole mel bins).
+
+    Time-mask widths are drawn from 0..floor(max_time_mask_ratio * num_frames), frequency-mask widths
+    from 0..max_freq_mask_bins; every draw comes from the stateless RNG under `seed` (int64 [2]).
+    """
+    time_seed, freq_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    num_frames = tf.cast(num_frames, tf.int32)
+    max_time = tf.cast(tf.floor(config.max_time_mask_ratio * tf.cast(num_frames, tf.float32)), tf.int32)
+    time_mask = _stripe_mask(time_seed, config.num_time_masks, max_time, num_frames)  # [frames]
+    freq_mask = _stripe_mask(
+        freq_seed, config.num_freq_masks, tf.constant(config.max_freq_mask_bins, tf.int32), tf.constant(num_bins)
+    )  # [bins]
+    return time_mask[:, None] | freq_mask[None, :]
+
+
+@seqio.map_over_dataset
+def _spec_augment_prompt(
+    features: Mapping[str, tf.Tensor], config: SpecAugmentConfig, splits: Sequence[str] | None
+) -> dict:
+    prompt = features["prompt"]  # [frames, mel]
+    mask = spec_augment_mask(tf.shape(prompt)[0], prompt.shape[-1], example_seed(features["id"], config.seed), config)
+    fill = tf.reduce_mean(prompt) if config.mask_value == "mean" else tf.constant(0.0, prompt.dtype)
+    masked = tf.where(mask, fill, prompt)
+    if splits is not None:
+        if "split" not in features:
+            raise ValueError("spec_augment: the examples carry no 'split' tag; pass splits=None to augment all")
+        is_augmented = tf.reduce_any(tf.equal(features["split"], tf.constant(list(splits), tf.string)))
+        masked = tf.where(is_augmented, masked, prompt)
+    out = dict(features)
+    out["prompt"] = masked
+    return out
+
+
+def spec_augment(
+    dataset: tf.data.Dataset,
+    config: SpecAugmentConfig = SpecAugmentConfig(),
+    splits: Sequence[str] | None = ("train",),
+) -> tf.data.Dataset:
+    """Masks the `prompt` float32 [frames, mel] with SpecAugment; the continuation is never touched.
+
+    Masks are deterministic per example: seeded by (config.seed, hash of `id`), so repeated epochs and a
+    resumed input pipeline see the same masks, and no seed depends on an example's position in the
+    stream.
+
+    Args:
+      dataset: examples with `id` (tf.string []) and `prompt`.
+      config: mask counts, widths and fill value.
+      splits: augment only examples whose `split` tag (added by the Task's data source) is one of these;
+        None augments every example.
+    """
+    return _spec_augment_prompt(dataset, config=config, splits=None if splits is None else tuple(splits))

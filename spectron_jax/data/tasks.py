@@ -1,0 +1,216 @@
+"""The seqio Tasks of Spectron: TFRecord shards of log-mel utterances -> prompt, continuation, text.
+
+Three Tasks share one recipe and differ only in where their shards live:
+
+    spectron_embedded     the small corpus shipped in data/embedded (tests, CPU runs)
+    spectron_librispeech  LibriSpeech (continuation evaluation on test-clean)
+    spectron_librilight   Libri-Light with pseudo-label transcripts (the paper's training data)
+
+Each reads `DATA_DIR/<split>.tfrecord-NNNNN-of-NNNNN` (split in train / validation / test, written by
+`python -m spectron_jax.data.prepare`) and yields, per utterance,
+
+    prompt         float32 [prompt_frames, 128]  the first 3 s (240 frames), SpecAugmented on train
+    continuation   float32 [cont_frames, 128]    the frames after the prompt, cropped
+    text           int32   [tokens]              the whole transcript, tokenised (no bos / eos)
+    text_segments  int32   [tokens]              with TaskConfig.phi_split: 1 prompt part, 2 the rest
+    id, transcript, speaker (tf.string []), split (tf.string []), total_frames (int32 [])
+
+`register_tasks` is library code: it takes plain values (an entry point parses gin and calls it).
+Registering again replaces the Tasks, so a changed config always takes effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Mapping
+
+import seqio
+import tensorflow as tf
+
+from spectron_jax.data import converter as converter_lib
+from spectron_jax.data import features as features_lib
+from spectron_jax.data import preprocessors
+
+TASK_NAMES = ("spectron_embedded", "spectron_librispeech", "spectron_librilight")
+SPLITS = ("train", "validation", "test")
+
+# Where each Task looks for its shards when `register_tasks` is given no directory for it; relative
+# paths resolve against the working directory (the repository root for the documented commands).
+DEFAULT_DATA_DIRS = {
+    "spectron_embedded": os.path.join("data", "embedded", "tfrecords"),
+    "spectron_librispeech": os.path.join("data", "librispeech", "tfrecords"),
+    "spectron_librilight": os.path.join("data", "librilight", "tfrecords"),
+}
+DEFAULT_VOCAB_PATH = os.path.join("data", "embedded", "spm", "spectron_tiny.model")
+SHARD_PATTERN = "{split}.tfrecord-*-of-*"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Every knob of the Tasks' preprocessing."""
+
+    # Prompt length: the paper's fixed 3 s.
+    prompt_seconds: float = 3.0
+    # Utterances shorter than prompt_seconds + this are dropped (the paper drops those under 3 s).
+    # DEFAULT, not in the paper.
+    min_continuation_seconds: float = 0.5
+    # The continuation is cropped to this many seconds (None: no crop). 10 s = 800 frames matches the
+    # generation cap used at inference. DEFAULT, not in the paper.
+    max_continuation_seconds: float | None = 10.0
+    # Write `text_segments` (1 = prompt's share of the tokens, 2 = continuation's) from the phi split.
+    phi_split: bool = False
+    # When the continuation is cropped, drop the tokens past the kept audio (phi approximation).
+    # DEFAULT, not in the paper.
+    trim_transcript_to_audio: bool = True
+    # SpecAugment of the prompt; None turns it off.
+    spec_augment: preprocessors.SpecAugmentConfig | None = preprocessors.SpecAugmentConfig()
+    # The splits SpecAugment applies to (training only).
+    augment_splits: tuple[str, ...] = ("train",)
+    # The features the shards hold (80 frames per second, 128 mel bins).
+    feature_spec: features_lib.FeatureSpec = features_lib.SPECTRON_FEATURES
+    # Shuffle buffer of `Task.get_dataset` (the training input pipeline uses its own buffer).
+    shuffle_buffer_size: int = 1000
+
+    def __post_init__(self):
+        if self.prompt_seconds <= 0:
+            raise ValueError(f"TaskConfig.prompt_seconds must be > 0, got {self.prompt_seconds}")
+        if self.min_continuation_seconds < 0:
+            raise ValueError(f"TaskConfig.min_continuation_seconds must be >= 0, got {self.min_continuation_seconds}")
+        if self.max_continuation_seconds is not None and self.max_continuation_seconds <= 0:
+            raise ValueError(f"TaskConfig.max_continuation_seconds must be > 0 or None, got {self.max_continuation_seconds}")
+        if self.max_continuation_seconds is not None and self.max_continuation_seconds < self.min_continuation_seconds:
+            raise ValueError("TaskConfig.max_continuation_seconds is below min_continuation_seconds")
+
+    @property
+    def prompt_frames(self) -> int:
+        """Frames in the prompt (240 for 3 s)."""
+        return features_lib.frames_for_seconds(self.prompt_seconds, self.feature_spec)
+
+    @property
+    def min_frames(self) -> int:
+        """Shortest utterance kept, in frames."""
+        return self.prompt_frames + max(
+            1, features_lib.frames_for_seconds(self.min_continuation_seconds, self.feature_spec)
+        )
+
+    @property
+    def max_continuation_frames(self) -> int | None:
+        """The continuation crop in frames (None: no crop)."""
+        if self.max_continuation_seconds is None:
+            return None
+        return features_lib.frames_for_seconds(self.max_continuation_seconds, self.feature_spec)
+
+
+class SplitTaggedTFExampleSource(seqio.TFExampleDataSource):
+    """A TFExampleDataSource that also writes the split's name into every example (`split`, tf.string []).
+
+    Preprocessors see no split argument in seqio; the tag lets SpecAugment run on the training split
+    only while every split shares one Task.
+    """
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed=None, shard_info=None, **kwargs):
+        dataset = super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
+        tag = tf.constant(split, tf.string)
+        return dataset.map(lambda ex: {**ex, "split": tag}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_vocabulary(vocab_path: str) -> seqio.SentencePieceVocabulary:
+    """Loads the SentencePiece model and checks the ids the model relies on (pad 0, eos 1, unk 2, bos 3)."""
+    if not tf.io.gfile.exists(vocab_path):
+        raise FileNotFoundError(f"SentencePiece model not found: {vocab_path}")
+    vocabulary = seqio.SentencePieceVocabulary(vocab_path)
+    wanted = {
+        "pad": (vocabulary.pad_id, converter_lib.PAD_ID),
+        "eos": (vocabulary.eos_id, converter_lib.EOS_ID),
+        "unk": (vocabulary.unk_id, converter_lib.UNK_ID),
+        "bos": (vocabulary.bos_id, converter_lib.BOS_ID),
+    }
+    wrong = [f"{name} is {got}, expected {want}" for name, (got, want) in wanted.items() if got != want]
+    if wrong:
+        raise ValueError(f"SentencePiece model {vocab_path}: {'; '.join(wrong)}")
+    return vocabulary
+
+
+def output_features(vocabulary: seqio.Vocabulary, phi_split: bool = False) -> dict[str, seqio.Feature]:
+    """The Tasks' output features: two rank-2 float spectrograms and the text tokens."""
+    features = {
+        "prompt": seqio.ContinuousFeature(dtype=tf.float32, rank=2),
+        "continuation": seqio.ContinuousFeature(dtype=tf.float32, rank=2),
+        "text": seqio.Feature(vocabulary=vocabulary, add_eos=False, dtype=tf.int32, rank=1),
+    }
+    if phi_split:
+        features["text_segments"] = seqio.ContinuousFeature(dtype=tf.int32, rank=1, required=False)
+    return features
+
+
+def task_preprocessors(config: TaskConfig) -> list:
+    """The preprocessing chain of every Spectron Task, bound to `config`'s knobs."""
+    chain = [
+        functools.partial(preprocessors.parse_example, num_mel_bins=config.feature_spec.num_mel),
+        functools.partial(preprocessors.filter_short, min_frames=config.min_frames),
+        functools.partial(
+            preprocessors.split_prompt_continuation,
+            prompt_frames=config.prompt_frames,
+            max_continuation_frames=config.max_continuation_frames,
+        ),
+        functools.partial(
+            preprocessors.tokenize_transcript,
+            phi_split=config.phi_split,
+            trim_to_kept_audio=config.trim_transcript_to_audio,
+        ),
+    ]
+    if config.spec_augment is not None:
+        chain.append(
+            functools.partial(preprocessors.spec_augment, config=config.spec_augment, splits=config.augment_splits)
+        )
+    return chain
+
+
+def shard_patterns(data_dir: str) -> dict[str, str]:
+    """{split: file pattern of its shards} under `data_dir`."""
+    return {split: os.path.join(data_dir, SHARD_PATTERN.format(split=split)) for split in SPLITS}
+
+
+def register_task(
+    name: str, data_dir: str, vocabulary: seqio.Vocabulary, config: TaskConfig = TaskConfig()
+) -> seqio.Task:
+    """Registers (or replaces) one Task reading the shards under `data_dir`."""
+    seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name,
+        source=SplitTaggedTFExampleSource(
+            split_to_filepattern=shard_patterns(data_dir),
+            feature_description=preprocessors.FEATURE_DESCRIPTION,
+        ),
+        preprocessors=task_preprocessors(config),
+        output_features=output_features(vocabulary, config.phi_split),
+        shuffle_buffer_size=config.shuffle_buffer_size,
+    )
+
+
+def register_tasks(
+    data_dir_by_task: Mapping[str, str] | None = None,
+    vocab_path: str = DEFAULT_VOCAB_PATH,
+    config: TaskConfig = TaskConfig(),
+) -> dict[str, seqio.Task]:
+    """Registers the three Spectron Tasks, replacing earlier registrations of the same names.
+
+    Args:
+      data_dir_by_task: {task name: directory of its shards}; a Task left out reads
+        DEFAULT_DATA_DIRS[name]. Shards are listed when a dataset is built, so a directory that does
+        not exist yet is no error here.
+      vocab_path: the SentencePiece model (ids pad 0, eos 1, unk 2, bos 3).
+      config: the preprocessing knobs, shared by the three Tasks.
+
+    Returns:
+      {task name: the registered seqio.Task}.
+    """
+    data_dirs = dict(DEFAULT_DATA_DIRS)
+    for name, data_dir in (data_dir_by_task or {}).items():
+        if name not in TASK_NAMES:
+            raise ValueError(f"unknown Spectron task {name!r}; known: {', '.join(TASK_NAMES)}")
+        data_dirs[name] = os.fspath(data_dir)
+    vocabulary = load_vocabulary(os.fspath(vocab_path))
+    return {name: register_task(name, data_dirs[name], vocabulary, config) for name in TASK_NAMES}

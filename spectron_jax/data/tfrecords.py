@@ -1,0 +1,108 @@
+"""The TFRecord format of prepared shards: one `tf.train.Example` per utterance (a contract).
+
+Files `DIR/<split>.tfrecord-<i:05d>-of-<n:05d>` hold Examples with the features
+
+    id          bytes       utterance id
+    transcript  bytes       UTF-8 text, as given by the corpus
+    speaker     bytes       speaker id ('' when the corpus has none)
+    duration    float       seconds of (16 kHz) audio featurised
+    num_frames  int64       frames T of log_mel (= 1 + samples // hop)
+    log_mel     float_list  T * 128 values, row-major [T, 128] (features.SPECTRON_FEATURES)
+
+`prepare` writes them (`encode_example`); the seqio tasks read them (`tfrecord_features`). TensorFlow is
+imported inside the functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+from spectron_jax.data import features
+
+
+def tfrecord_features() -> dict:
+    """`feature_description` of the shards for `tf.io.parse_single_example` (imports TensorFlow).
+
+    log_mel parses flat ([num_frames * num_mel]); `parse_example` reshapes it.
+    """
+    import tensorflow as tf
+
+    return {
+        "id": tf.io.FixedLenFeature([], tf.string),
+        "transcript": tf.io.FixedLenFeature([], tf.string),
+        "speaker": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "duration": tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
+        "num_frames": tf.io.FixedLenFeature([], tf.int64),
+        "log_mel": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
+    }
+
+
+def parse_example(serialized, num_mel: int = features.SPECTRON_FEATURES.num_mel) -> dict:
+    """Parses one serialized Example (a scalar tf.string) into tensors; log_mel is [num_frames, num_mel]."""
+    import tensorflow as tf
+
+    parsed = tf.io.parse_single_example(serialized, tfrecord_features())
+    parsed["log_mel"] = tf.reshape(parsed["log_mel"], [-1, num_mel])
+    return parsed
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
+
+
+def count_records(path: str) -> int:
+    """Number of records in a TFRecord file, from its length headers; ValueError if it is truncated."""
+    size, count, position = os.path.getsize(path), 0, 0
+    with open(path, "rb") as f:
+        while position < size:
+            header = f.read(12)  # uint64 length + uint32 masked crc of the length
+            if len(header) < 12:
+                raise ValueError(f"{path}: truncated record header")
+            position += 12 + struct.unpack("<Q", header[:8])[0] + 4
+            if position > size:
+                raise ValueError(f"{path}: truncated record")
+            f.seek(position)
+            count += 1
+    return count
+
+
+def encode_example(segment, duration: float, frames) -> bytes:
+    """A serialized tf.train.Example of the schema above.
+
+    segment: has `.id`, `.transcript`, `.speaker` (a `sources.Segment`); frames: [T, mel] float32.
+    """
+    import tensorflow as tf
+
+    def raw(value: str):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode("utf-8")]))
+
+    feature = {
+        "id": raw(segment.id),
+        "transcript": raw(segment.transcript),
+        "speaker": raw(segment.speaker),
+        "duration": tf.train.Feature(float_list=tf.train.FloatList(value=[duration])),
+        "num_frames": tf.train.Feature(int64_list=tf.train.Int64List(value=[frames.shape[0]])),
+        "log_mel": tf.train.Feature(float_list=packed_float_list(tf, frames)),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def packed_float_list(tf, values):
+    """tf.train.FloatList of `values` (any shape, flattened row-major), built from its wire bytes.
+
+    A FloatList is field 1 as packed little-endian float32: tag 0x0A, varint byte length, the floats.
+    Parsing those bytes is ~500x faster than passing a NumPy array to the constructor.
+    """
+    payload = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    length, size = bytearray(), len(payload)
+    while True:
+        low, size = size & 0x7F, size >> 7
+        length.append(low | (0x80 if size else 0))
+        if not size:
+            break
+    float_list = tf.train.FloatList()
+    float_list.ParseFromString(b"\x0a" + bytes(length) + payload)
+    return float_list

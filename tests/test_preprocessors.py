@@ -1,0 +1,235 @@
+"""Preprocessors and feature converter: parsing, the 3 s split, SpecAugment, the phi split, batch rows."""
+
+import fractions
+import math
+
+import numpy as np
+import pytest
+import seqio
+import sentencepiece as spm
+import tensorflow as tf
+
+from spectron_jax.data import converter as converter_lib
+from spectron_jax.data import preprocessors
+from spectron_jax.data import tasks
+
+MEL = 128
+PROMPT_FRAMES = 240
+WORDS = "the quick brown fox jumps over a lazy dog while speech models listen to long spoken stories".split()
+
+
+def _serialized_example(uid: str, log_mel: np.ndarray, transcript: str = "the fox", num_frames=None) -> bytes:
+    """A tf.train.Example in the prepare tool's schema."""
+    feature = {
+        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[uid.encode()])),
+        "transcript": tf.train.Feature(bytes_list=tf.train.BytesList(value=[transcript.encode()])),
+        "speaker": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"spk1"])),
+        "duration": tf.train.Feature(float_list=tf.train.FloatList(value=[len(log_mel) / 80.0])),
+        "num_frames": tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[len(log_mel) if num_frames is None else num_frames])
+        ),
+        "log_mel": tf.train.Feature(float_list=tf.train.FloatList(value=log_mel.reshape(-1))),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _parsed_dataset(records: list[bytes], split: str | list[str] | None = None) -> tf.data.Dataset:
+    """Serialized records -> parsed utterance dicts, optionally tagged with a split name per record."""
+    ds = tf.data.Dataset.from_tensor_slices(records).map(
+        lambda s: tf.io.parse_single_example(s, preprocessors.FEATURE_DESCRIPTION)
+    )
+    if split is not None:
+        splits = [split] * len(records) if isinstance(split, str) else split
+        tags = tf.data.Dataset.from_tensor_slices(splits)
+        ds = tf.data.Dataset.zip(ds, tags).map(lambda ex, tag: {**ex, "split": tag})
+    return preprocessors.parse_example(ds)
+
+
+def _numpy(ds: tf.data.Dataset) -> list[dict]:
+    return list(ds.as_numpy_iterator())
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> str:
+    """A throwaway SentencePiece model with the project's ids (pad 0, eos 1, unk 2, bos 3)."""
+    folder = tmp_path_factory.mktemp("spm")
+    rng = np.random.default_rng(0)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS, size=9)) for _ in range(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "m"), vocab_size=60, pad_id=0, eos_id=1, unk_id=2,
+        bos_id=3, model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )
+    return str(folder / "m.model")
+
+
+def test_parse_example_restores_row_major_frames():
+    log_mel = np.random.default_rng(1).normal(size=(7, MEL)).astype(np.float32)
+    parsed = preprocessors.decode_serialized_example(tf.constant(_serialized_example("u1", log_mel, "hello there")))
+    np.testing.assert_array_equal(parsed["log_mel"].numpy(), log_mel)
+    assert parsed["id"].numpy() == b"u1" and parsed["transcript"].numpy() == b"hello there"
+    assert set(parsed) == {"id", "transcript", "speaker", "log_mel"}
+
+
+def test_parse_example_rejects_inconsistent_frame_count():
+    record = _serialized_example("bad", np.zeros((5, MEL), np.float32), num_frames=6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_frames"):
+        preprocessors.decode_serialized_example(tf.constant(record))
+
+
+def test_split_gives_3s_prompt_and_the_rest_cropped_and_drops_short():
+    config = tasks.TaskConfig(max_continuation_seconds=10.0)
+    assert config.prompt_frames == PROMPT_FRAMES  # 3 s at 80 frames/s
+    rng = np.random.default_rng(2)
+    lengths = [200, 240, 279, 280, 300, 1040, 1100, 1300]
+    mels = [rng.normal(size=(n, MEL)).astype(np.float32) for n in lengths]
+    records = [_serialized_example(f"u{i}", m) for i, m in enumerate(mels)]
+    ds = preprocessors.filter_short(_parsed_dataset(records), min_frames=config.min_frames)
+    ds = preprocessors.split_prompt_continuation(
+        ds, prompt_frames=config.prompt_frames, max_continuation_frames=config.max_continuation_frames
+    )
+    out = _numpy(ds)
+    # The knobs in seconds: 3 s prompt + 0.5 s minimum continuation = 280 frames; crop at 10 s = 800.
+    expected_kept = [i for i, n in enumerate(lengths) if n >= (3.0 + 0.5) * 80]
+    assert [ex["id"].decode() for ex in out] == [f"u{i}" for i in expected_kept]
+    for ex, i in zip(out, expected_kept):
+        assert ex["prompt"].shape == (PROMPT_FRAMES, MEL)
+        np.testing.assert_array_equal(ex["prompt"], mels[i][:240])
+        joined = np.concatenate([ex["prompt"], ex["continuation"]])
+        np.testing.assert_array_equal(joined, mels[i][: 240 + 800])
+        assert ex["continuation"].shape[0] == min(lengths[i] - 240, 800)
+        assert ex["total_frames"] == lengths[i]
+
+
+def _augment(records, splits, config, ids=None):
+    ds = _parsed_dataset(records, splits)
+    ds = preprocessors.split_prompt_continuation(ds, prompt_frames=PROMPT_FRAMES, max_continuation_frames=None)
+    return _numpy(preprocessors.spec_augment(ds, config=config, splits=("train",)))
+
+
+def test_spec_augment_masks_prompt_only_deterministically_and_within_bounds():
+    config = preprocessors.SpecAugmentConfig()
+    log_mel = np.random.default_rng(3).normal(loc=-4.0, size=(300, MEL)).astype(np.float32)
+    n = 12
+    records = [_serialized_example(f"utt-{i}", log_mel) for i in range(n)]
+    splits = ["train"] * n + ["validation"] * 2
+    records += [_serialized_example("val-0", log_mel), _serialized_example("val-1", log_mel)]
+    first, second = _augment(records, splits, config), _augment(records, splits, config)
+
+    prompt = log_mel[:PROMPT_FRAMES]
+    masks = []
+    for ex, again in zip(first, second):
+        np.testing.assert_array_equal(ex["prompt"], again["prompt"])  # same example, same masks
+        np.testing.assert_array_equal(ex["continuation"], log_mel[PROMPT_FRAMES:])  # never augmented
+        changed = ex["prompt"] != prompt
+        if ex["split"] == b"validation":
+            assert not changed.any()
+            continue
+        masks.append(changed.tobytes())
+        full_frames, full_bins = changed.all(axis=1), changed.all(axis=0)
+        # Every masked cell lies in a wholly masked frame or a wholly masked mel bin.
+        np.testing.assert_array_equal(changed, full_frames[:, None] | full_bins[None, :])
+        assert full_bins.sum() <= config.num_freq_masks * config.max_freq_mask_bins
+        assert full_frames.sum() <= config.num_time_masks * math.floor(config.max_time_mask_ratio * PROMPT_FRAMES)
+        np.testing.assert_allclose(ex["prompt"][changed], prompt.mean(), rtol=1e-5)
+    assert len(set(masks)) == n  # different ids, different masks
+    assert sum(np.frombuffer(m, bool).any() for m in masks) >= n - 1
+
+
+def test_spec_augment_seed_and_zero_fill():
+    log_mel = np.random.default_rng(4).normal(loc=-4.0, size=(260, MEL)).astype(np.float32)
+    records = [_serialized_example("same-id", log_mel)]
+    a = _augment(records, "train", preprocessors.SpecAugmentConfig(seed=0))[0]["prompt"]
+    b = _augment(records, "train", preprocessors.SpecAugmentConfig(seed=1, mask_value="zero"))[0]["prompt"]
+    changed_b = b != log_mel[:PROMPT_FRAMES]
+    assert changed_b.any() and np.all(b[changed_b] == 0.0)
+    assert not np.array_equal(a != log_mel[:PROMPT_FRAMES], changed_b)
+    with pytest.raises(ValueError, match="mask_value"):
+        preprocessors.SpecAugmentConfig(mask_value="noise")
+
+
+@pytest.mark.parametrize("total_frames, max_cont", [(600, None), (2000, 800)])
+def test_phi_split_covers_tokens_in_order_in_proportion(sp_model, total_frames, max_cont):
+    transcript = " ".join(WORDS[:12])
+    tokens = spm.SentencePieceProcessor(model_file=sp_model).encode(transcript)
+    n = len(tokens)
+    log_mel = np.zeros((total_frames, MEL), np.float32)
+    ds = _parsed_dataset([_serialized_example("u", log_mel, transcript)])
+    ds = preprocessors.split_prompt_continuation(ds, prompt_frames=PROMPT_FRAMES, max_continuation_frames=max_cont)
+    features = {"text": seqio.Feature(seqio.SentencePieceVocabulary(sp_model), add_eos=False)}
+    (ex,) = _numpy(preprocessors.tokenize_transcript(ds, features, phi_split=True, trim_to_kept_audio=True))
+
+    kept_frames = total_frames if max_cont is None else PROMPT_FRAMES + max_cont
+    num_kept = math.floor(fractions.Fraction(n * kept_frames, total_frames) + fractions.Fraction(1, 2))
+    num_prompt = math.floor(fractions.Fraction(n * PROMPT_FRAMES, total_frames) + fractions.Fraction(1, 2))
+    np.testing.assert_array_equal(ex["text"], tokens[:num_kept])
+    np.testing.assert_array_equal(ex["text_segments"], [1] * num_prompt + [2] * (num_kept - num_prompt))
+    assert abs(num_prompt / n - PROMPT_FRAMES / total_frames) <= 0.5 / n
+
+
+def test_converter_row_matches_numpy_construction():
+    rng = np.random.default_rng(5)
+    prompt = rng.normal(size=(3, MEL)).astype(np.float32)
+    cont = rng.normal(size=(5, MEL)).astype(np.float32)
+    example = {
+        "prompt": tf.constant(prompt),
+        "continuation": tf.constant(cont),
+        "text": tf.constant([7, 8, 9], tf.int32),
+        "text_segments": tf.constant([1, 1, 2], tf.int32),
+    }
+    conv = converter_lib.SpectronFeatureConverter(
+        prompt_len=5, text_len=6, cont_len=8, reduction_factor=4, with_segments=True
+    )
+    row, stats = conv.convert_example(example)
+
+    expected_prompt = np.zeros((5, MEL), np.float32)
+    expected_prompt[:3] = prompt
+    expected_cont = np.zeros((8, MEL), np.float32)
+    expected_cont[:5] = cont
+    expected = {
+        "prompt_frames": expected_prompt,
+        "prompt_mask": np.array([1, 1, 1, 0, 0], np.int32),
+        "text_inputs": np.array([3, 7, 8, 9, 0, 0], np.int32),
+        "text_targets": np.array([7, 8, 9, 1, 0, 0], np.int32),
+        "text_weights": np.array([1, 1, 1, 1, 0, 0], np.float32),
+        "text_segments": np.array([1, 1, 2, 2, 0, 0], np.int32),
+        "cont_frames": expected_cont,
+        "cont_mask": np.array([1, 1, 1, 1, 1, 0, 0, 0], np.int32),
+    }
+    assert set(row) == set(expected)
+    for key, value in expected.items():
+        assert row[key].dtype.as_numpy_dtype == value.dtype, key
+        np.testing.assert_array_equal(row[key].numpy(), value, err_msg=key)
+    assert {k: int(v) for k, v in stats.items()} == dict.fromkeys(converter_lib.STATS_KEYS, 0)
+    spec = conv.batch_spec(2)
+    assert {k: (s[1:], d) for k, (s, d) in spec.items()} == {k: (v.shape, v.dtype) for k, v in expected.items()}
+
+
+def test_converter_cuts_long_text_keeps_eos_and_counts_cuts():
+    conv = converter_lib.SpectronFeatureConverter(prompt_len=2, text_len=4, cont_len=4, reduction_factor=2)
+    example = {
+        "prompt": tf.ones((3, MEL)),
+        "continuation": tf.ones((7, MEL)),
+        "text": tf.constant([10, 11, 12, 13, 14], tf.int32),
+    }
+    row, stats = conv.convert_example(example)
+    np.testing.assert_array_equal(row["text_inputs"], [3, 10, 11, 12])
+    np.testing.assert_array_equal(row["text_targets"], [10, 11, 12, 1])
+    np.testing.assert_array_equal(row["text_weights"], [1, 1, 1, 1])
+    np.testing.assert_array_equal(row["cont_mask"], [1, 1, 1, 1])
+    assert "text_segments" not in row
+    assert {k: int(v) for k, v in stats.items()} == {
+        "truncated_prompt_frames": 1,
+        "truncated_text_tokens": 2,
+        "truncated_cont_frames": 3,
+    }
+    batches = conv(tf.data.Dataset.from_tensors(example).repeat(3), batch_size=2).as_numpy_iterator()
+    ((batched_row, batched_stats),) = list(batches)  # the short last batch is dropped
+    assert batched_row["cont_frames"].shape == (2, 4, MEL)
+    np.testing.assert_array_equal(batched_row["text_targets"], [[10, 11, 12, 1]] * 2)
+    np.testing.assert_array_equal(batched_stats["truncated_text_tokens"], [2, 2])
+
+
+def test_converter_rejects_cont_len_not_multiple_of_r():
+    with pytest.raises(ValueError, match="multiple of the reduction factor"):
+        converter_lib.SpectronFeatureConverter(cont_len=10, reduction_factor=4)
