@@ -225,3 +225,17 @@ def test_make_pipeline_rejects_bad_arguments(corpus, sp_model, tmp_path):
     tasks.register_tasks(dirs, sp_model, CONFIG)
     with pytest.raises(FileNotFoundError, match="empty"):
         pipeline.make_pipeline("spectron_librilight", "train", batch_size=2)
+
+
+def test_repeating_pipeline_over_only_short_utterances_is_an_error(corpus, sp_model, tmp_path):
+    """Every utterance below the 3.5 s minimum: the first batch raises instead of waiting forever."""
+    shards = tmp_path / "short"
+    shards.mkdir()
+    rng = np.random.default_rng(3)
+    with tf.io.TFRecordWriter(str(shards / "train.tfrecord-00000-of-00001")) as writer:
+        for i in range(4):
+            writer.write(_serialized_example(f"s{i}", rng.normal(size=(200, MEL)).astype(np.float32), "the fox"))
+    tasks.register_tasks({"spectron_embedded": corpus.data_dir, "spectron_librispeech": str(shards)}, sp_model, CONFIG)
+    short = pipeline.make_pipeline("spectron_librispeech", "train", batch_size=2, **SHAPES)
+    with pytest.raises(ValueError, match="no utterance left after the length filter"):
+        next(short)

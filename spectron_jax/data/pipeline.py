@@ -32,8 +32,8 @@ should use repeat=False with drop_remainder=False and pad with empty batches on 
 end early. A change of process count cannot resume exactly (each process's stream changes); start
 the new processes at position 0 of the saved epoch instead.
 
-With repeat=True a split whose every record fails the length filter yields nothing, forever: check
-`prepare`'s report (utterances per split) against TaskConfig's minimum length.
+With repeat=True, a split whose every record fails the length filter is an error at the first batch
+(rather than an iterator that waits forever); `prepare`'s report gives the utterances per split.
 """
 
 from __future__ import annotations
@@ -209,11 +209,23 @@ class SpectronInput:
     # Iteration
     # ------------------------------------------------------------------------------------------------
 
+    def _check_split_has_examples(self) -> None:
+        """Raises if one pass over this host's records keeps no example (repeat=True would wait forever)."""
+        records = self._epoch_records(tf.constant(0, tf.int64), tf.constant(0, tf.int64))
+        examples = self.task.preprocess_postcache(self.task.preprocess_precache(records), sequence_length=None)
+        if not any(True for _ in examples.take(1)):
+            raise ValueError(
+                f"{self.task.name}/{self.split} (shard {self.shard_index} of {self.num_shards}) has no "
+                "utterance left after the length filter: check prepare's report.json against TaskConfig"
+            )
+
     def __iter__(self) -> "SpectronInput":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
+            if self.repeat:
+                self._check_split_has_examples()
             self._iterator = self._dataset().as_numpy_iterator()
         row, stats, tags = next(self._iterator)
         valid = np.flatnonzero(tags[_POSITION] >= 0)
