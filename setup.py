@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "numpy==2.4.6",
     "protobuf==7.36.2",
+    "tensorboard==2.21.0",  # the viewer for the event files train writes (`tensorboard --logdir`)
     "tqdm",
 ]
 
