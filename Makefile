@@ -1,13 +1,15 @@
 # The two set-up commands of the README, and a few conveniences.
-#   make train   creates .venv if missing, installs the package, runs the tiny model on the embedded corpus
+#   make train   creates .venv if missing, installs the package, trains the tiny model on the embedded corpus
 #   make test    creates or reuses the same .venv and runs the tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/tiny_cpu
+# The embedded corpus's TFRecord shards (prepare is resumable: re-running skips finished shards).
+TRAIN_DATA_DIR ?= runs/embedded_tfrecords
 
-.PHONY: venv train test data clean-runs
+.PHONY: venv data train test clean-runs
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +20,12 @@ $(STAMP): setup.py
 venv: $(STAMP)
 
 data: $(STAMP)
-	$(PY) -m spectron_jax.data.prepare --format=embedded --input=data/embedded --output_dir=$(RUN_DIR)/data
+	$(PY) -m spectron_jax.data.prepare --format=embedded --input=data/embedded --output_dir=$(TRAIN_DATA_DIR)
 
 train: $(STAMP)
-	$(PY) -m spectron_jax.quickstart --output_dir=$(RUN_DIR)
+	test -f $(TRAIN_DATA_DIR)/report.json || $(MAKE) --no-print-directory data
+	$(PY) -m spectron_jax.train --gin_file=gin/runs/tiny_cpu.gin --gin.MODEL_DIR="'$(RUN_DIR)'" \
+		--gin.TrainConfig.data_dir="'$(TRAIN_DATA_DIR)'"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2

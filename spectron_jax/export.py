@@ -1,0 +1,48 @@
+"""`export`: a trained run's parameters (only), config.gin and tokenizer, for inference and evaluation.
+
+    python -m spectron_jax.export --model_dir=DIR --output_dir=DIR [--dtype=bfloat16] [--step=N]
+
+Reads the newest checkpoint of MODEL_DIR (or --step), drops the optimizer state, optionally casts the
+floating parameters to bfloat16, and writes (see `spectron_jax.checkpoints.export`):
+
+    OUT/params/          orbax pytree of the parameters
+    OUT/config.gin       the run's operative config
+    OUT/tokenizer.model  the SentencePiece model of the run
+    OUT/export.json      step, dtype, parameter count
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from spectron_jax import cli
+
+
+def _parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="spectron_jax.export", description="Export a run's parameters for inference.")
+    parser.add_argument("--model_dir", required=True, help="the training run's MODEL_DIR")
+    parser.add_argument("--output_dir", required=True, help="where the export is written")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if not os.path.isdir(args.model_dir):
+        raise cli.InputError(f"--model_dir={args.model_dir}: not a directory")
+    if os.path.abspath(args.output_dir) == os.path.abspath(args.model_dir):
+        raise cli.UsageError("--output_dir must differ from --model_dir")
+    from spectron_jax import checkpoints
+
+    try:
+        info = checkpoints.export(args.model_dir, args.output_dir, dtype=args.dtype, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        raise cli.InputError(f"--model_dir={args.model_dir}: {' '.join(str(e).split())}") from None
+    print(f"exported step {info['step']} ({info['num_params']:,} parameters, {info['dtype']}) to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,549 @@
+"""`train`: the Spectron training entry point (t5x-style gin CLI).
+
+    python -m spectron_jax.train --gin_file=gin/runs/tiny_cpu.gin --gin.MODEL_DIR="'runs/tiny_cpu'" \\
+        [--gin_file=...] [--gin.NAME=VALUE ...] [--gin_search_paths=DIR,...]
+
+Required gin macros: MODEL_DIR (where checkpoints, metrics and config.gin go), TRAIN_STEPS (the last
+step) and TASK (a Spectron seqio Task: spectron_embedded / spectron_librispeech / spectron_librilight).
+Everything else is `TrainConfig` and the configs it holds, plus the model's `SpectronConfig`.
+
+What a run does, on every process of a (possibly multi-host) job:
+  1. `jax.distributed.initialize` when the job has more than one process (DistributedConfig / env).
+  2. Builds the mesh, the train state abstractly, then either restores the newest checkpoint in
+     MODEL_DIR (exact resume: state, RNG and data position) or initialises the state directly in its
+     shards (never a full copy on one device), optionally copying parts from other checkpoints.
+  3. Compiles the step once (in/out shardings, donated state) and reads its FLOPs for MFU.
+  4. Loops: next batch -> step -> metrics (`metrics.jsonl` every step, TensorBoard and a progress line
+     every `log_every_steps`) -> async checkpoint every `save_every_steps` -> evaluation on the
+     validation split every `eval_every_steps` (loss terms, a predicted-vs-target spectrogram image and
+     Griffin-Lim audio of the teacher-forced continuation).
+  5. SIGTERM: saves a checkpoint of the step reached and exits 0. A NaN / Inf loss stops the run with
+     exit 1 and saves nothing (the last good checkpoint stays as it was).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Optional, Sequence
+
+from spectron_jax import cli
+
+logger = logging.getLogger("spectron_jax.train")
+METRICS_JSONL = "metrics.jsonl"
+SUMMARY_FILENAME = "model_summary.json"
+
+
+class TrainingDiverged(cli.CLIError):
+    """The loss became NaN or Inf (exit 1; no checkpoint is written)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of a multi-host job find each other (env SPECTRON_COORDINATOR_ADDRESS,
+    SPECTRON_NUM_PROCESSES, SPECTRON_PROCESS_ID fill fields left None).
+
+    Attributes:
+      coordinator_address: 'host:port' of process 0.
+      num_processes: processes in the job; > 1 calls `jax.distributed.initialize`.
+      process_id: this process's index.
+      auto: call `jax.distributed.initialize()` without arguments (Cloud TPU pods detect everything).
+    """
+
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    auto: bool = False
+
+    def resolved(self) -> "DistributedConfig":
+        env = os.environ
+        def pick(value, name, cast):
+            return value if value is not None else (cast(env[name]) if env.get(name) else None)
+        return DistributedConfig(pick(self.coordinator_address, "SPECTRON_COORDINATOR_ADDRESS", str),
+                                 pick(self.num_processes, "SPECTRON_NUM_PROCESSES", int),
+                                 pick(self.process_id, "SPECTRON_PROCESS_ID", int), self.auto)
+
+
+def _default_rules():
+    from spectron_jax import partitioning
+    return partitioning.DEFAULT_RULES
+
+
+def _default(factory_name: str):
+    """A dataclass field whose default is built lazily (keeps this module's import light)."""
+    def make():
+        from spectron_jax import checkpoints, partitioning, trainer
+        return {"mesh": partitioning.MeshConfig, "optimizer": trainer.OptimizerConfig,
+                "step": trainer.StepConfig, "checkpoint": checkpoints.CheckpointConfig}[factory_name]()
+    return dataclasses.field(default_factory=make)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run besides the model (all DEFAULT, not in the paper, unless noted).
+
+    Attributes:
+      batch_size: GLOBAL batch in utterances (the paper gives none; 128-256 suggested for pods).
+      seed: parameter initialisation and dropout; the run's base PRNG key.
+      data_seed: shuffling of the training data.
+      data_dir: the TASK's TFRecord shards (None: the task's default folder).
+      vocab_path: the SentencePiece model.
+      log_every_steps: TensorBoard scalars and a progress line every this many steps.
+      eval_every_steps: evaluation on the validation split every this many steps (0: never).
+      eval_batches: batches per evaluation (validation is read from its start each time).
+      eval_media: also write a spectrogram image and Griffin-Lim audio at evaluation steps.
+      eval_at_start: also evaluate before the first step of a fresh run (the baseline of every term).
+      peak_flops_per_device: the device peak MFU divides by; None = the datasheet value of the
+        accelerator, or a measured matmul peak on CPU.
+      mesh: the device mesh; rules: the logical-axis rules table.
+      optimizer, step, checkpoint: see `trainer.OptimizerConfig`, `trainer.StepConfig`,
+        `checkpoints.CheckpointConfig`.
+      init_from: parts of the model copied from other checkpoints at initialisation (not on resume).
+      nan_at_step: TEST ONLY: the batch of this step is filled with NaN (checks the divergence stop).
+      distributed: multi-host set-up.
+    """
+
+    batch_size: int = 8
+    seed: int = 0
+    data_seed: int = 0
+    data_dir: Optional[str] = None
+    vocab_path: Optional[str] = None
+    log_every_steps: int = 10
+    eval_every_steps: int = 0
+    eval_batches: int = 2
+    eval_media: bool = True
+    eval_at_start: bool = True
+    peak_flops_per_device: Optional[float] = None
+    mesh: Any = _default("mesh")
+    rules: Any = dataclasses.field(default_factory=_default_rules)
+    optimizer: Any = _default("optimizer")
+    step: Any = _default("step")
+    checkpoint: Any = _default("checkpoint")
+    init_from: tuple = ()
+    nan_at_step: Optional[int] = None
+    distributed: DistributedConfig = DistributedConfig()
+
+    def __post_init__(self):
+        for name in ("batch_size", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every_steps < 0 or self.eval_batches < 1:
+            raise ValueError("TrainConfig.eval_every_steps must be >= 0 and eval_batches >= 1")
+        object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
+        object.__setattr__(self, "init_from", tuple(self.init_from))
+
+
+_TRAIN_CONFIGURABLES: dict = {}
+
+
+def register_train_configurables() -> dict:
+    """Makes the training configs available to gin files under their short names; returns
+    {name: gin-wrapped constructor}."""
+    import gin
+    from spectron_jax import checkpoints, gin_config, trainer
+
+    gin_config.register_configurables()
+    for cls in (TrainConfig, DistributedConfig, trainer.OptimizerConfig, trainer.StepConfig,
+                checkpoints.CheckpointConfig, checkpoints.PartialInit):
+        if cls.__name__ in _TRAIN_CONFIGURABLES:
+            continue
+        try:
+            _TRAIN_CONFIGURABLES[cls.__name__] = gin.external_configurable(cls, name=cls.__name__, module="spectron_jax")
+        except ValueError:  # registered by an earlier import of this module
+            _TRAIN_CONFIGURABLES[cls.__name__] = gin.get_configurable(f"spectron_jax.{cls.__name__}")
+    return dict(_TRAIN_CONFIGURABLES)
+
+
+def _build_train_config() -> "TrainConfig":
+    """TrainConfig with the parsed gin bindings; a bad value becomes a one-line UsageError."""
+    try:
+        return register_train_configurables()["TrainConfig"]()
+    except cli.CLIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config's __post_init__ rejecting a value
+        raise cli.UsageError(f"gin config: cannot build TrainConfig: {' '.join(str(e).split())}") from None
+
+
+# ---- Set-up ------------------------------------------------------------------------------------
+def _initialize_distributed(config: DistributedConfig) -> None:
+    import jax
+
+    config = config.resolved()
+    if config.auto:
+        jax.distributed.initialize()
+    elif (config.num_processes or 1) > 1:
+        if config.coordinator_address is None or config.process_id is None:
+            raise cli.UsageError("DistributedConfig: num_processes > 1 needs coordinator_address and process_id "
+                                 "(or SPECTRON_COORDINATOR_ADDRESS / SPECTRON_PROCESS_ID)")
+        jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                                   num_processes=config.num_processes, process_id=config.process_id)
+
+
+class _StopSignal:
+    """Remembers a SIGTERM (TPU preemption) so the loop can save and exit at a step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def any_process(self) -> bool:
+        import jax
+        import numpy as np
+
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class _JsonlLog:
+    """Appends one JSON line per record to MODEL_DIR/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.file = None
+        if enabled and "://" in path:  # object stores cannot append: TensorBoard files carry the metrics
+            print(f"note: {path} is not written (remote MODEL_DIR); the TensorBoard files hold every metric",
+                  flush=True)
+        elif enabled:
+            torn = os.path.isfile(path) and os.path.getsize(path) > 0 and not _ends_with_newline(path)
+            self.file = open(path, "a", encoding="utf-8")
+            if torn:  # a killed run may have left half a line
+                self.file.write("\n")
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record, sort_keys=True) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _finite_floats(metrics) -> dict:
+    import numpy as np
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def _write_summary(model_dir: str, params, config_name: str) -> dict:
+    from spectron_jax import trainer
+
+    counts = trainer.count_params(params)
+    detail = {}
+    for top, sub in params.items():
+        if isinstance(sub, dict):
+            for key, value in sub.items():
+                detail[f"{top}/{key}"] = trainer.count_params(value)["total"]
+    summary = {"model": config_name, "parameters": counts, "by_module": detail}
+    import tensorflow as tf  # tf.io.gfile: MODEL_DIR may be on GCS
+
+    with tf.io.gfile.GFile(os.path.join(model_dir, SUMMARY_FILENAME), "w") as f:
+        f.write(json.dumps(summary, indent=2))
+    return summary
+
+
+# ---- The run -----------------------------------------------------------------------------------
+def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig, model_config: Any,
+          task_config: Any, converter: Any, write_config=None) -> dict:
+    """Runs (or resumes) training to `train_steps`; returns the last step's metrics.
+
+    Library entry (the CLI is `main`): every argument is a plain value; `write_config(model_dir)` is
+    called once by process 0 to write config.gin.
+    """
+    import jax
+    import numpy as np
+
+    from spectron_jax import checkpoints, metrics as metrics_lib, partitioning, trainer
+    from spectron_jax.data import pipeline as pipeline_lib, tasks as tasks_lib
+    import tensorflow as tf  # tf.io.gfile: MODEL_DIR may be local or on GCS
+
+    is_main = jax.process_index() == 0
+    tf.io.gfile.makedirs(model_dir)
+    mesh = partitioning.make_mesh(config.mesh)
+    rules = config.rules
+    platform = jax.devices()[0].platform
+    compute_dtype = config.step.resolved_dtype(platform)
+    model = trainer.FunctionalSpectron(model_config)
+
+    # -- data
+    vocab_path = config.vocab_path or tasks_lib.DEFAULT_VOCAB_PATH
+    data_dirs = {task_name: config.data_dir} if config.data_dir else None
+    tasks_lib.register_tasks(data_dirs, vocab_path, task_config)
+    shard = partitioning.data_shard_info(config.batch_size, mesh, rules)
+    shapes = dict(prompt_len=converter.prompt_len, text_len=converter.text_len, cont_len=converter.cont_len,
+                  reduction_factor=model_config.reduction_factor, with_segments=converter.with_segments)
+    train_input = pipeline_lib.make_pipeline(task_name, "train", config.batch_size, shard.index, shard.count,
+                                             seed=config.data_seed, shuffle=True, repeat=True, **shapes)
+
+    # -- state: abstract first, then restore or initialise in shards
+    layout = trainer.train_state_layout(model, config, train_steps, mesh)
+    init_state, abstract, state_shardings = layout.init_state, layout.abstract, layout.shardings
+    tx, schedule = layout.tx, layout.schedule
+    ckpt = checkpoints.TrainCheckpointer(model_dir, config.checkpoint)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings)
+        count = int(ckpt.meta(latest).get("process_count", jax.process_count()))
+        target["input"] = {k: np.zeros((count,), np.int32) for k in checkpoints.INPUT_KEYS}
+        restored, _ = ckpt.restore(latest, target)
+        input_arrays = restored.pop("input")
+        state = restored
+        position = checkpoints.input_state_for_process(input_arrays, jax.process_index(), jax.process_count())
+        if position is not None:
+            position.update(seed=config.data_seed, shard_index=shard.index, num_shards=shard.count)
+        else:
+            epoch = int(np.asarray(input_arrays["epoch"]).min())
+            logger.warning("checkpoint written by %d processes, now %d: data restarts at epoch %d, position 0",
+                           len(input_arrays["epoch"]), jax.process_count(), epoch)
+            position = {"epoch": epoch, "position": 0, "batches": 0}
+        train_input.restore(position)
+        print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)()
+        inits = list(config.init_from)
+        pretrained = getattr(model_config, "pretrained", None)
+        for component, path in (("encoder", getattr(pretrained, "encoder_checkpoint", None)),
+                                ("decoder", getattr(pretrained, "lm_checkpoint", None))):
+            if path:
+                inits.append(checkpoints.component_init(path, component))
+        if inits:
+            params, copied = checkpoints.apply_partial_init(state["params"], inits)
+            state["params"] = params
+            print(f"initialised {len(copied)} parameter arrays from {len(inits)} checkpoint(s)", flush=True)
+    partitioning.report_replicated(state["params"])
+
+    if is_main:
+        if write_config is not None:
+            write_config(model_dir)
+        if tf.io.gfile.exists(vocab_path):
+            tf.io.gfile.copy(vocab_path, os.path.join(model_dir, checkpoints.TOKENIZER_FILENAME), overwrite=True)
+        summary = _write_summary(model_dir, abstract["params"], type(model_config).__name__)
+        print(f"model: {summary['parameters']['total']:,} parameters "
+              + ", ".join(f"{k} {v:,}" for k, v in summary["parameters"].items() if k != "total"), flush=True)
+
+    # -- the compiled step
+    frozen = trainer.frozen_mask(abstract["params"], config.optimizer.freeze) if config.optimizer.freeze else None
+    step_fn = trainer.make_train_step(model.loss_fn, tx, schedule, config.step, compute_dtype, frozen)
+    batch_spec = train_input.batch_spec
+    batch_axes = partitioning.batch_mesh_axes(mesh, rules)
+
+    def global_abstract(shape, dtype):
+        rows = shape[0] * shard.count
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            batch_axes if len(batch_axes) != 1 else batch_axes[0], *([None] * (len(shape) - 1))))
+        return jax.ShapeDtypeStruct((rows,) + tuple(shape[1:]), dtype, sharding=sharding)
+
+    abstract_batch = {k: global_abstract(s, d) for k, (s, d) in batch_spec.items()}
+    with partitioning.sharding_context(mesh, rules):
+        jitted = jax.jit(step_fn, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                         donate_argnums=(0,))
+        compiled = jitted.lower(state, abstract_batch).compile()
+    flops = metrics_lib.compiled_flops(compiled)
+    flops_per_step = None if flops is None else flops * jax.device_count()
+    peak = config.peak_flops_per_device or metrics_lib.device_kind_peak(jax.devices()[0], compute_dtype)
+    if peak is None and flops_per_step is not None:
+        peak = metrics_lib.measure_peak_flops(compute_dtype)
+
+    writer = metrics_lib.MetricsWriter(model_dir, enabled=is_main)
+    jsonl = _JsonlLog(os.path.join(model_dir, METRICS_JSONL), enabled=is_main)
+    progress = metrics_lib.ProgressLog(train_steps)
+    stop = _StopSignal()
+    evaluator = _Evaluator(model, config, task_name, shard, shapes, mesh, rules, compute_dtype, writer, jsonl)
+
+    def save(step: int) -> None:
+        host_states = checkpoints.gather_input_states(train_input.state())
+        full = dict(state, input=checkpoints.input_state_arrays(host_states))
+        ckpt.save(step, full, {"seed": config.data_seed, "num_shards": shard.count})
+
+    step = int(jax.device_get(state["step"]))
+    last: dict = {}
+    window_start, window_steps = None, 0
+    try:
+        if config.eval_every_steps and config.eval_at_start and step == 0:
+            evaluator.run(0, state)
+        while step < train_steps:
+            host_batch = next(train_input)
+            if config.nan_at_step is not None and step + 1 == config.nan_at_step:
+                host_batch = dict(host_batch, cont_frames=np.full_like(host_batch["cont_frames"], np.nan))
+            batch = partitioning.global_batch_from_host(host_batch, mesh, rules)
+            state, step_metrics = compiled(state, batch)
+            last = _finite_floats(jax.device_get(step_metrics))
+            step += 1
+            if not all(math.isfinite(last[k]) for k in ("loss", "grad_norm")):
+                ckpt.wait()
+                raise TrainingDiverged(
+                    f"step {step}: loss is {last['loss']} (grad norm {last['grad_norm']}); stopping. The last "
+                    f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+            jsonl.write({"step": step, "split": "train", **last})
+            now = time.perf_counter()
+            if window_start is None:
+                window_start, window_steps = now, 0  # the first step (compilation) is not timed
+            else:
+                window_steps += 1
+            if step % config.log_every_steps == 0 or step == train_steps:
+                scalars = dict(last)
+                if window_steps:
+                    rates = metrics_lib.throughput(
+                        (now - window_start) / window_steps, text_tokens=last.get("num_text_tokens"),
+                        frames=last.get("num_frames"), flops_per_step=flops_per_step,
+                        num_devices=jax.device_count(), peak_flops_per_device=peak)
+                    scalars.update({k: v for k, v in rates.items() if v is not None})
+                    window_start, window_steps = now, 0
+                writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                if is_main:
+                    progress.log(step, scalars)
+            if stop.any_process():
+                save(step)
+                ckpt.wait()
+                print(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting", flush=True)
+                return last
+            paused = False
+            if step % config.checkpoint.save_every_steps == 0 or step == train_steps:
+                save(step)
+                paused = True
+            if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == train_steps):
+                evaluator.run(step, state)
+                paused = True
+            if paused:  # saving and evaluating are not training time
+                window_start, window_steps = time.perf_counter(), 0
+        return last
+    finally:
+        stop.restore()
+        ckpt.close()
+        writer.flush()
+        writer.close()
+        jsonl.close()
+
+
+class _Evaluator:
+    """Loss terms on the validation split; a spectrogram image and audio of the first example."""
+
+    def __init__(self, model, config, task_name, shard, shapes, mesh, rules, compute_dtype, writer, jsonl):
+        import jax
+        from spectron_jax import partitioning, trainer
+
+        self.model, self.config, self.task_name, self.shard, self.shapes = model, config, task_name, shard, shapes
+        self.mesh, self.rules, self.writer, self.jsonl = mesh, rules, writer, jsonl
+        with partitioning.sharding_context(mesh, rules):
+            self.eval_step = jax.jit(trainer.make_eval_step(model.loss_fn, compute_dtype))
+        self.predict = jax.jit(model.predict_frames)
+
+    def run(self, step: int, state) -> dict:
+        import jax
+        import numpy as np
+        from spectron_jax import metrics as metrics_lib, partitioning
+        from spectron_jax.data import pipeline as pipeline_lib
+
+        data = pipeline_lib.make_pipeline(self.task_name, "validation", self.config.batch_size, self.shard.index,
+                                          self.shard.count, seed=0, shuffle=False, repeat=False,
+                                          drop_remainder=False, **self.shapes)
+        totals, count, first = {}, 0, None
+        rng = jax.random.key(self.config.seed + 2)
+        for _ in range(self.config.eval_batches):
+            host_batch = next(data, None)
+            if host_batch is None:  # this host ran out: an empty batch keeps the hosts in lockstep
+                host_batch = {k: np.zeros(s, d) for k, (s, d) in data.batch_spec.items()}
+            batch = partitioning.global_batch_from_host(host_batch, self.mesh, self.rules)
+            with partitioning.sharding_context(self.mesh, self.rules):
+                values = _finite_floats(jax.device_get(self.eval_step(state["params"], batch, rng)))
+            if values.get("num_text_tokens", 1.0) <= 0:
+                continue
+            first = first if first is not None else (host_batch, batch)
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v
+            count += 1
+        if not count:
+            return {}
+        means = {k: v / count for k, v in totals.items()}
+        self.writer.scalars(step, {f"eval/{k}": v for k, v in means.items()})
+        self.jsonl.write({"step": step, "split": "validation", **means})
+        print("eval " + metrics_lib.ProgressLog().format(step, means), flush=True)
+        if self.config.eval_media and self.writer.enabled and first is not None:
+            host_batch, batch = first
+            with partitioning.sharding_context(self.mesh, self.rules):
+                frames = self.predict(state["params"], batch)
+            # This host's row 0 is the lowest global row among its shards (global_batch_from_host).
+            first_shard = min(frames.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+            frames = np.asarray(jax.device_get(first_shard.data))[0]
+            valid = int(host_batch["cont_mask"][0].sum())
+            target = np.asarray(host_batch["cont_frames"][0][:valid])
+            self.writer.image(step, "eval/spectrogram", metrics_lib.spectrogram_image(target, frames[:valid]))
+            try:
+                from spectron_jax import vocoder
+                voc = vocoder.GriffinLimVocoder()
+                self.writer.audio(step, "eval/continuation", voc(frames[:valid]), voc.sample_rate)
+            except Exception as e:  # noqa: BLE001 - audio is a convenience, never fatal
+                logger.warning("eval audio skipped: %s", e)
+        return means
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def _parser() -> cli.ArgumentParser:
+    from spectron_jax import gin_config
+
+    parser = cli.ArgumentParser(prog="spectron_jax.train", description="Train Spectron (gin-configured).")
+    gin_config.add_gin_flags(parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data here: keep its logs quiet
+    from spectron_jax import gin_config
+
+    register_train_configurables()
+    args = gin_config.parse_args(_parser(), argv)
+    if not args.gin_file:
+        raise cli.UsageError("--gin_file: at least one gin file is required (e.g. gin/runs/tiny_cpu.gin)")
+    gin_config.parse_gin(args)
+    model_dir = gin_config.query_macro("MODEL_DIR")
+    train_steps = gin_config.query_macro("TRAIN_STEPS")
+    task_name = gin_config.query_macro("TASK")
+    if not isinstance(model_dir, str) or not model_dir:
+        raise cli.UsageError(f"--gin.MODEL_DIR must be a quoted path string, got {model_dir!r}")
+    if not isinstance(train_steps, int) or train_steps < 1:
+        raise cli.UsageError(f"--gin.TRAIN_STEPS must be a positive integer, got {train_steps!r}")
+    from spectron_jax.data import tasks as tasks_lib
+    if task_name not in tasks_lib.TASK_NAMES:
+        raise cli.UsageError(f"--gin.TASK={task_name!r} is not a Spectron task ({', '.join(tasks_lib.TASK_NAMES)})")
+    config = _build_train_config()
+    model_config = gin_config.build("SpectronConfig")
+    task_config = gin_config.build("TaskConfig")
+    converter = gin_config.build("SpectronFeatureConverter", with_segments=task_config.phi_split,
+                                 reduction_factor=model_config.reduction_factor)
+    _initialize_distributed(config.distributed)
+    data_dir = config.data_dir
+    if data_dir and not os.path.isdir(data_dir):
+        raise cli.InputError(f"TrainConfig.data_dir: {data_dir} is not a directory (run spectron_jax.data.prepare)")
+    vocab = config.vocab_path
+    if vocab and not os.path.isfile(vocab):
+        raise cli.InputError(f"TrainConfig.vocab_path: {vocab} not found")
+    try:
+        train(model_dir, train_steps, task_name, config, model_config, task_config, converter,
+              write_config=gin_config.write_operative_config)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, cli.CLIError):
+            raise
+        raise cli.InputError(" ".join(str(e).split())) from None
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cli.run(main)

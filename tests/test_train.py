@@ -1,0 +1,462 @@
+"""Training: the loss falls, exact resume after kill -9, SIGTERM saves and exits 0, two processes on
+loopback, sharding of the state on a (2, 2, 2) mesh, the NaN stop, schedules, and CLI errors.
+
+The runs are subprocesses of `python -m spectron_jax.train` on a 40-utterance slice of the embedded
+corpus with a one-layer model, on one CPU device unless the test is about sharding; they share a
+persistent compilation cache so only the first run of a program pays for its compilation.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from spectron_jax import cli, partitioning, train, trainer
+
+MODEL_GIN = """
+SpectronConfig.encoder = @ConformerConfig()
+SpectronConfig.decoder = @DecoderConfig()
+SpectronConfig.acoustic = @AcousticConfig()
+ConformerConfig.model_dim = 32
+ConformerConfig.num_layers = 1
+ConformerConfig.num_heads = 2
+ConformerConfig.conv_kernel_size = 5
+ConformerConfig.subsampling_channels = 8
+DecoderConfig.vocab_size = 512
+DecoderConfig.model_dim = 64
+DecoderConfig.num_layers = 1
+DecoderConfig.num_heads = 4
+DecoderConfig.num_kv_heads = 1
+DecoderConfig.head_dim = 16
+DecoderConfig.mlp_dim = 128
+AcousticConfig.prenet_dims = (32,)
+AcousticConfig.postnet_hidden = 64
+"""
+
+RUN_GIN = MODEL_GIN + """
+MODEL_DIR = %gin.REQUIRED
+TRAIN_STEPS = 32
+TASK = 'spectron_embedded'
+TrainConfig.batch_size = 8
+TrainConfig.data_dir = '{data_dir}'
+TrainConfig.vocab_path = '{vocab}'
+TrainConfig.log_every_steps = 4
+TrainConfig.eval_every_steps = 32
+TrainConfig.eval_batches = 1
+TrainConfig.peak_flops_per_device = 1e9   # the reference run measures it instead
+TrainConfig.optimizer = @OptimizerConfig()
+TrainConfig.checkpoint = @CheckpointConfig()
+OptimizerConfig.learning_rate = 3e-3
+OptimizerConfig.warmup_steps = 2
+OptimizerConfig.decay_steps = 32         # fixed, so runs of any TRAIN_STEPS share one compiled step
+CheckpointConfig.save_every_steps = 8
+CheckpointConfig.keep_last = 5
+TaskConfig.max_continuation_seconds = 2.0
+SpectronFeatureConverter.prompt_len = 240
+SpectronFeatureConverter.text_len = 48
+SpectronFeatureConverter.cont_len = 160
+"""
+
+LOSS_TERMS = ("loss", "ce_text", "spec_frames", "spec_freq_delta", "spec_time_delta_1", "spec_time_delta_2",
+              "spec_time_delta_3")
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, repo_root, embedded_dir):
+    """Shards of 32 train + 8 validation utterances, the run gin file and a compilation cache."""
+    root = tmp_path_factory.mktemp("train")
+    with open(embedded_dir / "manifest.tsv", encoding="utf-8") as f:
+        header, *rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    col = {name: i for i, name in enumerate(header)}
+    picked = [r for r in rows if r[col["split"]] == "train"][:32] + [r for r in rows if r[col["split"]] == "validation"][:8]
+    manifest = root / "manifest.tsv"
+    with open(manifest, "w", encoding="utf-8") as f:
+        f.write("\t".join(header) + "\n")
+        for r in picked:
+            r = list(r)
+            r[col["path"]] = str(embedded_dir / r[col["path"]])
+            f.write("\t".join(r) + "\n")
+    data_dir = root / "data"
+    subprocess.run([sys.executable, "-m", "spectron_jax.data.prepare", "--format=manifest", f"--input={manifest}",
+                    f"--output_dir={data_dir}", "--num_shards=1", "--num_workers=1"],
+                   check=True, cwd=repo_root, capture_output=True)
+    gin_file = root / "run.gin"
+    gin_file.write_text(RUN_GIN.format(data_dir=data_dir, vocab=embedded_dir / "spm" / "spectron_tiny.model"))
+    return {"root": root, "gin": str(gin_file), "cache": str(root / "jax_cache")}
+
+
+def _env(workdir, devices=1, **extra):
+    env = dict(os.environ)
+    env.update({"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1",
+                # Unoptimised CPU code compiles in about half the time; every run here shares the flags.
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+                             "--xla_llvm_disable_expensive_passes=true",
+                "JAX_COMPILATION_CACHE_DIR": workdir["cache"],
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _command(workdir, model_dir, *bindings):
+    return [sys.executable, "-m", "spectron_jax.train", f"--gin_file={workdir['gin']}",
+            f"--gin.MODEL_DIR='{model_dir}'", *bindings]
+
+
+def _run(workdir, model_dir, *bindings, devices=1, timeout=240, **env):
+    return subprocess.run(_command(workdir, model_dir, *bindings), env=_env(workdir, devices, **env),
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _start(workdir, model_dir, *bindings, devices=1, **env):
+    return subprocess.Popen(_command(workdir, model_dir, *bindings), env=_env(workdir, devices, **env),
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _train_losses(model_dir) -> dict[int, dict]:
+    """{step: metrics} of the train records in metrics.jsonl; a repeated step keeps its last record."""
+    records = {}
+    path = os.path.join(model_dir, train.METRICS_JSONL)
+    if not os.path.exists(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by kill -9
+            if record.get("split") == "train":
+                records[record["step"]] = record
+    return records
+
+
+def _checkpoint_steps(model_dir) -> list[int]:
+    root = os.path.join(model_dir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference_run(workdir):
+    model_dir = workdir["root"] / "reference"
+    result = _run(workdir, model_dir, "--gin.TrainConfig.peak_flops_per_device=None")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return model_dir, result
+
+
+def _eval_records(model_dir) -> dict[int, dict]:
+    records = {}
+    with open(os.path.join(model_dir, train.METRICS_JSONL), encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("split") == "validation":
+                records[record["step"]] = record
+    return records
+
+
+# ---- runs --------------------------------------------------------------------------------------
+def test_tiny_run_lowers_every_loss_term_and_writes_its_outputs(reference_run):
+    model_dir, result = reference_run
+    losses = _train_losses(model_dir)
+    assert sorted(losses) == list(range(1, 33))
+    # Every term on the same validation batch (deterministic): before training vs after 32 steps.
+    evals = _eval_records(model_dir)
+    assert sorted(evals) == [0, 32]
+    for term in LOSS_TERMS:
+        assert evals[32][term] < evals[0][term], (term, evals[0][term], evals[32][term])
+    assert np.mean([losses[s]["loss"] for s in (30, 31, 32)]) < 0.7 * np.mean([losses[s]["loss"] for s in (1, 2, 3)])
+    assert all(math.isfinite(r["grad_norm"]) and r["learning_rate"] > 0 for r in losses.values())
+    assert _checkpoint_steps(model_dir) == [8, 16, 24, 32]
+    for name in ("config.gin", "model_summary.json", "tokenizer.model"):
+        assert (model_dir / name).is_file(), name
+    summary = json.loads((model_dir / "model_summary.json").read_text())
+    assert summary["parameters"]["total"] == sum(v for k, v in summary["parameters"].items() if k != "total")
+    assert "DecoderConfig.num_layers = 1" in (model_dir / "config.gin").read_text()
+    assert "step 32/32 | loss" in result.stdout  # the progress line
+    # TensorBoard: every loss term, grad norm, lr, rates and MFU; eval scalars, image and audio.
+    import tensorflow as tf
+
+    tags = set()
+    for event_file in model_dir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            tags.update(v.tag for v in event.summary.value)
+    wanted = {f"train/{t}" for t in LOSS_TERMS} | {"train/grad_norm", "train/learning_rate", "train/steps_per_sec",
+                                                  "train/text_tokens_per_sec", "train/frames_per_sec",
+                                                  "train/tflops_per_device", "train/mfu", "eval/loss",
+                                                  "eval/spectrogram", "eval/continuation"}
+    assert wanted <= tags, wanted - tags
+
+
+def test_kill9_and_restart_reproduces_the_uninterrupted_losses(workdir, reference_run):
+    reference = _train_losses(reference_run[0])
+    model_dir = workdir["root"] / "killed"
+    proc = _start(workdir, model_dir)
+    try:
+        reached = _wait_for(lambda: 16 in _checkpoint_steps(model_dir), proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert reached and proc.returncode == -signal.SIGKILL, proc.stdout.read()[-3000:]
+    killed_at = max(_train_losses(model_dir))
+    assert killed_at < 32
+    result = _run(workdir, model_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed = int(result.stdout.split("resumed from step ")[1].split()[0])
+    assert 16 <= resumed <= killed_at
+    losses = _train_losses(model_dir)
+    assert sorted(losses) == list(range(1, 33))
+    for step in range(1, 33):
+        for term in LOSS_TERMS:
+            assert losses[step][term] == pytest.approx(reference[step][term], rel=1e-6, abs=1e-6), (step, term)
+
+
+def test_sigterm_saves_the_step_reached_and_exits_zero(workdir):
+    model_dir = workdir["root"] / "sigterm"
+    proc = _start(workdir, model_dir, "--gin.CheckpointConfig.save_every_steps=1000",
+                  "--gin.TrainConfig.eval_every_steps=0")
+    try:
+        started = _wait_for(lambda: max(_train_losses(model_dir), default=0) >= 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert started and proc.returncode == 0, output[-3000:]
+    reached = max(_train_losses(model_dir))
+    assert _checkpoint_steps(model_dir) == [reached]
+    assert f"saved step {reached}" in output
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(workdir, reference_run):
+    model_dir = workdir["root"] / "nan"
+    result = _run(workdir, model_dir, "--gin.TrainConfig.nan_at_step=11", "--gin.TrainConfig.eval_every_steps=0")
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: step 11: loss is nan") and "last good checkpoint is step 8" in error
+    assert _checkpoint_steps(model_dir) == [8]
+    assert max(_train_losses(model_dir)) == 10
+    # The checkpoint loads, is finite, and equals the uninterrupted run's step-8 checkpoint.
+    import orbax.checkpoint as ocp
+
+    ours = ocp.PyTreeCheckpointer().restore(str(model_dir / "checkpoints" / "8" / "state"))
+    theirs = ocp.PyTreeCheckpointer().restore(str(reference_run[0] / "checkpoints" / "8" / "state"))
+    leaves = jax.tree.leaves(ours["params"])
+    assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+    for a, b in zip(leaves, jax.tree.leaves(theirs["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_one_process_continues(workdir):
+    model_dir = workdir["root"] / "multihost"
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [_start(workdir, model_dir, "--gin.TRAIN_STEPS=2", "--gin.CheckpointConfig.save_every_steps=2",
+                    "--gin.TrainConfig.eval_every_steps=0", devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
+                    SPECTRON_NUM_PROCESSES=2, SPECTRON_PROCESS_ID=i) for i in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert _checkpoint_steps(model_dir) == [2]
+    meta = json.loads((model_dir / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["process_count"] == 2
+    result = _run(workdir, model_dir, "--gin.TRAIN_STEPS=4", "--gin.CheckpointConfig.save_every_steps=2",
+                  "--gin.TrainConfig.eval_every_steps=0", devices=8)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from step 2" in result.stdout
+    assert _checkpoint_steps(model_dir) == [2, 4]
+    losses = _train_losses(model_dir)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(losses[s]["loss"]) for s in losses)
+
+
+# ---- in process --------------------------------------------------------------------------------
+def _tiny_model_config():
+    from spectron_jax.models import conformer, decoder, spectron
+
+    return spectron.SpectronConfig(
+        encoder=conformer.ConformerConfig(model_dim=32, num_layers=1, num_heads=2, conv_kernel_size=5,
+                                          subsampling_channels=8),
+        decoder=decoder.DecoderConfig(vocab_size=512, model_dim=64, num_layers=1, num_heads=4, num_kv_heads=1,
+                                      head_dim=16, mlp_dim=128))
+
+
+def test_state_on_a_data_fsdp_model_mesh_is_sharded_as_the_rules_say():
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(ici=(2, 2, 2)))
+    config = train.TrainConfig(mesh=partitioning.MeshConfig(ici=(2, 2, 2)))
+    model = trainer.FunctionalSpectron(_tiny_model_config())
+    layout = trainer.train_state_layout(model, config, 10, mesh)
+    state = jax.jit(layout.init_state, out_shardings=layout.shardings)()
+    params = state["params"]
+    # Embedding [vocab, embed]: vocab -> model, embed -> fsdp (DEFAULT_RULES); every device holds 1/4.
+    table = [x for path, x in _flat(params).items() if path.startswith("decoder/embedder")][0]
+    assert table.shape == (512, 64)
+    assert table.sharding.spec == P("model", "fsdp")
+    assert {s.data.shape for s in table.addressable_shards} == {(256, 32)}
+    # Every parameter with logical axes: mesh axes as the rules map them (when they divide the size).
+    abstract = model.model.abstract_params
+    logical = {path: axes for path, axes in _logical_axes(abstract).items()}
+    rule = dict(partitioning.DEFAULT_RULES)
+    checked = 0
+    for path, array in _flat(params).items():
+        axes = logical[path]
+        for dim, name in enumerate(axes):
+            mesh_axis = rule.get(name)
+            entry = array.sharding.spec[dim] if dim < len(array.sharding.spec) else None
+            if isinstance(mesh_axis, str) and array.shape[dim] % 2 == 0:
+                others = [array.sharding.spec[d] for d in range(len(axes)) if d != dim]
+                if mesh_axis not in others:
+                    assert entry == mesh_axis, (path, axes, array.sharding.spec)
+                    checked += 1
+            if mesh_axis is None:
+                assert entry is None, (path, axes, array.sharding.spec)
+    assert checked > 10
+    # Large kernels: the gated MLP is (fsdp, model) sharded, and its AdamW moments mirror it.
+    mlp = {p: x for p, x in _flat(params).items() if "mlp" in p and x.ndim == 2}
+    assert mlp and all(set(x.sharding.spec) >= {"model"} for x in mlp.values())
+    opt_leaves = {trainer.path_of(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])}
+    for path, x in mlp.items():
+        mirrored = [v for k, v in opt_leaves.items() if k.endswith(path) and v.shape == x.shape]
+        assert len(mirrored) == 2 and all(v.sharding.spec == x.sharding.spec for v in mirrored), path
+
+
+def _flat(tree):
+    from spectron_jax import checkpoints
+    return checkpoints.flatten_paths(tree)
+
+
+def _logical_axes(abstract_state):
+    from flax import nnx
+
+    out = {}
+    for kp, var in jax.tree_util.tree_leaves_with_path(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        path = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+        out[path] = tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape))
+    return out
+
+
+def test_schedules_and_freezing():
+    cosine = trainer.learning_rate_schedule(trainer.OptimizerConfig(learning_rate=1.0, warmup_steps=10,
+                                                                    end_lr_fraction=0.1), 110)
+    assert float(cosine(0)) == pytest.approx(0.1)
+    assert float(cosine(9)) == pytest.approx(1.0)
+    assert float(cosine(60)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-5)
+    assert float(cosine(110)) == pytest.approx(0.1)
+    rsqrt = trainer.learning_rate_schedule(trainer.OptimizerConfig(learning_rate=1.0, warmup_steps=100,
+                                                                   decay="rsqrt"), 1000)
+    assert float(rsqrt(399)) == pytest.approx(math.sqrt(100 / 400))
+    params = {"encoder": {"w": np.ones(3, np.float32)}, "decoder": {"w": np.ones(3, np.float32)}}
+    for name in ("adamw", "adafactor"):
+        config = trainer.OptimizerConfig(name=name, learning_rate=0.1, warmup_steps=0, freeze=("^encoder/",))
+        tx, _ = trainer.make_optimizer(config, 10, params)
+        grads = jax.tree.map(np.ones_like, params)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        assert np.all(np.asarray(updates["encoder"]["w"]) == 0)
+        assert np.all(np.asarray(updates["decoder"]["w"]) < 0)
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    def loss_fn(params, batch, rng):
+        error = batch["x"] @ params["w"] - batch["y"]
+        return np.float32(0.5) * (error ** 2).mean(), {"mse": (error ** 2).mean()}
+
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(8, 3)).astype(np.float32), "y": rng.normal(size=(8,)).astype(np.float32)}
+    params = {"w": np.zeros(3, np.float32)}
+    tx, schedule = trainer.make_optimizer(trainer.OptimizerConfig(name="adamw", warmup_steps=0, learning_rate=0.1,
+                                                                  grad_clip_norm=None), 10, params)
+    state = {"step": np.int32(0), "rng": jax.random.key_data(jax.random.key(0)), "params": params,
+             "opt_state": tx.init(params)}
+    outs = []
+    for micro in (1, 4):
+        step = trainer.make_train_step(loss_fn, tx, schedule, trainer.StepConfig(microbatches=micro), np.float32)
+        outs.append(jax.jit(step)(state, batch))
+    np.testing.assert_allclose(outs[0][1]["grad_norm"], outs[1][1]["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(outs[0][0]["params"]["w"], outs[1][0]["params"]["w"], rtol=1e-5)
+    # Independent reference: the gradient of the mean squared error, by hand.
+    grad = batch["x"].T @ (batch["x"] @ params["w"] - batch["y"]) / 8
+    np.testing.assert_allclose(outs[0][1]["grad_norm"], np.linalg.norm(grad), rtol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--gin_file"),
+    (["--gin_file=does/not/exist.gin"], "file not found"),
+    (["--gin_file=runs/tiny_cpu.gin"], "MODEL_DIR"),
+    (["--gin_file=runs/tiny_cpu.gin", "--gin.MODEL_DIR='never/written'", "--gin.TrainConfig.no_such_knob=1"],
+     "no_such_knob"),
+    (["--gin_file=runs/tiny_cpu.gin", "--gin.MODEL_DIR='never/written'", "--gin.TASK='nope'"], "TASK"),
+    (["--gin_file=runs/tiny_cpu.gin", "--gin.MODEL_DIR='never/written'", "--gin.OptimizerConfig.name='sgd'"], "adamw"),
+])
+def test_bad_command_lines_give_one_line_errors(argv, message):
+    with pytest.raises(cli.UsageError, match=message) as info:
+        train.main(argv)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_command_line_exits_nonzero_in_a_subprocess(tmp_path, repo_root):
+    result = subprocess.run([sys.executable, "-m", "spectron_jax.train", "--gin_file=runs/tiny_cpu.gin"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "MODEL_DIR" in lines[0] and "Traceback" not in result.stderr
+
+
+RUN_FILES = sorted(os.path.basename(p) for p in os.listdir(os.path.join(os.path.dirname(__file__), "..", "gin", "runs")))
+
+
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_run_files_parse_and_build(name):
+    from spectron_jax import gin_config
+
+    train.register_train_configurables()
+    gin_config.parse_gin(gin_files=[f"runs/{name}"],
+                         bindings=["MODEL_DIR = 'never/written'", "DATA_DIR = 'd'", "VOCAB_PATH = 'v.model'"])
+    config = train._build_train_config()
+    model = gin_config.build("SpectronConfig")
+    assert gin_config.query_macro("TRAIN_STEPS") > 0
+    assert gin_config.query_macro("TASK") in ("spectron_embedded", "spectron_librilight")
+    weights = model.loss_weights
+    if name.endswith("_librilight.gin") or name.startswith("ablation_"):
+        # The pod runs: 64 chips, the global batch splits over data x fsdp, bf16 compute, auto init.
+        assert np.prod(config.mesh.ici) == 64 and config.batch_size % (config.mesh.ici[0] * config.mesh.ici[1]) == 0
+        assert config.distributed.auto and model.decoder.dtype == "bfloat16"
+        assert model.decoder.model_dim == (2048 if "1b" in name else 1024)
+    else:
+        assert config.data_dir == "runs/embedded_tfrecords" and model.decoder.vocab_size == 512
+    assert (weights.text == 0.0) == (name == "ablation_no_text_ce.gin")
+    assert (weights.time_delta == 0.0) == (name == "ablation_no_delta_losses.gin")
