@@ -1,0 +1,192 @@
+"""Expands a sweep file into training runs (the cartesian product of gin bindings) and launches them.
+
+    python launch/sweep.py --sweep=gin/sweeps/tiny_lr_x_spec_weight.sweep --base_model_dir=runs/sweeps \\
+        [--runner=local|tpu_vm|print] [--dry_run] [--only=NAME_OR_INDEX ...] [--gin_search_paths=DIRS] \\
+        [--gin.NAME=VALUE ...]          (bindings added to every point, e.g. a data folder)
+
+A sweep file (format: launch/sweep_file.py; examples in gin/sweeps/) is gin syntax: `base_gin_files = [...]`,
+an optional `gin_files = [...]` axis, and `NAME = VALUE` bindings where a list value is an axis. Each
+point of the cartesian product runs
+
+    python -m spectron_jax.train --gin_file=BASE... [--gin_file=AXIS_FILE] --gin.NAME=VALUE... \\
+        --gin.MODEL_DIR="'BASE_MODEL_DIR/SWEEP_NAME/POINT_NAME'"
+
+with POINT_NAME made from its swept values (e.g. `learning_rate=1e-4_spectrogram=0.5`: filesystem-safe,
+unique, stable). When a point is run, its bindings are written to MODEL_DIR/sweep_point.json.
+
+Runners: `local` runs the points one after another on this machine; `tpu_vm` runs
+`launch/tpu_vm.sh train --wait ...` per point (its settings come from the environment: PROJECT, ZONE,
+TPU_NAME, BUCKET, ...; the base model dir must be gs://); `print` (or --dry_run with any runner)
+prints the commands and runs nothing. Needs only the standard library (gin, when installed, is used to
+check the syntax of each value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep_file import (LAUNCH_DIR, POINT_FILENAME, SWEEP_DIR, SWEEP_SUFFIX, Point, Sweep, SweepError,  # noqa: E402
+                        BINDING_NAME, check_value, expand, parse_sweep)
+
+# ---- Shell quoting (for printed commands) ----------------------------------------------------------
+_BARE = re.compile(r"[A-Za-z0-9_./:=,+@%^-]+")
+_FLAG = re.compile(r"(--?[A-Za-z0-9_.-]+=)(.+)", re.S)
+
+
+def shell_quote(arg: str) -> str:
+    """`arg` quoted for a POSIX shell, readably: --gin.MODEL_DIR="'dir'" rather than shlex's form."""
+    if arg and _BARE.fullmatch(arg):
+        return arg
+    m = _FLAG.fullmatch(arg)
+    if m:
+        return m.group(1) + shell_quote(m.group(2))
+    if not any(c in arg for c in "\"$`\\!"):
+        return f'"{arg}"'
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return " ".join(shell_quote(a) for a in argv)
+
+
+# ---- Running -----------------------------------------------------------------------------------------
+def _write_record(model_dir: str, record: dict, dry_run: bool) -> None:
+    text = json.dumps(record, indent=2) + "\n"
+    target = f"{model_dir}/{POINT_FILENAME}"
+    if "://" in model_dir:
+        command = ["gcloud", "storage", "cp", "-", target]
+        if dry_run:
+            print(f"# {command_line(command)}  (sweep_point.json on stdin)")
+            return
+        try:
+            subprocess.run(command, input=text.encode("utf-8"), check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SweepError(f"cannot write {target}: {e}") from None
+        return
+    if dry_run:
+        return
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, POINT_FILENAME), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def point_command(point: Point, sweep: Sweep, runner: str, python: str, gin_search_paths: str) -> list[str]:
+    if runner == "tpu_vm":
+        run_name = f"{sweep.name}.{point.name}"[:200]
+        script = os.path.relpath(LAUNCH_DIR / "tpu_vm.sh")
+        return ["bash", script, "train", "--wait", f"--run_name={run_name}",
+                *point.train_args(gin_search_paths)]
+    return [python, "-m", "spectron_jax.train", *point.train_args(gin_search_paths)]
+
+
+def resolve_sweep_path(value: str) -> str:
+    """The sweep file: as given, or a name under gin/sweeps/ (with or without the .sweep suffix)."""
+    candidates = [value, str(SWEEP_DIR / value), str(SWEEP_DIR / (value + SWEEP_SUFFIX))]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate if candidate == value else os.path.relpath(candidate)
+    raise SweepError(f"--sweep={value}: no such file (also looked in gin/sweeps/)", exit_code=2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2
+            raise SweepError(f"sweep.py: {message}", exit_code=2)
+
+    p = Parser(prog="launch/sweep.py", description="Expand a sweep file into training runs and launch them.")
+    p.add_argument("--sweep", required=True, help="sweep file, or its name under gin/sweeps/")
+    p.add_argument("--base_model_dir", required=True,
+                   help="each point's MODEL_DIR is BASE_MODEL_DIR/SWEEP_NAME/POINT_NAME (gs:// for tpu_vm)")
+    p.add_argument("--runner", choices=("local", "tpu_vm", "print"), default="print",
+                   help="local: run the points one after another here; tpu_vm: launch/tpu_vm.sh train "
+                        "--wait per point; print: print the commands (default)")
+    p.add_argument("--dry_run", action="store_true", help="print the commands and run nothing")
+    p.add_argument("--only", action="append", default=[], metavar="NAME_OR_INDEX",
+                   help="run only these points (repeatable)")
+    p.add_argument("--gin_search_paths", default="", help="passed to the training entry point")
+    p.add_argument("--python", default=sys.executable, help="interpreter of the local runner")
+    p.add_argument("--keep_going", action="store_true", help="local/tpu_vm: go on after a failed point")
+    return p
+
+
+def split_extra_bindings(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Separates `--gin.NAME=VALUE` flags (bindings added to every point) from the other arguments."""
+    extra, rest = [], []
+    for arg in argv:
+        if not arg.startswith("--gin."):
+            rest.append(arg)
+            continue
+        name, sep, value = arg[len("--gin."):].partition("=")
+        if not sep or not BINDING_NAME.fullmatch(name) or not value.strip():
+            raise SweepError(f"{arg}: expected --gin.NAME=VALUE", exit_code=2)
+        if name == "MODEL_DIR":
+            raise SweepError(f"{arg}: MODEL_DIR is set per point; use --base_model_dir", exit_code=2)
+        check_value(value.strip(), arg)
+        extra.append((name, value.strip()))
+    return extra, rest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    extra, rest = split_extra_bindings(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(rest)
+    base = args.base_model_dir
+    if not base or any(c in base for c in "'\"\\\n"):
+        raise SweepError(f"--base_model_dir={base!r}: give a path without quotes or backslashes", exit_code=2)
+    if args.runner == "tpu_vm" and not base.startswith("gs://"):
+        raise SweepError(f"--base_model_dir={base}: the tpu_vm runner needs a gs:// path", exit_code=2)
+    search_paths = [p.strip() for p in args.gin_search_paths.split(",") if p.strip()]
+    sweep = parse_sweep(resolve_sweep_path(args.sweep), search_paths)
+    points = expand(sweep, base, extra)
+    if args.only:
+        wanted = set(args.only)
+        unknown = wanted - {p.name for p in points} - {str(p.index) for p in points}
+        if unknown:
+            raise SweepError(f"--only={sorted(unknown)[0]}: not a point of {sweep.path} "
+                             f"(points: {', '.join(p.name for p in points)})", exit_code=2)
+        points = [p for p in points if p.name in wanted or str(p.index) in wanted]
+    dry_run = args.dry_run or args.runner == "print"
+    runner = "local" if args.runner == "print" else args.runner
+    print(f"# sweep {sweep.name}: {len(points)} point(s) from {sweep.path}", flush=True)
+    failures = []
+    for point in points:
+        command = point_command(point, sweep, runner, args.python, args.gin_search_paths)
+        print(f"# [{point.index}] {point.name}", flush=True)
+        print(command_line(command), flush=True)
+        _write_record(point.model_dir, point.record(sweep, command), dry_run)
+        if dry_run:
+            continue
+        try:
+            result = subprocess.run(command)  # in the caller's folder, like the printed command
+        except OSError as e:
+            raise SweepError(f"cannot run {command[0]}: {e}") from None
+        if result.returncode:
+            failures.append(point.name)
+            print(f"# [{point.index}] {point.name} failed with exit code {result.returncode}", flush=True)
+            if not args.keep_going:
+                raise SweepError(f"point {point.name} failed with exit code {result.returncode}; "
+                                 "stopping (use --keep_going to continue)", exit_code=max(result.returncode, 1))
+    if failures:
+        raise SweepError(f"{len(failures)} point(s) failed: {', '.join(failures)}")
+    return 0
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return main(argv)
+    except SweepError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: sweep interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run())

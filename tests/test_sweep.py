@@ -1,0 +1,370 @@
+"""The launch tools: sweep expansion (launch/sweep.py) and the dry runs of the shell launchers.
+
+Every launcher is checked in dry-run mode with a PATH that holds only the basic tools the scripts use
+(no gcloud, no xpk), so nothing can reach a cloud; printed commands are parsed back with `shlex` and
+compared with the arguments they must carry.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import itertools
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+LAUNCH = REPO_ROOT / "launch"
+SAFE = re.compile(r"[A-Za-z0-9._=+-]+")
+TOOLS = ("bash", "dirname", "base64", "tr", "sed", "date", "cat", "env", "head", "tail", "grep")
+
+
+def _load_sweep_module():
+    spec = importlib.util.spec_from_file_location("spectron_launch_sweep", LAUNCH / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep_module()
+
+
+@pytest.fixture()
+def gin_file(tmp_path):
+    path = tmp_path / "base.gin"
+    path.write_text("TRAIN_STEPS = 3\n")
+    return path
+
+
+def _write(tmp_path, text, name="grid.sweep"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _grid_text(gin_file):
+    return (f"# a 2 x 2 grid\nbase_gin_files = ['{gin_file}']\nTRAIN_STEPS = 5\n"
+            "OptimizerConfig.learning_rate = [1e-4, 3e-4]   # swept\n"
+            "LossWeights.spectrogram = [\n    0.5,\n    2.0,\n]\nMeshConfig.ici = (1, -1, 1)\n")
+
+
+@pytest.fixture()
+def bare_path(tmp_path):
+    """A PATH with only the basic tools: no gcloud, no xpk, no python."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in TOOLS:
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    path = str(bin_dir)
+    assert shutil.which("gcloud", path=path) is None and shutil.which("xpk", path=path) is None
+    return path
+
+
+def _run_script(script, args, path, env=None):
+    full_env = {"PATH": path, "HOME": os.environ.get("HOME", "/"), **(env or {})}
+    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
+                          env=full_env, cwd=REPO_ROOT, timeout=60)
+
+
+# ---- sweep.py ------------------------------------------------------------------------------------------
+def test_grid_expands_to_cartesian_product(tmp_path, gin_file):
+    parsed = sweep.parse_sweep(str(_write(tmp_path, _grid_text(gin_file))))
+    points = sweep.expand(parsed, str(tmp_path / "runs"))
+    expected = list(itertools.product(["1e-4", "3e-4"], ["0.5", "2.0"]))  # last axis fastest
+    assert [(p.swept["OptimizerConfig.learning_rate"], p.swept["LossWeights.spectrogram"]) for p in points] == expected
+    for point, (lr, w) in zip(points, expected):
+        assert point.bindings == (("TRAIN_STEPS", "5"), ("OptimizerConfig.learning_rate", lr),
+                                  ("LossWeights.spectrogram", w), ("MeshConfig.ici", "(1, -1, 1)"))
+        assert point.gin_files == (str(gin_file),)
+        assert point.name == f"learning_rate={lr}_spectrogram={w}"
+        assert point.model_dir == f"{tmp_path}/runs/grid/{point.name}"
+        args = point.train_args()
+        assert args[-1] == f"--gin.MODEL_DIR='{point.model_dir}'"
+        assert f"--gin.OptimizerConfig.learning_rate={lr}" in args
+    assert len({p.model_dir for p in points}) == 4
+    again = sweep.expand(sweep.parse_sweep(str(tmp_path / "grid.sweep")), str(tmp_path / "runs"))
+    assert [p.name for p in again] == [p.name for p in points]  # stable
+
+
+def test_names_are_safe_unique_and_stable_for_awkward_values(tmp_path, gin_file):
+    text = (f"base_gin_files = ['{gin_file}']\n"
+            "X.path = ['a/b', 'a b', 'a_b', \"it's\"]\nY.ref = [@A(), @B(), %M]\nZ.t = [(1, 2), (1, -2)]\n")
+    points = sweep.expand(sweep.parse_sweep(str(_write(tmp_path, text))), "out")
+    assert len(points) == 4 * 3 * 2
+    names = [p.name for p in points]
+    assert len(set(names)) == len(names)
+    assert all(SAFE.fullmatch(n) and not n.startswith(("-", ".")) for n in names)
+    assert names == [p.name for p in sweep.expand(sweep.parse_sweep(str(tmp_path / "grid.sweep")), "out")]
+    # Values are passed exactly as written, whatever their folder name.
+    assert points[0].bindings[0] == ("X.path", "'a/b'") and points[0].bindings[1] == ("Y.ref", "@A()")
+
+
+def test_sweep_name_sets_the_folder(tmp_path, gin_file):
+    text = f"sweep_name = 'lr_probe'\nbase_gin_files = '{gin_file}'\nA.b = [1]\n"
+    points = sweep.expand(sweep.parse_sweep(str(_write(tmp_path, text))), "runs/")
+    assert [p.model_dir for p in points] == ["runs/lr_probe/b=1"]
+    with pytest.raises(sweep.SweepError, match=r"grid.sweep:1: sweep_name"):
+        sweep.parse_sweep(str(_write(tmp_path, f"sweep_name = 'a/b'\nbase_gin_files = '{gin_file}'\n")))
+
+
+def test_gin_file_axis_and_extra_bindings(tmp_path, gin_file):
+    for stem in ("paper", "no_text_ce"):
+        (tmp_path / f"{stem}.gin").write_text("")
+    text = (f"base_gin_files = ['{gin_file}']\n"
+            f"gin_files = ['{tmp_path}/paper.gin', '{tmp_path}/no_text_ce.gin']\nA.b = [1, 2]\n")
+    points = sweep.expand(sweep.parse_sweep(str(_write(tmp_path, text))), "gs://b/x", [("DATA_DIR", "'gs://d'")])
+    assert [p.name for p in points] == ["paper_b=1", "paper_b=2", "no_text_ce_b=1", "no_text_ce_b=2"]
+    assert points[2].gin_files == (str(gin_file), f"{tmp_path}/no_text_ce.gin")
+    assert points[2].bindings == (("A.b", "1"), ("DATA_DIR", "'gs://d'"))
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path, gin_file):
+    path = _write(tmp_path, _grid_text(gin_file))
+    base = tmp_path / "runs"
+    out = subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), f"--sweep={path}", f"--base_model_dir={base}",
+                          "--runner=local", "--dry_run", "--python=python3"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line) for line in out.stdout.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 4
+    dirs = []
+    for argv, (lr, w) in zip(commands, itertools.product(["1e-4", "3e-4"], ["0.5", "2.0"])):
+        assert argv[:3] == ["python3", "-m", "spectron_jax.train"]
+        assert argv[3] == f"--gin_file={gin_file}"
+        assert argv[4:8] == ["--gin.TRAIN_STEPS=5", f"--gin.OptimizerConfig.learning_rate={lr}",
+                             f"--gin.LossWeights.spectrogram={w}", "--gin.MeshConfig.ici=(1, -1, 1)"]
+        model_dir = argv[8]
+        assert model_dir.startswith("--gin.MODEL_DIR='") and model_dir.endswith("'")
+        dirs.append(model_dir)
+    assert len(set(dirs)) == 4
+    assert not base.exists()  # a dry run writes nothing
+
+
+def test_local_runner_runs_each_point_and_records_it(tmp_path, gin_file):
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    path = _write(tmp_path, _grid_text(gin_file))
+    base = tmp_path / "runs"
+    out = subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), f"--sweep={path}", f"--base_model_dir={base}",
+                          "--runner=local", f"--python={fake}", "--only=0", "--only=learning_rate=3e-4_spectrogram=2.0"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c[-1] for c in calls] == [f"--gin.MODEL_DIR='{base}/grid/learning_rate=1e-4_spectrogram=0.5'",
+                                      f"--gin.MODEL_DIR='{base}/grid/learning_rate=3e-4_spectrogram=2.0'"]
+    record = json.loads((base / "grid" / "learning_rate=3e-4_spectrogram=2.0" / "sweep_point.json").read_text())
+    assert record["swept"] == {"OptimizerConfig.learning_rate": "3e-4", "LossWeights.spectrogram": "2.0"}
+    assert record["bindings"]["TRAIN_STEPS"] == "5" and record["index"] == 3
+    assert record["command"][1:] == calls[1]
+
+
+@pytest.mark.parametrize("body, line, fragment", [
+    ("A.b = [1, 2\n", 2, "never closed"),
+    ("A.b = 1 +\n", 2, "not a gin value"),
+    ("this is not a binding\n", 2, "expected NAME = VALUE"),
+    ("1abc = 3\n", 2, "not a gin binding name"),
+    ("A.b = [1, 1]\n", 2, "twice"),
+    ("A.b = []\n", 2, "sweeps over nothing"),
+    ("\n\nA.b = 1\nA.b = 2\n", 5, "set twice"),
+    ("MODEL_DIR = 'x'\n", 2, "MODEL_DIR"),
+    ("gin_files = ['missing.gin']\n", 2, "missing.gin not found"),
+])
+def test_malformed_sweep_gives_one_line_error_with_file_and_line(tmp_path, gin_file, body, line, fragment):
+    path = _write(tmp_path, f"base_gin_files = ['{gin_file}']\n{body}", name="bad.sweep")
+    out = subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), f"--sweep={path}", "--base_model_dir=x"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}:{line}:"), out.stderr
+    assert fragment in lines[0]
+
+
+def test_missing_base_files_and_bad_flags(tmp_path):
+    path = _write(tmp_path, "A.b = [1, 2]\n")
+    with pytest.raises(sweep.SweepError, match="base_gin_files is missing"):
+        sweep.parse_sweep(str(path))
+    assert sweep.run([f"--sweep={tmp_path}/nope.sweep", "--base_model_dir=x"]) == 2
+    assert sweep.run([f"--sweep={path}", "--base_model_dir=x", "--gin.MODEL_DIR='y'"]) == 2
+    assert sweep.run([f"--sweep={path}", "--base_model_dir=runs", "--runner=tpu_vm"]) == 2  # not gs://
+
+
+def test_example_sweeps_expand():
+    tiny = sweep.expand(sweep.parse_sweep(str(REPO_ROOT / "gin/sweeps/tiny_lr_x_spec_weight.sweep")), "runs/sweeps")
+    assert len(tiny) == 6 and len({p.model_dir for p in tiny}) == 6
+    ablations = sweep.expand(sweep.parse_sweep(str(REPO_ROOT / "gin/sweeps/ablations_350m.sweep")), "gs://b/a")
+    stems = [p.name for p in ablations]
+    assert stems == ["paper", "no_text_ce", "no_delta_losses", "random_init_encoder", "random_init_lm",
+                     "random_init_both"]
+    assert all(p.gin_files[-1] == f"objectives/{p.name}.gin" for p in ablations)
+
+
+def test_example_sweep_bindings_reach_the_training_configs():
+    """Every point of the example sweeps parses with the project's gin set-up, and the swept values
+    arrive in the configs the training entry point builds (so no binding names a missing parameter)."""
+    gin = pytest.importorskip("gin")
+    from spectron_jax import gin_config, train
+
+    train.register_train_configurables()
+    extra = [("DATA_DIR", "'gs://b/d'"), ("VOCAB_PATH", "'gs://b/v.model'")]
+    try:
+        for name in ("tiny_lr_x_spec_weight", "ablations_350m"):
+            points = sweep.expand(sweep.parse_sweep(str(REPO_ROOT / f"gin/sweeps/{name}.sweep")), "gs://b/x", extra)
+            for point in points:
+                bindings = [f"{k} = {v}" for k, v in point.bindings] + [f"MODEL_DIR = '{point.model_dir}'"]
+                gin_config.parse_gin(gin_files=list(point.gin_files), bindings=bindings)
+                train_config = gin.get_configurable("spectron_jax.TrainConfig")()
+                weights = gin_config.build("SpectronConfig").loss_weights
+                assert gin_config.query_macro("MODEL_DIR") == point.model_dir
+                if "OptimizerConfig.learning_rate" in point.swept:
+                    assert train_config.optimizer.learning_rate == float(point.swept["OptimizerConfig.learning_rate"])
+                    assert weights.spectrogram == float(point.swept["LossWeights.spectrogram"])
+                if point.name == "no_text_ce":
+                    assert weights.text == 0.0
+                elif "gin_files" in point.swept:
+                    assert weights.text == 1.0 and gin_config.query_macro("TRAIN_STEPS") == 50000
+    finally:
+        gin.clear_config()
+
+
+def test_shell_quote_round_trips():
+    for arg in ["plain", "--gin.MODEL_DIR='gs://b/r'", "--gin.X=@A()", "it's $HOME", "a b", "", "--x=\"q\"",
+                "back\\slash", "--gin.T=(1, -1, 1)"]:
+        assert shlex.split(sweep.shell_quote(arg)) == [arg]
+    assert sweep.shell_quote("--gin.MODEL_DIR='gs://b/r'") == "--gin.MODEL_DIR=\"'gs://b/r'\""
+
+
+# ---- shell launchers ---------------------------------------------------------------------------------
+def test_bash_quoting_round_trips(bare_path):
+    args = ["plain", "--gin.MODEL_DIR='gs://b/r x'", "@A()", "it's $HOME `x`", "", "a\\b", "--x=\"q\"", "!bang"]
+    script = f"source {shlex.quote(str(LAUNCH / 'common.sh'))}; quote_command \"$@\""
+    out = subprocess.run(["bash", "-c", script, "quote", *args], capture_output=True, text=True,
+                         env={"PATH": bare_path}, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert shlex.split(out.stdout) == args
+
+
+def _remote_script(ssh_argv):
+    """The script that a printed `gcloud ... ssh --command=...` writes on the workers (base64 inside)."""
+    command = next(a for a in ssh_argv if a.startswith("--command="))[len("--command="):]
+    encoded = re.search(r"echo ([A-Za-z0-9+/=]+) \| base64 -d", command).group(1)
+    return command, base64.b64decode(encoded).decode()
+
+
+def _python_argv(script):
+    """argv of the `python -m spectron_jax.train` line of a run script (continuation lines joined)."""
+    joined = script.replace("\\\n", " ")
+    line = next(l for l in joined.splitlines() if l.startswith("python -m spectron_jax.train"))
+    return shlex.split(line.split(" > >(tee")[0])
+
+
+def test_tpu_vm_dry_run_train(bare_path):
+    out = _run_script("tpu_vm.sh", ["--dry_run", "--zone=us-x1-a", "--tpu_name=pod-1", "--bucket=gs://bucket/sp",
+                                    "train", "--run_name=r1", "--gin_file=runs/tiny_cpu.gin",
+                                    "--gin.TRAIN_STEPS=10", "--gin.LossWeights.text=0.5"], bare_path)
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(l[2:]) for l in out.stdout.splitlines() if l.startswith("+ ")]
+    assert len(commands) == 1
+    ssh = commands[0]
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-1"]
+    assert "--worker=all" in ssh and "--zone=us-x1-a" in ssh
+    command, script = _remote_script(ssh)
+    assert "nohup bash .spectron_runs/r1/run.sh" in command
+    expected = ["python", "-m", "spectron_jax.train", "--gin.TrainConfig.distributed=@DistributedConfig()",
+                "--gin.DistributedConfig.auto=True", "--gin_file=runs/tiny_cpu.gin", "--gin.TRAIN_STEPS=10",
+                "--gin.LossWeights.text=0.5", "--gin.MODEL_DIR='gs://bucket/sp/runs/r1'"]
+    assert _python_argv(script) == expected
+    assert "--gin.MODEL_DIR=\"'gs://bucket/sp/runs/r1'\"" in script  # as a person would type it
+    assert "gs://bucket/sp/logs/r1/worker-$WORKER_ID.log" in script and "tee" in script
+    syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True,
+                            env={"PATH": bare_path}, timeout=30)
+    assert syntax.returncode == 0, syntax.stderr
+    # The printed script (for people) is the one sent to the workers.
+    printed = "\n".join(l[4:] for l in out.stdout.splitlines() if l.startswith("#   "))
+    assert printed == script.rstrip("\n")
+
+
+def test_tpu_vm_dry_run_keeps_a_given_model_dir_and_other_commands(bare_path):
+    env = {"ZONE": "z", "TPU_NAME": "t", "DRY_RUN": "1"}
+    out = _run_script("tpu_vm.sh", ["train", "--gin_file=a.gin", "--gin.MODEL_DIR='gs://q/run'",
+                                    "--distributed_auto=false", "--run_name=x"], bare_path, env)
+    assert out.returncode == 0, out.stderr
+    ssh = shlex.split(next(l for l in out.stdout.splitlines() if l.startswith("+ "))[2:])
+    assert _python_argv(_remote_script(ssh)[1]) == ["python", "-m", "spectron_jax.train", "--gin_file=a.gin",
+                                                   "--gin.MODEL_DIR='gs://q/run'"]
+    out = _run_script("tpu_vm.sh", ["--queued", "--spot", "--accelerator_type=v4-64", "create"], bare_path, env)
+    lines = [shlex.split(l[2:]) for l in out.stdout.splitlines() if l.startswith("+ ")]
+    create = next(c for c in lines if c[3:5] == ["queued-resources", "create"])
+    assert create[5] == "t-qr" and {"--node-id=t", "--accelerator-type=v4-64", "--spot",
+                                    "--runtime-version=tpu-ubuntu2204-base"} <= set(create)
+    for command, argv in [("stop", ["tpu-vm", "ssh"]), ("delete", ["tpu-vm", "delete"])]:
+        out = _run_script("tpu_vm.sh", [command], bare_path, env)
+        assert out.returncode == 0 and f"gcloud compute tpus {' '.join(argv)} t" in out.stdout
+    assert "kill -TERM" in _run_script("tpu_vm.sh", ["stop"], bare_path, env).stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--gin_file=a.gin"], "MODEL_DIR"),  # no bucket, no model dir
+    (["train", "--gin_file=a.gin", "--gin.MODEL_DIR='/local/dir'"], "gs://"),
+    (["--bogus", "status"], "--bogus"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_tpu_vm_bad_arguments(bare_path, args, fragment):
+    out = _run_script("tpu_vm.sh", args, bare_path, {"ZONE": "z", "TPU_NAME": "t", "DRY_RUN": "1"})
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and fragment in out.stderr
+
+
+def test_xpk_dry_run_multislice(bare_path):
+    out = _run_script("xpk_example.sh", ["--dry_run", "--cluster=c1", "--tpu_type=v5p-128", "--num_slices=2",
+                                         "--workload=w1", "--bucket=gs://b/s", "--gin_file=runs/x.gin",
+                                         "--gin.TRAIN_STEPS=7"], bare_path)
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(next(l for l in out.stdout.splitlines() if l.startswith("+ "))[2:])
+    assert argv[:3] == ["xpk", "workload", "create"]
+    assert {"--cluster=c1", "--workload=w1", "--tpu-type=v5p-128", "--num-slices=2"} <= set(argv)
+    command = next(a for a in argv if a.startswith("--command="))[len("--command="):]
+    train = shlex.split(command.split("&&")[-1])
+    assert train == ["python3", "-m", "spectron_jax.train", "--gin.TrainConfig.distributed=@DistributedConfig()",
+                     "--gin.DistributedConfig.auto=True", "--gin.TrainConfig.mesh=@MeshConfig()",
+                     "--gin.MeshConfig.dcn=(-1, 1, 1, 1)", "--gin_file=runs/x.gin", "--gin.TRAIN_STEPS=7",
+                     "--gin.MODEL_DIR='gs://b/s/runs/w1'"]
+    single = _run_script("xpk_example.sh", ["--dry_run", "--cluster=c1", "--workload=w1", "--gin_file=x.gin",
+                                            "--gin.MODEL_DIR='gs://b/m'"], bare_path)
+    assert single.returncode == 0 and "MeshConfig.dcn" not in single.stdout and "--num-slices=1" in single.stdout
+
+
+def test_local_dry_run_two_processes(bare_path):
+    out = _run_script("local.sh", ["--dry_run", "--num_processes=2", "--devices=8", "--port=23456",
+                                   "--python=py", "--gin_file=runs/tiny_cpu.gin", "--gin.MODEL_DIR='/tmp/run 2'",
+                                   "--gin.TRAIN_STEPS=2"], bare_path, {"XLA_FLAGS": "--xla_other=1"})
+    assert out.returncode == 0, out.stderr
+    lines = [l[2:] for l in out.stdout.splitlines() if l.startswith("+ ")]
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        argv = shlex.split(line)
+        env_part = argv[1:argv.index("py")]
+        env = dict(item.split("=", 1) for item in env_part)
+        assert env == {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_other=1 --xla_force_host_platform_device_count=4",
+                       "SPECTRON_COORDINATOR_ADDRESS": "127.0.0.1:23456", "SPECTRON_NUM_PROCESSES": "2",
+                       "SPECTRON_PROCESS_ID": str(rank)}
+        start = argv.index("py")
+        assert argv[start:start + 6] == ["py", "-m", "spectron_jax.train", "--gin_file=runs/tiny_cpu.gin",
+                                         "--gin.MODEL_DIR='/tmp/run 2'", "--gin.TRAIN_STEPS=2"]
+        assert argv[start + 6:] == [">", f"/tmp/run 2/local_logs/process_{rank}.log", "2>&1"]
+    bad = _run_script("local.sh", ["--dry_run", "--num_processes=3", "--devices=8", "--port=1", "--python=py",
+                                   "--gin_file=a.gin"], bare_path)
+    assert bad.returncode == 2 and "split evenly" in bad.stderr
