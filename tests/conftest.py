@@ -25,3 +25,21 @@ def repo_root() -> pathlib.Path:
 def embedded_dir() -> pathlib.Path:
     """The embedded corpus: manifest.tsv, audio/*.flac and the tokenizer."""
     return REPO_ROOT / "data" / "embedded"
+
+
+@pytest.fixture(scope="session")
+def throwaway_sp_model(tmp_path_factory) -> str:
+    """A small SentencePiece model with the project's ids (pad 0, eos 1, unk 2, bos 3), for data tests."""
+    import numpy as np
+    import sentencepiece as spm
+
+    words = "the quick brown fox jumps over a lazy dog while speech models listen to long spoken stories".split()
+    folder = tmp_path_factory.mktemp("spm")
+    rng = np.random.default_rng(0)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, size=9)) for _ in range(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "m"), vocab_size=60, pad_id=0, eos_id=1, unk_id=2,
+        bos_id=3, model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )
+    return str(folder / "m.model")

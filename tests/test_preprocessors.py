@@ -50,17 +50,8 @@ def _numpy(ds: tf.data.Dataset) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def sp_model(tmp_path_factory) -> str:
-    """A throwaway SentencePiece model with the project's ids (pad 0, eos 1, unk 2, bos 3)."""
-    folder = tmp_path_factory.mktemp("spm")
-    rng = np.random.default_rng(0)
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(WORDS, size=9)) for _ in range(300)))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "m"), vocab_size=60, pad_id=0, eos_id=1, unk_id=2,
-        bos_id=3, model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
-    )
-    return str(folder / "m.model")
+def sp_model(throwaway_sp_model) -> str:
+    return throwaway_sp_model
 
 
 def test_parse_example_restores_row_major_frames():

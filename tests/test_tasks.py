@@ -6,7 +6,7 @@ import seqio
 import sentencepiece as spm
 import tensorflow as tf
 
-from spectron_jax.data import pipeline, preprocessors, tasks
+from spectron_jax.data import pipeline, tasks
 
 MEL = 128
 WORDS = "the quick brown fox jumps over a lazy dog while speech models listen to long spoken stories".split()
@@ -56,16 +56,8 @@ class Corpus:
 
 
 @pytest.fixture(scope="module")
-def sp_model(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("spm")
-    rng = np.random.default_rng(1)
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(WORDS, size=9)) for _ in range(300)))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "m"), vocab_size=60, pad_id=0, eos_id=1, unk_id=2,
-        bos_id=3, model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
-    )
-    return str(folder / "m.model")
+def sp_model(throwaway_sp_model) -> str:
+    return throwaway_sp_model
 
 
 @pytest.fixture(scope="module")
