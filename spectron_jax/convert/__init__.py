@@ -1,0 +1,1 @@
+"""Importers of open checkpoints (Hugging Face layout) into spectron_jax parameter trees."""
