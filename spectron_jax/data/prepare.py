@@ -4,8 +4,11 @@
         --input=PATH --output_dir=DIR [--num_shards=N] [--num_workers=N] [--splits=train,validation] \\
         [--split=NAME] [--stats] [--min_seconds=S] \\
         [--transcripts=TSV --segmentation=vad|fixed --max_segment_seconds=20 --write_segments=TSV]
+    python -m spectron_jax.data.prepare --format=tfds --input=NAME[/CONFIG][:VERSION] --tfds_data_dir=DIR \\
+        [--tfds_splits=train_clean100,dev_clean] [--tfds_split_map=train=train,dev=validation,test=test] \\
+        [--tfds_audio_key=speech --tfds_text_key=text --tfds_speaker_key=speaker_id --tfds_id_key=id] --output_dir=DIR
 
-The input formats are described in `spectron_jax.data.sources`.
+The file formats are described in `spectron_jax.data.sources`, the TFDS one in `spectron_jax.data.tfds_source`.
 
 Output (a contract: the seqio tasks read it):
 
@@ -44,10 +47,10 @@ from typing import Any, Callable, Sequence
 
 
 from spectron_jax import cli
-from spectron_jax.data import features, sources
+from spectron_jax.data import features, sources, tfds_source
 from spectron_jax.data.tfrecords import count_records, encode_example, parse_example, shard_name, tfrecord_features  # noqa: F401
 
-FORMATS = ("librispeech", "librilight", "manifest", "embedded")
+FORMATS = ("librispeech", "librilight", "manifest", "embedded", "tfds")
 FORMAT_VERSION = 1
 DEFAULT_EXAMPLES_PER_SHARD = 256
 INDEX_DIR = "shard_index"
@@ -151,6 +154,9 @@ def _skip_dict(skip: sources.Skip) -> dict:
 
 def featurise_file(source: sources.SourceFile, options: PrepareOptions):
     """Yields (segment, duration s, [frames, mel] log-mel) or (segment, None, Skip) for each segment."""
+    if tfds_source.is_tfds_path(source.path):  # a range of a TFDS split, see tfds_source
+        yield from tfds_source.featurise_range(source, options)
+        return
     spec = options.spec
     try:
         wave = features.load_audio(source.path, spec)
@@ -399,6 +405,8 @@ def read_listing(args) -> sources.Listing:
         return sources.read_manifest(args.input, args.split)
     if args.format == "embedded":
         return sources.read_embedded(args.input, args.split)
+    if args.format == "tfds":
+        return tfds_source.read_tfds(_tfds_options(args))
     return sources.read_librilight(
         args.input, args.transcripts, args.split, args.segmentation, args.max_segment_seconds
     )
@@ -421,7 +429,35 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--segmentation", default="vad", choices=("vad", "fixed"), help="librilight: how files are cut")
     p.add_argument("--max_segment_seconds", type=float, default=20.0, help="librilight: longest segment")
     p.add_argument("--write_segments", default=None, help="librilight: write the planned segments TSV and stop")
+    p.add_argument("--tfds_data_dir", default=None, help="tfds: TFDS data dir, local or gs:// (default: TFDS's)")
+    p.add_argument("--tfds_splits", default=None, help="tfds: comma-separated TFDS splits to read (default: all)")
+    p.add_argument(
+        "--tfds_split_map", default=None, help="tfds: TFDS_PREFIX=SPLIT,... (default train=train,dev=validation,test=test)"
+    )
+    p.add_argument("--tfds_audio_key", default="speech", help="tfds: the Audio feature")
+    p.add_argument("--tfds_text_key", default="text", help="tfds: the transcript feature")
+    p.add_argument("--tfds_speaker_key", default="speaker_id", help="tfds: the speaker feature (optional)")
+    p.add_argument("--tfds_id_key", default="id", help="tfds: the example id feature (optional)")
+    p.add_argument("--tfds_audio_bits", type=int, default=None, help="tfds: bit depth of integer samples")
     return p
+
+
+def _tfds_options(args) -> tfds_source.TfdsOptions:
+    try:
+        split_map = tfds_source.parse_split_map(args.tfds_split_map) if args.tfds_split_map else None
+    except ValueError as e:
+        raise cli.UsageError(f"--tfds_split_map: {e}") from e
+    return tfds_source.TfdsOptions(
+        name=args.input,
+        data_dir=args.tfds_data_dir,
+        splits=tuple(s.strip() for s in (args.tfds_splits or "").split(",") if s.strip()),
+        split_map=split_map or tfds_source.DEFAULT_SPLIT_MAP,
+        audio_key=args.tfds_audio_key,
+        text_key=args.tfds_text_key,
+        speaker_key=args.tfds_speaker_key,
+        id_key=args.tfds_id_key,
+        audio_bits=args.tfds_audio_bits,
+    )
 
 
 def _check_args(args) -> None:
@@ -436,7 +472,9 @@ def _check_args(args) -> None:
         raise cli.UsageError(f"--split must be letters, digits or '_', got '{args.split}'")
     if args.format == "librilight" and not args.transcripts and not args.write_segments:
         raise cli.UsageError("--format=librilight needs --transcripts=TSV (or --write_segments=TSV to list segments)")
-    if not os.path.exists(args.input):
+    if args.tfds_audio_bits is not None and not 2 <= args.tfds_audio_bits <= 64:
+        raise cli.UsageError(f"--tfds_audio_bits must be in [2, 64], got {args.tfds_audio_bits}")
+    if args.format != "tfds" and not os.path.exists(args.input):  # tfds: --input is a dataset name
         raise cli.InputError(f"--input {args.input}: no such file or folder")
     if args.transcripts and not os.path.isfile(args.transcripts):
         raise cli.InputError(f"--transcripts {args.transcripts}: no such file")
