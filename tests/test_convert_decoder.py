@@ -201,3 +201,19 @@ def test_cli_converts_checks_and_writes(tmp_path, capsys):
     assert "layers/3/attn/q_norm/scale" in paths and "embedder/table" in paths
     with pytest.raises(Exception, match="already holds"):
         convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--no-check"])
+
+
+@pytest.mark.parametrize("size, layers, dim, mlp", [("270m", 18, 640, 2048), ("1b", 26, 1152, 6912)])
+def test_gemma3_summary_counts(repo_root, size, layers, dim, mlp):
+    """`summary` of the Gemma 3 models counts the published decoder sizes (counted by hand here)."""
+    from spectron_jax import gin_config, summary
+
+    gin_config.parse_gin(gin_files=[f"models/spectron_gemma3_{size}.gin"], gin_search_paths=str(repo_root / "gin"),
+                         bindings=["ConformerConfig.num_layers = 1"])
+    counts = summary.count_parameters(gin_config.build("SpectronConfig"))
+    heads, kv, head_dim = 4, 1, 256
+    per_layer = dim * head_dim * (2 * heads + 2 * kv) + 3 * dim * mlp + 4 * dim + 2 * head_dim
+    assert counts["decoder_embedding"] == 262144 * dim
+    assert counts["decoder_blocks"] == layers * per_layer + dim
+    # 268.1M and 999.9M: the published "270M" and "1B"
+    assert abs(counts["decoder"] / 1e6 - {"270m": 268.1, "1b": 999.9}[size]) < 0.1
