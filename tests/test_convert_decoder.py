@@ -217,3 +217,20 @@ def test_gemma3_summary_counts(repo_root, size, layers, dim, mlp):
     assert counts["decoder_blocks"] == layers * per_layer + dim
     # 268.1M and 999.9M: the published "270M" and "1B"
     assert abs(counts["decoder"] / 1e6 - {"270m": 268.1, "1b": 999.9}[size]) < 0.1
+
+
+def test_freeze_lm_option_freezes_exactly_the_decoder(repo_root):
+    import jax
+    from flax import nnx
+
+    from spectron_jax import gin_config, train, trainer
+    from spectron_jax.models.spectron_model import SpectronModel
+
+    train.register_train_configurables()
+    gin_config.parse_gin(gin_files=["models/tiny.gin", "options/freeze_lm.gin"],
+                         gin_search_paths=str(repo_root / "gin"))
+    freeze = train.register_train_configurables()["OptimizerConfig"]().freeze
+    params = nnx.state(SpectronModel(gin_config.build("SpectronConfig")).abstract_module(), nnx.Param).to_pure_dict()
+    mask = trainer.frozen_mask(params, freeze)
+    for top, sub in mask.items():
+        assert set(jax.tree.leaves(sub)) == {top == "decoder"}, top

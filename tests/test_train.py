@@ -445,7 +445,8 @@ def test_run_files_parse_and_build(name):
 
     train.register_train_configurables()
     gin_config.parse_gin(gin_files=[f"runs/{name}"],
-                         bindings=["MODEL_DIR = 'never/written'", "DATA_DIR = 'd'", "VOCAB_PATH = 'v.model'"])
+                         bindings=["MODEL_DIR = 'never/written'", "DATA_DIR = 'd'", "VOCAB_PATH = 'v.model'",
+                                   "PRETRAINED_LM = 'lm'"])
     config = train._build_train_config()
     model = gin_config.build("SpectronConfig")
     assert gin_config.query_macro("TRAIN_STEPS") > 0
@@ -455,7 +456,9 @@ def test_run_files_parse_and_build(name):
         # The pod runs: 64 chips, the global batch splits over data x fsdp, bf16 compute, auto init.
         assert np.prod(config.mesh.ici) == 64 and config.batch_size % (config.mesh.ici[0] * config.mesh.ici[1]) == 0
         assert config.distributed.auto and model.decoder.dtype == "bfloat16"
-        assert model.decoder.model_dim == (2048 if "1b" in name else 1024)
+        widths = {"gemma3_270m": 640, "gemma3_1b": 1152}  # the Gemma 3 checkpoints' widths
+        width = next((w for key, w in widths.items() if key in name), 2048 if "1b" in name else 1024)
+        assert model.decoder.model_dim == width
     else:
         assert config.data_dir == "runs/embedded_tfrecords" and model.decoder.vocab_size == 512
     assert (weights.text == 0.0) == (name == "ablation_no_text_ce.gin")
