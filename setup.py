@@ -31,7 +31,7 @@ EXTRAS_REQUIRE = {
     # other version pulls the CUDA build; webrtcvad needs pkg_resources, gone in setuptools 81.
     "eval": ["torch==2.13.0", "resemblyzer==0.1.4", "setuptools<81"],
     # Importers of open checkpoints (Gemma decoders, w2v-BERT 2.0 encoder).
-    "convert": ["torch==2.13.0", "transformers", "safetensors"],
+    "convert": ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"],
     "test": ["pytest", "pytest-xdist"],
 }
 

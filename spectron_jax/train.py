@@ -503,6 +503,34 @@ def _parser() -> cli.ArgumentParser:
     return parser
 
 
+def _tokenizer_of_run(config, model_config):
+    """`config` with the run's tokenizer resolved and checked against the model.
+
+    Without `TrainConfig.vocab_path`, a run initialised from a converted LM (`PretrainedInit.lm_checkpoint`)
+    uses that checkpoint's `tokenizer.model`. The tokenizer's bos / eos / pad must be the model's
+    sos / eos / pad ids (a converted `decoder.gin` binds them) and its pieces must fit the vocabulary.
+    """
+    from spectron_jax import checkpoints
+    from spectron_jax.data import tasks as tasks_lib
+
+    lm = getattr(getattr(model_config, "pretrained", None), "lm_checkpoint", None)
+    if not config.vocab_path and lm and os.path.isfile(os.path.join(lm, checkpoints.TOKENIZER_FILENAME)):
+        config = dataclasses.replace(config, vocab_path=os.path.join(lm, checkpoints.TOKENIZER_FILENAME))
+    path = config.vocab_path or tasks_lib.DEFAULT_VOCAB_PATH
+    try:
+        ids = tasks_lib.token_ids(tasks_lib.load_vocabulary(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise cli.InputError(" ".join(str(e).split())) from None
+    for name, got in (("sos_id", ids.bos_id), ("eos_id", ids.eos_id), ("pad_id", ids.pad_id)):
+        if getattr(model_config, name) != got:
+            raise cli.UsageError(f"SpectronConfig.{name}={getattr(model_config, name)} but the tokenizer {path} "
+                                 f"has {got} (include the converted LM's decoder.gin or bind SpectronConfig.{name})")
+    if ids.vocab_size > model_config.decoder.vocab_size:
+        raise cli.UsageError(f"DecoderConfig.vocab_size={model_config.decoder.vocab_size} is smaller than the "
+                             f"{ids.vocab_size} pieces of the tokenizer {path}")
+    return config
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data here: keep its logs quiet
     from spectron_jax import gin_config
@@ -534,6 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     vocab = config.vocab_path
     if vocab and not os.path.isfile(vocab):
         raise cli.InputError(f"TrainConfig.vocab_path: {vocab} not found")
+    config = _tokenizer_of_run(config, model_config)
     try:
         train(model_dir, train_steps, task_name, config, model_config, task_config, converter,
               write_config=gin_config.write_operative_config)

@@ -445,7 +445,8 @@ def test_run_files_parse_and_build(name):
 
     train.register_train_configurables()
     gin_config.parse_gin(gin_files=[f"runs/{name}"],
-                         bindings=["MODEL_DIR = 'never/written'", "DATA_DIR = 'd'", "VOCAB_PATH = 'v.model'"])
+                         bindings=["MODEL_DIR = 'never/written'", "DATA_DIR = 'd'", "VOCAB_PATH = 'v.model'",
+                                   "PRETRAINED_LM = 'lm'"])
     config = train._build_train_config()
     model = gin_config.build("SpectronConfig")
     assert gin_config.query_macro("TRAIN_STEPS") > 0
@@ -455,8 +456,78 @@ def test_run_files_parse_and_build(name):
         # The pod runs: 64 chips, the global batch splits over data x fsdp, bf16 compute, auto init.
         assert np.prod(config.mesh.ici) == 64 and config.batch_size % (config.mesh.ici[0] * config.mesh.ici[1]) == 0
         assert config.distributed.auto and model.decoder.dtype == "bfloat16"
-        assert model.decoder.model_dim == (2048 if "1b" in name else 1024)
+        widths = {"gemma3_270m": 640, "gemma3_1b": 1152}  # the Gemma 3 checkpoints' widths
+        width = next((w for key, w in widths.items() if key in name), 2048 if "1b" in name else 1024)
+        assert model.decoder.model_dim == width
     else:
         assert config.data_dir == "runs/embedded_tfrecords" and model.decoder.vocab_size == 512
     assert (weights.text == 0.0) == (name == "ablation_no_text_ce.gin")
     assert (weights.time_delta == 0.0) == (name == "ablation_no_delta_losses.gin")
+
+
+# ---- a run initialised from a converted Gemma decoder -------------------------------------------------
+def test_run_from_converted_gemma_decoder_starts_at_its_text_loss(workdir, embedded_dir, tmp_path):
+    """The step-0 validation text CE of a run from a converted tiny Gemma 3 equals that LM's own CE there.
+
+    The LM gets the checkpoint's tokenizer (Gemma ids: pad 0, eos 1, bos 2, unk 3) through PRETRAINED_LM
+    alone. Only the random encoder prefix separates the two losses, so they agree to a few per cent,
+    while a random LM sits near log(vocab).
+    """
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import sentencepiece as spm
+
+    from spectron_jax.convert import decoder as convert
+    from spectron_jax.data import pipeline as pipeline_lib
+    from spectron_jax.data import tasks as tasks_lib
+
+    source = tmp_path / "gemma"
+    source.mkdir()
+    with open(embedded_dir / "manifest.tsv", encoding="utf-8") as f:
+        header, *rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    (tmp_path / "text.txt").write_text("\n".join(r[header.index("transcript")] for r in rows))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "text.txt"), model_prefix=str(source / "tokenizer"), vocab_size=120, pad_id=0,
+        eos_id=1, bos_id=2, unk_id=3, model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
+        minloglevel=2)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    lm = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in lm.parameters():
+            param.normal_(0.0, 0.3)
+    lm.save_pretrained(str(source))
+    converted = tmp_path / "converted"
+    assert convert.main(["--format=hf", f"--input={source}", f"--output={converted}", "--no-check"]) == 0
+
+    gin_file = tmp_path / "run.gin"
+    gin_file.write_text(open(workdir["gin"], encoding="utf-8").read() + f"\ninclude '{converted / 'decoder.gin'}'\n"
+                        "SpectronConfig.pretrained = @PretrainedInit()\n"
+                        f"PretrainedInit.lm_checkpoint = '{converted}'\nTrainConfig.vocab_path = None\n")
+    model_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "spectron_jax.train", f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'",
+         "--gin.TRAIN_STEPS=1", "--gin.TrainConfig.eval_every_steps=1"],
+        env=_env(workdir), cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    start = _eval_records(model_dir)[0]["ce_text"]
+
+    # the LM's own loss on the same validation batch (the evaluator reads it unshuffled)
+    tasks_lib.register_tasks({"spectron_embedded": str(workdir["root"] / "data")}, str(source / "tokenizer.model"),
+                             tasks_lib.TaskConfig(max_continuation_seconds=2.0))
+    batch = next(iter(pipeline_lib.make_pipeline("spectron_embedded", "validation", 8, seed=0, shuffle=False,
+                                                 repeat=False, prompt_len=240, text_len=48, cont_len=160)))
+    assert batch["text_inputs"][0, 0] == 2  # Gemma's bos starts the text
+    with torch.no_grad():
+        logits = lm(input_ids=torch.as_tensor(np.asarray(batch["text_inputs"], np.int64))).logits.double().numpy()
+    log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(log_probs, np.asarray(batch["text_targets"], np.int64)[..., None], -1)[..., 0]
+    weights = np.asarray(batch["text_weights"], np.float64)
+    reference = float(np.sum(nll * weights) / np.sum(weights))
+    assert abs(reference - np.log(128)) > 1.0  # the LM is far from a uniform (random-init) model
+    assert abs(start - reference) < 0.05 * reference, (start, reference)

@@ -303,6 +303,10 @@ def make_pipeline(
         cont_len=cont_len,
         reduction_factor=reduction_factor,
         with_segments=with_segments,
+        # the special ids follow the Task's tokenizer (ours: bos 3; Gemma's: bos 2)
+        bos_id=int(task.output_features["text"].vocabulary.bos_id),
+        eos_id=int(task.output_features["text"].vocabulary.eos_id),
+        pad_id=int(task.output_features["text"].vocabulary.pad_id),
     )
     return SpectronInput(
         task=task,

@@ -117,20 +117,43 @@ class SplitTaggedTFExampleSource(seqio.TFExampleDataSource):
 
 
 def load_vocabulary(vocab_path: str) -> seqio.SentencePieceVocabulary:
-    """Loads the SentencePiece model and checks the ids the model relies on (pad 0, eos 1, unk 2, bos 3)."""
+    """Loads a SentencePiece model and checks the ids the batches rely on.
+
+    The vocabulary is a property of the Task (the shards store transcripts as text), so one set of
+    shards serves every tokenizer: the project's (pad 0, eos 1, unk 2, bos 3) or a pretrained LM's,
+    e.g. Gemma's (pad 0, eos 1, bos 2, unk 3). pad must be 0 and eos 1; bos (the `sos` that starts
+    every text input) may be any other id and reaches the batches through `token_ids`.
+    """
     if not tf.io.gfile.exists(vocab_path):
         raise FileNotFoundError(f"SentencePiece model not found: {vocab_path}")
     vocabulary = seqio.SentencePieceVocabulary(vocab_path)
     wanted = {
         "pad": (vocabulary.pad_id, converter_lib.PAD_ID),
         "eos": (vocabulary.eos_id, converter_lib.EOS_ID),
-        "unk": (vocabulary.unk_id, converter_lib.UNK_ID),
-        "bos": (vocabulary.bos_id, converter_lib.BOS_ID),
     }
     wrong = [f"{name} is {got}, expected {want}" for name, (got, want) in wanted.items() if got != want]
+    bos = vocabulary.bos_id
+    if bos is None or bos < 0 or bos in (converter_lib.PAD_ID, converter_lib.EOS_ID):
+        wrong.append(f"bos is {bos}, expected an id other than pad and eos")
     if wrong:
         raise ValueError(f"SentencePiece model {vocab_path}: {'; '.join(wrong)}")
     return vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """The special ids of a Task's tokenizer and its size."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    vocab_size: int
+
+
+def token_ids(vocabulary: seqio.Vocabulary) -> TokenIds:
+    """bos / eos / pad ids and the size of `vocabulary` (a Task's `text` vocabulary)."""
+    return TokenIds(bos_id=int(vocabulary.bos_id), eos_id=int(vocabulary.eos_id), pad_id=int(vocabulary.pad_id),
+                    vocab_size=int(vocabulary.vocab_size))
 
 
 def output_features(vocabulary: seqio.Vocabulary, phi_split: bool = False) -> dict[str, seqio.Feature]:

@@ -1,0 +1,236 @@
+"""The Gemma-family decoder importer against transformers: logits, cached greedy decoding, the CLI.
+
+Each test builds a small randomly initialised transformers model from a config, saves it into a
+temporary directory (no network), converts it and compares with transformers in float32.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+from spectron_jax.convert import decoder as convert  # noqa: E402
+from spectron_jax.convert import hf_checkpoint  # noqa: E402
+
+VOCAB = 128
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, head_dim=8,
+             pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def _configs():
+    return {
+        "gemma": transformers.GemmaConfig(num_hidden_layers=2, num_key_value_heads=1, **SMALL),
+        "gemma2": transformers.Gemma2Config(
+            num_hidden_layers=3, num_key_value_heads=2, sliding_window=6, query_pre_attn_scalar=12,
+            attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **SMALL),
+        # a window shorter than the sequence, grouped-query attention (2 kv heads for 4 query heads),
+        # local / global layers with their own RoPE bases
+        "gemma3_gqa": transformers.Gemma3TextConfig(
+            num_hidden_layers=4, num_key_value_heads=2, sliding_window=5, query_pre_attn_scalar=12,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            **SMALL),
+        # the published layout: multi-query, five local layers then one global
+        "gemma3_mqa": transformers.Gemma3TextConfig(
+            num_hidden_layers=6, num_key_value_heads=1, sliding_window=4, query_pre_attn_scalar=8, **SMALL),
+    }
+
+
+MODEL_CLASSES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_gqa": "Gemma3ForCausalLM",
+                 "gemma3_mqa": "Gemma3ForCausalLM"}
+
+
+def _save_random_model(name: str, directory, *, std: float = 0.2, max_shard_size=None):
+    """A transformers model with every parameter N(0, std) (norm offsets included), saved to `directory`."""
+    torch.manual_seed(hash(name) % 1000)
+    config = _configs()[name]
+    model = getattr(transformers, MODEL_CLASSES[name])(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, std)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(directory), **kwargs)
+    return model
+
+
+def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(tokens, dtype=torch.long), use_cache=False).logits.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """{name: (transformers model, checkpoint dir, DecoderConfig, params)} for every family."""
+    out = {}
+    for name in MODEL_CLASSES:
+        directory = tmp_path_factory.mktemp(name)
+        # the Gemma 3 GQA checkpoint is written in shards, the others as one file
+        model = _save_random_model(name, directory, max_shard_size="40KB" if name == "gemma3_gqa" else None)
+        model.config._attn_implementation = "eager"
+        config = hf_checkpoint.read_config(str(directory))
+        cfg = convert.decoder_config_from_hf(config)
+        params = convert.convert_params(hf_checkpoint.read_tensors(str(directory)), cfg)
+        out[name] = (model, directory, cfg, params)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODEL_CLASSES))
+def test_logits_match_transformers(converted, name):
+    model, directory, cfg, params = converted[name]
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 24))
+    ref = _hf_logits(model, tokens)
+    ours = convert.decoder_logits(convert.build_decoder(cfg, params), tokens)
+    assert np.max(np.abs(ref)) > 1.0  # the check is not on vanishing logits
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_config_mapping(converted):
+    g1, g2, g3, g3m = (converted[n][2] for n in ("gemma", "gemma2", "gemma3_gqa", "gemma3_mqa"))
+    assert (g1.block, g1.post_norms, g1.qk_norm, g1.attention_pattern) == ("sequential", False, False, ("global",))
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.sliding_window) == (5.0, 3.0, 6)
+    assert g2.attention_pattern == ("local", "global") and g2.query_pre_attn_scalar == 12
+    assert g3.qk_norm and g3.post_norms and g3.num_kv_heads == 2 and g3.sliding_window == 5
+    assert g3.attention_pattern == ("local", "local", "global")  # cycled: local local global local
+    assert (g3.rope_base, g3.local_rope_base) == (1e6, 1e4)
+    assert g3m.attention_pattern == ("local",) * 5 + ("global",) and g3m.query_pre_attn_scalar is None
+
+
+def test_sliding_window_matters(converted):
+    """The Gemma 3 window is shorter than the sequence: widening it changes the logits."""
+    import dataclasses
+
+    _, _, cfg, params = converted["gemma3_gqa"]
+    tokens = np.random.default_rng(2).integers(0, VOCAB, (1, 24))
+    base = convert.decoder_logits(convert.build_decoder(cfg, params), tokens)
+    wide = convert.decoder_logits(convert.build_decoder(dataclasses.replace(cfg, sliding_window=64), params), tokens)
+    assert np.max(np.abs(base[:, :5] - wide[:, :5])) < 1e-5  # inside the window: identical
+    assert np.max(np.abs(base[:, 8:] - wide[:, 8:])) > 1e-3
+
+
+def _greedy(decoder, prompt: np.ndarray, steps: int) -> np.ndarray:
+    """Our KV-cached greedy decoding: one prefill of `prompt` int [batch, P], then one token per call."""
+    batch, length = prompt.shape
+    cache = decoder.init_cache(batch, length + steps)
+    tokens = jnp.asarray(prompt, jnp.int32)
+    valid = jnp.ones(tokens.shape, bool)
+    hidden, cache = decoder(decoder.embed(tokens), valid, jnp.zeros_like(valid), deterministic=True, cache=cache)
+    out = []
+    for _ in range(steps):
+        token = jnp.argmax(decoder.logits(hidden[:, -1:]), axis=-1)  # [batch, 1]
+        out.append(np.asarray(token))
+        step_valid = jnp.ones(token.shape, bool)
+        hidden, cache = decoder(decoder.embed(token), step_valid, jnp.zeros_like(step_valid), deterministic=True,
+                                cache=cache)
+    return np.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_gqa", "gemma3_mqa"])
+def test_cached_greedy_equals_transformers_generate(converted, name):
+    model, _, cfg, params = converted[name]
+    prompts = np.random.default_rng(3).integers(3, VOCAB, (3, 5))
+    steps = 10  # 15 positions: past every sliding window
+    with torch.no_grad():
+        generated = model.generate(torch.as_tensor(prompts, dtype=torch.long), max_new_tokens=steps, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(prompts.shape,
+                                                                                                dtype=torch.long))
+    ref = generated[:, prompts.shape[1]:].numpy()
+    ours = _greedy(convert.build_decoder(cfg, params), prompts, steps)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_unsupported_fields_are_refused():
+    base = {"model_type": "gemma3_text", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 1, "head_dim": 8, "sliding_window": 4}
+    with pytest.raises(convert.UnsupportedConfig, match="attention_bias"):
+        convert.decoder_config_from_hf({**base, "attention_bias": True})
+    with pytest.raises(convert.UnsupportedConfig, match="rope_parameters"):
+        convert.decoder_config_from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    with pytest.raises(convert.UnsupportedConfig, match="hidden_activation"):
+        convert.decoder_config_from_hf({**base, "hidden_activation": "silu"})
+    with pytest.raises(convert.UnsupportedConfig, match="model_type"):
+        convert.decoder_config_from_hf({**base, "model_type": "llama"})
+
+
+def test_published_gemma3_configs_match_the_gin_models(repo_root):
+    """The config.json of Gemma 3 270M / 1B (as published) maps onto gin/models/gemma3_*.gin."""
+    from spectron_jax import gin_config
+
+    published = {
+        "270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4),
+        "1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4),
+    }
+    for size, shape in published.items():
+        config = {"model_type": "gemma3_text", "vocab_size": 262144, "num_key_value_heads": 1, "head_dim": 256,
+                  "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
+                  "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+                  "sliding_window": 512, "sliding_window_pattern": 6, "final_logit_softcapping": None,
+                  "attn_logit_softcapping": None, "tie_word_embeddings": True, **shape}
+        expected = convert.decoder_config_from_hf(config)
+        gin_config.parse_gin(gin_files=[f"models/spectron_gemma3_{size}.gin"], gin_search_paths=str(repo_root / "gin"))
+        model_config = gin_config.build("SpectronConfig")
+        got = model_config.decoder
+        assert {f: getattr(got, f) for f in convert.ARCHITECTURE_FIELDS} == \
+               {f: getattr(expected, f) for f in convert.ARCHITECTURE_FIELDS}, size
+        assert model_config.sos_id == 2
+
+
+def test_cli_converts_checks_and_writes(tmp_path, capsys):
+    source = tmp_path / "hf"
+    _save_random_model("gemma3_gqa", source)
+    (source / "tokenizer.model").write_bytes(b"spm")
+    out = tmp_path / "out"
+    assert convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--check_length=12"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("max |logits diff| = ")]
+    assert line and float(line[0].split("=")[1].split()[0]) <= 1e-4
+    info = json.loads((out / "convert.json").read_text())
+    assert info["family"] == "gemma3_text" and info["max_logits_diff"] <= 1e-4 and info["tokenizer"]
+    assert (out / "tokenizer.model").read_bytes() == b"spm"
+    assert "DecoderConfig.sliding_window = 5" in (out / "decoder.gin").read_text()
+    # the written params restore under the decoder's own layout
+    from spectron_jax import checkpoints
+
+    paths = checkpoints.source_param_paths(str(out))
+    assert "layers/3/attn/q_norm/scale" in paths and "embedder/table" in paths
+    with pytest.raises(Exception, match="already holds"):
+        convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--no-check"])
+
+
+@pytest.mark.parametrize("size, layers, dim, mlp", [("270m", 18, 640, 2048), ("1b", 26, 1152, 6912)])
+def test_gemma3_summary_counts(repo_root, size, layers, dim, mlp):
+    """`summary` of the Gemma 3 models counts the published decoder sizes (counted by hand here)."""
+    from spectron_jax import gin_config, summary
+
+    gin_config.parse_gin(gin_files=[f"models/spectron_gemma3_{size}.gin"], gin_search_paths=str(repo_root / "gin"),
+                         bindings=["ConformerConfig.num_layers = 1"])
+    counts = summary.count_parameters(gin_config.build("SpectronConfig"))
+    heads, kv, head_dim = 4, 1, 256
+    per_layer = dim * head_dim * (2 * heads + 2 * kv) + 3 * dim * mlp + 4 * dim + 2 * head_dim
+    assert counts["decoder_embedding"] == 262144 * dim
+    assert counts["decoder_blocks"] == layers * per_layer + dim
+    # 268.1M and 999.9M: the published "270M" and "1B"
+    assert abs(counts["decoder"] / 1e6 - {"270m": 268.1, "1b": 999.9}[size]) < 0.1
+
+
+def test_freeze_lm_option_freezes_exactly_the_decoder(repo_root):
+    import jax
+    from flax import nnx
+
+    from spectron_jax import gin_config, train, trainer
+    from spectron_jax.models.spectron_model import SpectronModel
+
+    train.register_train_configurables()
+    gin_config.parse_gin(gin_files=["models/tiny.gin", "options/freeze_lm.gin"],
+                         gin_search_paths=str(repo_root / "gin"))
+    freeze = train.register_train_configurables()["OptimizerConfig"]().freeze
+    params = nnx.state(SpectronModel(gin_config.build("SpectronConfig")).abstract_module(), nnx.Param).to_pure_dict()
+    mask = trainer.frozen_mask(params, freeze)
+    for top, sub in mask.items():
+        assert set(jax.tree.leaves(sub)) == {top == "decoder"}, top
