@@ -372,6 +372,95 @@ class StatsAccumulator:
         return FeatureStats(mean=mean, std=std, num_frames=self.count, spec=self.spec)
 
 
+# ---- The w2v-BERT 2.0 front-end: Kaldi-style 80-bin fbank, stacked in pairs ------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FbankSpec:
+    """The input features of w2v-BERT 2.0 (SeamlessM4T's feature extractor), as that model was trained.
+
+    Per 25 ms frame (400 samples, hop 160 = 10 ms, no centring: ``1 + (n - 400) // 160`` frames) of
+    the wave scaled to 16-bit range: remove the frame's mean, pre-emphasis 0.97 (first sample times
+    0.03), a Povey window (Hann ** 0.85, symmetric), the power spectrum of a 512-point FFT, 80
+    triangular filters laid out on the Kaldi mel scale (1127 ln(1 + f / 700)) from 20 Hz to 8 kHz and
+    triangular in mel, a floor of float32 epsilon, natural log. Then each mel bin is normalised to zero
+    mean and unit variance (ddof 1) over the utterance, and each pair of frames is concatenated: 160
+    values per 20 ms. These numbers belong to the pretrained encoder; none is a knob.
+    """
+
+    sample_rate: int = 16000
+    window: int = 400
+    hop: int = 160
+    n_fft: int = 512
+    num_mel: int = 80
+    fmin: float = 20.0
+    preemphasis: float = 0.97
+    mel_floor: float = 1.192092955078125e-07
+    stride: int = 2
+
+    @property
+    def stacked_dim(self) -> int:
+        return self.num_mel * self.stride
+
+
+W2V_BERT_FBANK = FbankSpec()
+
+
+@functools.lru_cache(maxsize=4)
+def kaldi_mel_filterbank(spec: FbankSpec = W2V_BERT_FBANK) -> np.ndarray:
+    """``[n_fft // 2 + 1, num_mel]`` float64 triangular filters, triangular on the Kaldi mel scale."""
+    def mel(hz):
+        return 1127.0 * np.log(1.0 + np.asarray(hz, np.float64) / 700.0)
+
+    edges = np.linspace(mel(spec.fmin), mel(spec.sample_rate / 2), spec.num_mel + 2)
+    bins = mel(np.arange(spec.n_fft // 2 + 1) * spec.sample_rate / spec.n_fft)
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (bins[:, None] - lower) / (centre - lower)
+    falling = (upper - bins[:, None]) / (upper - centre)
+    return np.maximum(0.0, np.minimum(rising, falling))
+
+
+def kaldi_fbank(wave: np.ndarray, spec: FbankSpec = W2V_BERT_FBANK) -> np.ndarray:
+    """Log fbank of a mono 16 kHz float wave ``[samples]`` in [-1, 1] -> ``[frames, num_mel]`` float32.
+
+    ``frames = 1 + (samples - window) // hop`` (0 for a wave shorter than one window). Not normalised.
+    """
+    wave = np.asarray(wave, np.float64).reshape(-1) * 32768.0
+    count = 0 if wave.size < spec.window else 1 + (wave.size - spec.window) // spec.hop
+    if count == 0:
+        return np.zeros((0, spec.num_mel), np.float32)
+    starts = np.arange(count)[:, None] * spec.hop
+    frames = wave[starts + np.arange(spec.window)[None, :]]
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    frames = np.concatenate([frames[:, :1] * (1.0 - spec.preemphasis),
+                             frames[:, 1:] - spec.preemphasis * frames[:, :-1]], axis=1)
+    n = np.arange(spec.window)
+    povey = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / (spec.window - 1))) ** 0.85
+    power = np.abs(np.fft.rfft(frames * povey, n=spec.n_fft, axis=1)) ** 2
+    return np.log(np.maximum(spec.mel_floor, power @ kaldi_mel_filterbank(spec))).astype(np.float32)
+
+
+def stack_fbank(fbank: np.ndarray, spec: FbankSpec = W2V_BERT_FBANK) -> np.ndarray:
+    """Per-bin normalised, pair-stacked encoder input: ``[frames, num_mel] -> [frames // stride, stacked_dim]``.
+
+    Statistics are over all the given frames (the encoder's whole input, e.g. the prompt). Row ``k``
+    is ``[frame 2k, frame 2k + 1]``; a trailing odd frame is dropped (SeamlessM4T pads it and masks the
+    stacked frame out).
+    """
+    fbank = np.asarray(fbank, np.float64)
+    if fbank.shape[0] > 1:
+        fbank = (fbank - fbank.mean(axis=0)) / np.sqrt(fbank.var(axis=0, ddof=1) + 1e-7)
+    else:
+        fbank = np.zeros_like(fbank)
+    usable = fbank.shape[0] // spec.stride * spec.stride
+    return fbank[:usable].reshape(-1, spec.stacked_dim).astype(np.float32)
+
+
+def w2v_bert_features(wave: np.ndarray, spec: FbankSpec = W2V_BERT_FBANK) -> np.ndarray:
+    """The w2v-BERT 2.0 encoder's input for a 16 kHz wave: ``[samples] -> [frames, 160]`` (20 ms each)."""
+    return stack_fbank(kaldi_fbank(wave, spec), spec)
+
+
 def describe(spec: FeatureSpec = SPECTRON_FEATURES) -> str:
     """One line naming the numbers, for logs and reports."""
     return (
@@ -385,15 +474,21 @@ __all__ = [
     "AudioError",
     "ENCODER_FEATURES",
     "FeatureSpec",
+    "FbankSpec",
     "FeatureStats",
     "SPECTRON_FEATURES",
     "StatsAccumulator",
+    "W2V_BERT_FBANK",
     "describe",
     "frames_for_seconds",
+    "kaldi_fbank",
+    "kaldi_mel_filterbank",
     "load_audio",
     "log_mel",
     "log_mel_to_audio",
     "mel_filterbank",
     "num_frames",
     "prepare_waveform",
+    "stack_fbank",
+    "w2v_bert_features",
 ]

@@ -36,6 +36,8 @@ from spectron_jax.models.relative_attention import RelativePositionSelfAttention
 from spectron_jax.models.sharding import constrain, logical_param
 
 CONV_NORMS = ("layer", "group", "batch")
+FRONTENDS = ("conv_subsampling", "feature_projection")
+POSITION_ENCODINGS = ("transformer_xl", "relative_key")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +59,32 @@ class ConformerConfig:
     conv_dropout: float = 0.1  # on the conv module's output. DEFAULT, not in the paper.
     max_relative_distance: int = 512  # relative distances are clipped to ±this (encoder frames). DEFAULT.
     norm_epsilon: float = 1e-6  # all layer / group / batch norms. DEFAULT, not in the paper.
+    # Variants the w2v-BERT 2.0 encoder needs (defaults: the native encoder above).
+    # 'conv_subsampling' (×4 in time) | 'feature_projection' (LayerNorm + linear per input frame, no
+    # subsampling; w2v-BERT takes stacked fbank frames, 160 values per 20 ms).
+    frontend: str = "conv_subsampling"
+    # 'transformer_xl' (sinusoids, u / v biases, clipped to ±max_relative_distance) | 'relative_key'
+    # (a learned [left + right + 1, head_dim] table indexed by key - query, clipped to [-left, right]).
+    position_encoding: str = "transformer_xl"
+    left_relative_distance: int = 64  # 'relative_key' only: how far back a query sees distinct positions.
+    right_relative_distance: int = 8  # 'relative_key' only: how far ahead.
+    causal_conv: bool = False  # depthwise conv padded K - 1 frames on the left only (no look-ahead).
+    conv_bias: bool = True  # biases on the conv module's two pointwise linears and its depthwise conv.
     dtype: Any = "float32"  # compute dtype of matmuls and convs (norms and softmax run in float32).
     param_dtype: Any = "float32"  # storage dtype of the parameters.
 
     def __post_init__(self):
         positive = ("input_dim", "model_dim", "num_layers", "num_heads", "conv_kernel_size",
                     "num_groups", "subsampling_channels", "max_relative_distance")
+        for name in ("left_relative_distance", "right_relative_distance"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"ConformerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.frontend not in FRONTENDS:
+            raise ValueError(f"ConformerConfig.frontend must be one of {FRONTENDS}, got {self.frontend!r}")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(
+                f"ConformerConfig.position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}"
+            )
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ConformerConfig.{name} must be a positive integer, got {getattr(self, name)}")
@@ -94,6 +116,10 @@ class ConformerConfig:
     @property
     def ffn_hidden_dim(self) -> int:
         return int(self.ffn_dim) if self.ffn_dim is not None else 4 * self.model_dim
+
+    def output_length(self, num_frames):
+        """Encoder frames for ``num_frames`` input frames (ints or integer arrays): ×4 fewer, or as many."""
+        return subsampled_length(num_frames) if self.frontend == "conv_subsampling" else num_frames
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -144,17 +170,18 @@ def _apply_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 class Dense(nnx.Module):
-    """Linear layer over the last axis: kernel ``[in, out]`` and bias ``[out]`` with logical axes."""
+    """Linear layer over the last axis: kernel ``[in, out]`` and (unless ``use_bias=False``) bias ``[out]``."""
 
-    def __init__(self, in_dim: int, out_dim: int, axes: tuple[str, str], config: ConformerConfig, *, rngs: nnx.Rngs):
+    def __init__(self, in_dim: int, out_dim: int, axes: tuple[str, str], config: ConformerConfig, *,
+                 rngs: nnx.Rngs, use_bias: bool = True):
         self.dtype = config.compute_dtype
         self.kernel = logical_param(_lecun_normal(), rngs.params(), (in_dim, out_dim), axes, config.storage_dtype)
-        self.bias = _constant_vector(0.0, out_dim, axes[1], config)
+        self.bias = _constant_vector(0.0, out_dim, axes[1], config) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[batch, frames, in] -> [batch, frames, out]`` in the compute dtype."""
         y = jnp.einsum("bti,io->bto", jnp.asarray(x, self.dtype), jnp.asarray(self.kernel[...], self.dtype))
-        return y + jnp.asarray(self.bias[...], self.dtype)
+        return y if self.bias is None else y + jnp.asarray(self.bias[...], self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -289,6 +316,21 @@ class ConvSubsampling(nnx.Module):
         return self.projection(x.reshape(batch, frames, bins * channels)), mask
 
 
+class FeatureProjection(nnx.Module):
+    """Per-frame front-end: ``Linear(LayerNorm(features))`` to model_dim, keeping the frame rate.
+
+    Parameters: norm scale / bias ``[input_dim]``, projection kernel ``[mel, embed]`` and bias ``[embed]``.
+    """
+
+    def __init__(self, config: ConformerConfig, *, rngs: nnx.Rngs):
+        self.norm = LayerNorm(config.input_dim, config, rngs=rngs)
+        self.projection = Dense(config.input_dim, config.model_dim, ("mel", "embed"), config, rngs=rngs)
+
+    def __call__(self, features: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``features [batch, frames, input_dim]``, ``mask [batch, frames]`` -> ``([batch, frames, model_dim], mask)``."""
+        return self.projection(self.norm(features)), mask
+
+
 class FeedForward(nnx.Module):
     """Half-step macaron FFN: ``x + 0.5 · Dropout(W2 · Dropout(Swish(W1 · LayerNorm(x))))``."""
 
@@ -306,56 +348,61 @@ class FeedForward(nnx.Module):
         return x + 0.5 * y.astype(x.dtype)
 
 
-def depthwise_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """Per-channel convolution over time with 'same' padding.
+def depthwise_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *, causal: bool = False) -> jax.Array:
+    """Per-channel convolution over time with 'same' (or causal) padding.
 
     ``y[b, t, c] = bias[c] + Σ_k kernel[k, c] · x[b, t + k - left, c]`` with ``left = (K - 1) // 2``
-    and zeros outside ``[0, frames)`` (for even K the extra tap looks ahead).
+    (``left = K - 1`` when ``causal``: no look-ahead) and zeros outside ``[0, frames)`` (for even K
+    the extra 'same' tap looks ahead).
 
     Args:
       x: ``[batch, frames, channels]``.
       kernel: ``[taps, channels]``.
-      bias: ``[channels]``.
+      bias: ``[channels]`` or None.
+      causal: pad all ``K - 1`` frames on the left.
 
     Returns:
       ``[batch, frames, channels]``.
     """
     taps, channels = kernel.shape
-    left = (taps - 1) // 2
+    left = taps - 1 if causal else (taps - 1) // 2
     y = jax.lax.conv_general_dilated(
         x, kernel[:, None, :].astype(x.dtype), window_strides=(1,), padding=((left, taps - 1 - left),),
         dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=channels,
     )
-    return y + bias.astype(x.dtype)
+    return y if bias is None else y + bias.astype(x.dtype)
 
 
 class ConvModule(nnx.Module):
     """``x + Dropout(W_out · Swish(Norm(DepthwiseConv(GLU(W_in · LayerNorm(x))))))``.
 
     Parameters: ``W_in [embed, mlp]`` (``mlp`` = 2 × model_dim, split into value and gate), depthwise
-    kernel ``[conv_kernel, mlp]`` and bias ``[mlp]``, ``W_out [mlp, embed]`` (``mlp`` = model_dim here).
-    Padded frames are zeroed right before the depthwise conv, so they cannot leak into valid ones.
+    kernel ``[conv_kernel, mlp]`` and bias ``[mlp]``, ``W_out [mlp, embed]`` (``mlp`` = model_dim here);
+    the three biases exist only when ``config.conv_bias``. Padded frames are zeroed right before the
+    depthwise conv, so they cannot leak into valid ones; ``config.causal_conv`` pads on the left only.
     """
 
     def __init__(self, config: ConformerConfig, *, rngs: nnx.Rngs):
         dim = config.model_dim
         self.dtype = config.compute_dtype
+        self.causal = config.causal_conv
         self.norm = LayerNorm(dim, config, rngs=rngs)
-        self.pointwise_in = Dense(dim, 2 * dim, ("embed", "mlp"), config, rngs=rngs)
+        self.pointwise_in = Dense(dim, 2 * dim, ("embed", "mlp"), config, rngs=rngs, use_bias=config.conv_bias)
         self.depthwise_kernel = logical_param(
             _lecun_normal(in_axis=0, out_axis=1), rngs.params(), (config.conv_kernel_size, dim),
             ("conv_kernel", "mlp"), config.storage_dtype,
         )
-        self.depthwise_bias = _constant_vector(0.0, dim, "mlp", config)
+        self.depthwise_bias = _constant_vector(0.0, dim, "mlp", config) if config.conv_bias else None
         self.conv_norm = make_conv_norm(dim, config, rngs=rngs)
-        self.pointwise_out = Dense(dim, dim, ("mlp", "embed"), config, rngs=rngs)
+        self.pointwise_out = Dense(dim, dim, ("mlp", "embed"), config, rngs=rngs, use_bias=config.conv_bias)
         self.dropout = nnx.Dropout(config.conv_dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
         """``x [batch, frames, embed]``, ``mask [batch, frames]`` bool -> ``[batch, frames, embed]``."""
         value, gate = jnp.split(self.pointwise_in(self.norm(x)), 2, axis=-1)
         y = _apply_mask(value * jax.nn.sigmoid(gate), mask)
-        y = depthwise_conv1d(y, self.depthwise_kernel[...], self.depthwise_bias[...])
+        bias = None if self.depthwise_bias is None else self.depthwise_bias[...]
+        y = depthwise_conv1d(y, self.depthwise_kernel[...], bias, causal=self.causal)
         y = jax.nn.swish(self.conv_norm(y, mask, deterministic=deterministic)).astype(self.dtype)
         y = self.dropout(self.pointwise_out(y), deterministic=deterministic)
         return x + y.astype(x.dtype)
@@ -369,7 +416,8 @@ class ConformerBlock(nnx.Module):
         self.attention_norm = LayerNorm(config.model_dim, config, rngs=rngs)
         self.attention = RelativePositionSelfAttention(
             config.model_dim, config.num_heads, max_relative_distance=config.max_relative_distance,
-            dropout_rate=config.attention_dropout, dtype=config.compute_dtype, param_dtype=config.storage_dtype,
+            position_encoding=config.position_encoding, left_distance=config.left_relative_distance,
+            right_distance=config.right_relative_distance, dropout_rate=config.attention_dropout, dtype=config.compute_dtype, param_dtype=config.storage_dtype,
             rngs=rngs,
         )
         self.attention_dropout = nnx.Dropout(config.residual_dropout, rngs=rngs)
@@ -397,7 +445,10 @@ class ConformerEncoder(nnx.Module):
 
     def __init__(self, config: ConformerConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.subsampling = ConvSubsampling(config, rngs=rngs)
+        if config.frontend == "conv_subsampling":
+            self.subsampling = ConvSubsampling(config, rngs=rngs)
+        else:
+            self.feature_projection = FeatureProjection(config, rngs=rngs)
         self.input_dropout = nnx.Dropout(config.residual_dropout, rngs=rngs)
         self.blocks = nnx.List([ConformerBlock(config, rngs=rngs) for _ in range(config.num_layers)])
 
@@ -405,15 +456,16 @@ class ConformerEncoder(nnx.Module):
         """Encodes a batch of (padded) log-mel frames.
 
         Args:
-          features: ``[batch, frames, input_dim]`` log-mel frames; values at padded frames are ignored.
+          features: ``[batch, frames, input_dim]`` log-mel frames (stacked fbank frames for the
+            'feature_projection' front-end); values at padded frames are ignored.
           mask: ``[batch, frames]`` bool or int, 1 / True = valid frame.
           deterministic: True disables dropout (and uses batch-norm running statistics).
 
         Returns:
           ``encoded [batch, frames', model_dim]`` float32, zero at padded frames, and
-          ``encoded_mask [batch, frames']`` bool, where ``frames' = subsampled_length(frames)`` and each
-          row has ``subsampled_length(valid frames)`` leading valid positions when its valid frames are a
-          prefix.
+          ``encoded_mask [batch, frames']`` bool, where ``frames' = config.output_length(frames)`` and
+          each row has ``config.output_length(valid frames)`` leading valid positions when its valid
+          frames are a prefix.
         """
         features = jnp.asarray(features)
         mask = jnp.asarray(mask)
@@ -424,7 +476,8 @@ class ConformerEncoder(nnx.Module):
         if mask.shape != features.shape[:2]:
             raise ValueError(f"Conformer mask must be [batch, frames] = {features.shape[:2]}, got shape {mask.shape}")
         mask = mask.astype(bool)
-        x, mask = self.subsampling(features, mask)
+        frontend = self.subsampling if self.config.frontend == "conv_subsampling" else self.feature_projection
+        x, mask = frontend(features, mask)
         x = self.input_dropout(x, deterministic=deterministic).astype(jnp.float32)
         x = constrain(x, ("batch", "frames", "embed"))
         for block in self.blocks:

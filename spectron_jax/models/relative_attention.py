@@ -12,6 +12,11 @@ encoding of the relative distance ``d = i - j`` projected to every head. Distanc
 The position term is computed once for every distinct distance (``[batch, heads, frames, distances]``)
 and then gathered with a static ``[frames, frames]`` index of ``clip(i - j) + offset``; the index is a
 compile-time constant, so this is the jit-friendly form of Transformer-XL's "rel-shift".
+
+The 'relative_key' variant (w2v-BERT 2.0, Shaw et al.) replaces the position term by a learned table
+``E [left + right + 1, head_dim]`` shared by the heads and has no ``u`` / ``v``:
+
+    logit[i, j] = (q_i · k_j + q_i · E[clip(j - i, -left, right) + left]) / sqrt(head_dim)
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ def relative_distance_window(num_frames: int, max_relative_distance: int) -> int
     return max(0, min(int(num_frames) - 1, int(max_relative_distance)))
 
 
+def key_distance_index(num_frames: int, left: int, right: int) -> np.ndarray:
+    """``[frames, frames]`` int32 with entry ``[i, j] = clip(j - i, -left, right) + left`` (rows of ``E``)."""
+    positions = np.arange(num_frames)
+    return (np.clip(positions[None, :] - positions[:, None], -left, right) + left).astype(np.int32)
+
+
 def relative_distance_index(num_frames: int, max_relative_distance: int) -> np.ndarray:
     """Static gather index into the table of distinct distances.
 
@@ -73,7 +84,9 @@ class RelativePositionSelfAttention(nnx.Module):
     Parameters (logical axes): query/key/value kernels ``[embed, heads, head_dim]`` with biases
     ``[heads, head_dim]``; the position projection ``[relpos, heads, head_dim]`` (no bias) maps the
     ``model_dim``-wide sinusoidal encoding to every head; content bias ``u`` and position bias ``v``
-    ``[heads, head_dim]``; output kernel ``[heads, head_dim, embed]`` with bias ``[embed]``.
+    ``[heads, head_dim]``; output kernel ``[heads, head_dim, embed]`` with bias ``[embed]``. With
+    ``position_encoding='relative_key'`` the position kernel and ``u`` / ``v`` are replaced by the
+    distance table ``[relpos, head_dim]`` (``left_distance + right_distance + 1`` rows).
     """
 
     def __init__(
@@ -83,6 +96,9 @@ class RelativePositionSelfAttention(nnx.Module):
         *,
         max_relative_distance: int,
         dropout_rate: float,
+        position_encoding: str = "transformer_xl",
+        left_distance: int = 64,
+        right_distance: int = 8,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -93,6 +109,11 @@ class RelativePositionSelfAttention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = model_dim // num_heads
         self.max_relative_distance = max_relative_distance
+        if position_encoding not in ("transformer_xl", "relative_key"):
+            raise ValueError(f"unknown position_encoding {position_encoding!r}")
+        self.position_encoding = position_encoding
+        self.left_distance = int(left_distance)
+        self.right_distance = int(right_distance)
         self.dtype = dtype
         heads = (num_heads, self.head_dim)
         in_proj = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
@@ -112,10 +133,15 @@ class RelativePositionSelfAttention(nnx.Module):
         self.query_bias = param(zeros, heads, ("heads", "head_dim"))
         self.key_bias = param(zeros, heads, ("heads", "head_dim"))
         self.value_bias = param(zeros, heads, ("heads", "head_dim"))
-        self.position_kernel = param(in_proj, (model_dim, *heads), ("relpos", "heads", "head_dim"))
-        # Transformer-XL's u and v; zero at initialisation (DEFAULT, not in the paper).
-        self.content_bias = param(zeros, heads, ("heads", "head_dim"))
-        self.position_bias = param(zeros, heads, ("heads", "head_dim"))
+        if position_encoding == "transformer_xl":
+            self.position_kernel = param(in_proj, (model_dim, *heads), ("relpos", "heads", "head_dim"))
+            # Transformer-XL's u and v; zero at initialisation (DEFAULT, not in the paper).
+            self.content_bias = param(zeros, heads, ("heads", "head_dim"))
+            self.position_bias = param(zeros, heads, ("heads", "head_dim"))
+        else:
+            table = nnx.initializers.normal(1.0)
+            self.distance_embedding = param(
+                table, (self.left_distance + self.right_distance + 1, self.head_dim), ("relpos", "head_dim"))
         self.output_kernel = param(out_proj, (*heads, model_dim), ("heads", "head_dim", "embed"))
         self.output_bias = param(zeros, (model_dim,), ("embed",))
         self.attention_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
@@ -139,7 +165,7 @@ class RelativePositionSelfAttention(nnx.Module):
         return query, key, value
 
     def relative_logits(self, query: jax.Array, key: jax.Array, key_mask: jax.Array) -> jax.Array:
-        """Masked, scaled Transformer-XL logits.
+        """Masked, scaled relative-position logits (Transformer-XL or relative_key).
 
         Args:
           query: ``[batch, frames, heads, head_dim]``.
@@ -151,6 +177,13 @@ class RelativePositionSelfAttention(nnx.Module):
           negative value.
         """
         num_frames = query.shape[1]
+        if self.position_encoding == "relative_key":
+            content = jnp.einsum("btnh,bsnh->bnts", query, key)
+            per_distance = jnp.einsum("btnh,rh->bntr", query, self._cast(self.distance_embedding))
+            index = jnp.asarray(key_distance_index(num_frames, self.left_distance, self.right_distance))
+            position = per_distance[:, :, jnp.arange(num_frames)[:, None], index]
+            logits = (content.astype(jnp.float32) + position.astype(jnp.float32)) / math.sqrt(self.head_dim)
+            return jnp.where(key_mask[:, None, None, :], logits, _MASKED_LOGIT)
         window = relative_distance_window(num_frames, self.max_relative_distance)
         distances = jnp.arange(-window, window + 1)
         encoding = sinusoidal_relative_encoding(distances, self.model_dim).astype(self.dtype)

@@ -1,0 +1,301 @@
+"""Importer of w2v-BERT 2.0 encoders (`Wav2Vec2BertModel` in `transformers`) onto our Conformer.
+
+    python -m spectron_jax.convert.encoder --format=hf --input=DIR --output=DIR [--check | --no-check]
+
+Reads a Hugging Face checkpoint directory (config.json + safetensors, sharded or not; a checkpoint of
+`Wav2Vec2BertModel` or of a model wrapping it under `wav2vec2_bert.`) and writes
+
+    OUTPUT/params/        the encoder's parameters (an orbax pytree at the encoder's root, as
+                          `PretrainedInit.encoder_checkpoint` expects)
+    OUTPUT/encoder.gin    the `ConformerConfig` bindings that reproduce the architecture
+    OUTPUT/conversion.json  source, config, parameter count, and the --check result
+
+How the two structures correspond (each point checked against `modeling_wav2vec2_bert.py`):
+
+* front-end: `feature_projection` (LayerNorm + Linear over 160 stacked fbank values) ->
+  `frontend='feature_projection'`; no subsampling, so encoder frames = input frames (20 ms each).
+* blocks: ffn1 / self-attention / conv / ffn2 / final norm, macaron factor 0.5, swish everywhere — the
+  same block as ours. Attention: q / k / v / out linears with biases; positions `relative_key`: a
+  `[left + right + 1, head_dim]` table indexed by `clip(key - query, -left, right) + left`.
+* conv module: pointwise convs and the depthwise conv without biases (`conv_bias=False`), the depthwise
+  conv left-padded by K - 1 (`causal_conv=True`), a LayerNorm after it (`conv_norm='layer'`). The GLU
+  takes the first half as value and the second as gate, as ours does.
+* padding: transformers zeroes padded frames before the conv module and hides padded keys; so do we.
+  Its outputs at padded frames are not zero; ours are. `--check` compares valid frames only.
+
+Not expressible (refused with a one-line error naming the config field): `position_embeddings_type`
+other than 'relative_key', an activation other than swish, the adapter (`add_adapter`) and the
+intermediate FFN before it (`use_intermediate_ffn_before_adapter`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from etils import epath
+
+from spectron_jax import cli
+from spectron_jax.convert import hf_checkpoint
+from spectron_jax.models.conformer import ConformerConfig
+
+PARAMS_SUBDIR = "params"
+GIN_FILE = "encoder.gin"
+INFO_FILE = "conversion.json"
+DEFAULT_TOLERANCE = 1e-4
+# Structural fields written to encoder.gin (dropout rates stay the run's choice).
+GIN_FIELDS = ("input_dim", "model_dim", "num_layers", "num_heads", "ffn_dim", "conv_kernel_size", "conv_norm",
+              "norm_epsilon", "frontend", "position_encoding", "left_relative_distance",
+              "right_relative_distance", "causal_conv", "conv_bias")
+_WRAPPER_PREFIX = "wav2vec2_bert."
+_IGNORED = ("masked_spec_embed",)  # the pre-training mask vector; unused at encoding time
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ConformerConfig:
+    """The `ConformerConfig` equal to a `Wav2Vec2BertConfig` dict; ValueError naming a field we lack."""
+    def refuse(field, why):
+        raise ValueError(f"config.json: {field}={hf.get(field)!r} is not supported ({why})")
+
+    if hf.get("position_embeddings_type", "relative_key") != "relative_key":
+        refuse("position_embeddings_type", "only 'relative_key' maps onto our encoder")
+    if hf.get("hidden_act", "swish") not in ("swish", "silu"):
+        refuse("hidden_act", "our Conformer uses swish")
+    if hf.get("add_adapter", False):
+        refuse("add_adapter", "the adapter is not implemented; convert the base model")
+    if hf.get("use_intermediate_ffn_before_adapter", False):
+        refuse("use_intermediate_ffn_before_adapter", "not implemented")
+    if int(hf.get("conv_depthwise_kernel_size", 31)) % 2 == 0:
+        refuse("conv_depthwise_kernel_size", "transformers requires an odd kernel")
+    values = dict(
+        input_dim=int(hf.get("feature_projection_input_dim", 160)),
+        model_dim=int(hf.get("hidden_size", 1024)),
+        num_layers=int(hf.get("num_hidden_layers", 24)),
+        num_heads=int(hf.get("num_attention_heads", 16)),
+        ffn_dim=int(hf.get("intermediate_size", 4096)),
+        conv_kernel_size=int(hf.get("conv_depthwise_kernel_size", 31)),
+        conv_norm="layer",
+        norm_epsilon=float(hf.get("layer_norm_eps", 1e-5)),
+        frontend="feature_projection",
+        position_encoding="relative_key",
+        left_relative_distance=int(hf.get("left_max_position_embeddings", 64)),
+        right_relative_distance=int(hf.get("right_max_position_embeddings", 8)),
+        causal_conv=True,
+        conv_bias=False,
+    )
+    values.update(overrides)
+    return ConformerConfig(**values)
+
+
+def _linear(prefix: str, heads: tuple[int, int] | None = None, heads_in: bool = False) -> dict:
+    """Rules for a torch Linear `prefix` ([out, in] weight): our kernel [in, out] (optionally split into heads)."""
+    def kernel(w):
+        k = w.T
+        if heads is not None:
+            k = k.reshape(*heads, k.shape[1]) if heads_in else k.reshape(k.shape[0], *heads)
+        return k
+
+    def bias(b):
+        return b.reshape(heads) if heads is not None and not heads_in else b
+
+    return {f"{prefix}.weight": ("kernel", kernel), f"{prefix}.bias": ("bias", bias)}
+
+
+def _norm(prefix: str) -> dict:
+    return {f"{prefix}.weight": ("scale", None), f"{prefix}.bias": ("bias", None)}
+
+
+def name_map(config: ConformerConfig) -> dict[str, tuple[str, Any]]:
+    """{transformers tensor name: (our parameter path, transform of the NumPy tensor or None)}."""
+    heads = (config.num_heads, config.model_dim // config.num_heads)
+    rules: dict[str, tuple[str, Any]] = {}
+
+    def add(ours: str, table: dict):
+        for name, (leaf, fn) in table.items():
+            rules[name] = (f"{ours}/{leaf}", fn)
+
+    add("feature_projection/norm", _norm("feature_projection.layer_norm"))
+    add("feature_projection/projection", _linear("feature_projection.projection"))
+    for i in range(config.num_layers):
+        hf, ours = f"encoder.layers.{i}", f"blocks/{i}"
+        for hf_ffn, our_ffn in (("ffn1", "ffn_in"), ("ffn2", "ffn_out")):
+            add(f"{ours}/{our_ffn}/norm", _norm(f"{hf}.{hf_ffn}_layer_norm"))
+            add(f"{ours}/{our_ffn}/hidden", _linear(f"{hf}.{hf_ffn}.intermediate_dense"))
+            add(f"{ours}/{our_ffn}/output", _linear(f"{hf}.{hf_ffn}.output_dense"))
+        add(f"{ours}/attention_norm", _norm(f"{hf}.self_attn_layer_norm"))
+        for hf_name, our_name in (("linear_q", "query"), ("linear_k", "key"), ("linear_v", "value")):
+            for name, (leaf, fn) in _linear(f"{hf}.self_attn.{hf_name}", heads).items():
+                rules[name] = (f"{ours}/attention/{our_name}_{leaf}", fn)
+        for name, (leaf, fn) in _linear(f"{hf}.self_attn.linear_out", heads, heads_in=True).items():
+            rules[name] = (f"{ours}/attention/output_{leaf}", fn)
+        rules[f"{hf}.self_attn.distance_embedding.weight"] = (f"{ours}/attention/distance_embedding", None)
+        conv = f"{hf}.conv_module"
+        add(f"{ours}/conv/norm", _norm(f"{conv}.layer_norm"))
+        rules[f"{conv}.pointwise_conv1.weight"] = (f"{ours}/conv/pointwise_in/kernel", lambda w: w[:, :, 0].T)
+        rules[f"{conv}.depthwise_conv.weight"] = (f"{ours}/conv/depthwise_kernel", lambda w: w[:, 0, :].T)
+        add(f"{ours}/conv/conv_norm", _norm(f"{conv}.depthwise_layer_norm"))
+        rules[f"{conv}.pointwise_conv2.weight"] = (f"{ours}/conv/pointwise_out/kernel", lambda w: w[:, :, 0].T)
+        add(f"{ours}/final_norm", _norm(f"{hf}.final_layer_norm"))
+    return rules
+
+
+def expected_shapes(config: ConformerConfig) -> dict[str, tuple[int, ...]]:
+    """{parameter path: shape} of our encoder, traced without allocating."""
+    from flax import nnx
+
+    from spectron_jax.checkpoints import flatten_paths
+    from spectron_jax.models.conformer import ConformerEncoder
+
+    abstract = nnx.eval_shape(lambda: ConformerEncoder(config, rngs=nnx.Rngs(0)))
+    pure = nnx.state(abstract, nnx.Param).to_pure_dict()
+    return {path: tuple(leaf.shape) for path, leaf in flatten_paths(_str_keys(pure)).items()}
+
+
+def _str_keys(tree):
+    return {str(k): _str_keys(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def convert_tensors(tensors: Mapping[str, np.ndarray], config: ConformerConfig) -> dict[str, np.ndarray]:
+    """Our flat parameters {path: float32 array} from transformers' tensors; ValueError on any mismatch."""
+    tensors = {(k[len(_WRAPPER_PREFIX):] if k.startswith(_WRAPPER_PREFIX) else k): v for k, v in tensors.items()}
+    rules = name_map(config)
+    shapes = expected_shapes(config)
+    flat: dict[str, np.ndarray] = {}
+    unknown = [k for k in tensors if k not in rules and not k.startswith(_IGNORED)]
+    if unknown:
+        raise ValueError(f"checkpoint tensor {unknown[0]} has no counterpart in our encoder "
+                         f"({len(unknown)} such tensors)")
+    for name, (path, fn) in rules.items():
+        if name not in tensors:
+            raise ValueError(f"checkpoint lacks tensor {name}")
+        value = np.asarray(fn(tensors[name]) if fn is not None else tensors[name], np.float32)
+        if path not in shapes:
+            raise ValueError(f"{name} maps to {path}, which our encoder lacks")
+        if value.shape != shapes[path]:
+            raise ValueError(f"{name}: shape {value.shape} after conversion, our {path} has {shapes[path]}")
+        flat[path] = value
+    missing = sorted(set(shapes) - set(flat))
+    if missing:
+        raise ValueError(f"our encoder parameter {missing[0]} is not filled by the checkpoint")
+    return flat
+
+
+def build_encoder(config: ConformerConfig, flat: Mapping[str, np.ndarray]):
+    """A `ConformerEncoder` holding the converted parameters."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from spectron_jax.checkpoints import unflatten_paths
+    from spectron_jax.models.conformer import ConformerEncoder
+
+    model = ConformerEncoder(config, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    params.replace_by_pure_dict(unflatten_paths({k: jnp.asarray(v) for k, v in flat.items()}))
+    nnx.update(model, params)
+    return model
+
+
+def parity_check(input_dir: str, config: ConformerConfig, flat: Mapping[str, np.ndarray], *,
+                 frames: int = 40, seed: int = 0) -> float:
+    """max |ours - transformers| over valid frames of a padded batch of random features (fp32).
+
+    Batch: two rows of ``frames`` random stacked-fbank frames, the second padded after 60 % of them.
+    """
+    import torch
+    from flax import nnx
+    from transformers import Wav2Vec2BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    reference = Wav2Vec2BertModel.from_pretrained(input_dir, attn_implementation="eager").float().eval()
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(2, frames, config.input_dim)).astype(np.float32)
+    mask = np.ones((2, frames), np.int64)
+    mask[1, int(0.6 * frames):] = 0
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(features), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    model = build_encoder(config, flat)
+    ours, _ = nnx.jit(lambda m, f, k: m(f, k, deterministic=True))(model, features, mask.astype(bool))
+    valid = mask.astype(bool)
+    return float(np.abs(np.asarray(ours)[valid] - expected.numpy()[valid]).max())
+
+
+def gin_bindings(config: ConformerConfig, source: str) -> str:
+    lines = [f"# ConformerConfig of the w2v-BERT encoder converted from {source}.",
+             "# Written by spectron_jax.convert.encoder; include it after the model's gin file."]
+    for field in GIN_FIELDS:
+        lines.append(f"ConformerConfig.{field} = {getattr(config, field)!r}")
+    return "\n".join(lines) + "\n"
+
+
+def write_checkpoint(output_dir: str, flat: Mapping[str, np.ndarray]) -> None:
+    """Writes the parameters as an orbax pytree under ``OUTPUT/params`` (replacing an older one)."""
+    import orbax.checkpoint as ocp
+
+    from spectron_jax.checkpoints import unflatten_paths
+
+    target = epath.Path(output_dir) / PARAMS_SUBDIR
+    if target.exists():
+        target.rmtree()
+    saver = ocp.StandardCheckpointer()
+    local = not str(target).startswith("gs://")
+    saver.save(target.resolve() if local else target, unflatten_paths(dict(flat)))
+    saver.wait_until_finished()
+
+
+def _check_available() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="spectron_jax.convert.encoder", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--format", required=True, choices=["hf"], help="source format (hf: transformers)")
+    parser.add_argument("--input", required=True, help="Hugging Face checkpoint directory of Wav2Vec2BertModel")
+    parser.add_argument("--output", required=True, help="directory to write params/, encoder.gin, conversion.json")
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                        help="compare with transformers after conversion (default: on when torch is installed)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="largest max |hidden diff| --check accepts")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        hf = hf_checkpoint.read_config(args.input)
+        if hf.get("model_type", "wav2vec2-bert") != "wav2vec2-bert":
+            raise cli.InputError(f"{args.input}: model_type {hf.get('model_type')!r} is not wav2vec2-bert")
+        config = config_from_hf(hf)
+        flat = convert_tensors(hf_checkpoint.read_tensors(args.input), config)
+    except (hf_checkpoint.CheckpointError, ValueError) as e:
+        raise cli.InputError(f"{args.input}: {e}") from None
+    check = _check_available() if args.check is None else args.check
+    if check and not _check_available():
+        raise cli.UsageError("--check needs torch and transformers (pip install -e .[convert])")
+    diff = None
+    if check:
+        diff = parity_check(args.input, config, flat)
+        print(f"max |hidden diff| = {diff:.3e}", flush=True)
+        if not diff <= args.tolerance:
+            raise cli.InputError(f"{args.input}: converted encoder differs from transformers by {diff:.3e} "
+                                 f"(> --tolerance={args.tolerance}); nothing written")
+    output = epath.Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(args.output, flat)
+    (output / GIN_FILE).write_text(gin_bindings(config, str(args.input)))
+    info = {"format": args.format, "input": str(args.input), "num_params": int(sum(v.size for v in flat.values())),
+            "config": {f: getattr(config, f) for f in GIN_FIELDS}, "max_hidden_diff": diff}
+    (output / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {info['num_params']} encoder parameters to {output}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

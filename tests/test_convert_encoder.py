@@ -1,0 +1,93 @@
+"""The w2v-BERT encoder importer against `transformers`' Wav2Vec2BertModel (tiny random models, no network)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from spectron_jax.convert import encoder as convert_encoder  # noqa: E402
+
+
+def _tiny_hf_config(**overrides):
+    values = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                  feature_projection_input_dim=10, conv_depthwise_kernel_size=5, left_max_position_embeddings=6,
+                  right_max_position_embeddings=2, hidden_dropout=0.0, attention_dropout=0.0,
+                  activation_dropout=0.0, feat_proj_dropout=0.0, conformer_conv_dropout=0.0, layerdrop=0.0,
+                  mask_time_prob=0.0)
+    values.update(overrides)
+    return transformers.Wav2Vec2BertConfig(**values)
+
+
+def _save_random_model(directory, **overrides):
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2BertModel(_tiny_hf_config(**overrides)).eval()
+    with torch.no_grad():  # move every parameter off its initial value (LayerNorms start at 1 / 0)
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(directory))
+    return model
+
+
+def test_hidden_states_match_transformers_on_padded_batch(tmp_path):
+    reference = _save_random_model(tmp_path / "hf")
+    config = convert_encoder.config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    from spectron_jax.convert import hf_checkpoint
+
+    flat = convert_encoder.convert_tensors(hf_checkpoint.read_tensors(str(tmp_path / "hf")), config)
+    # Longer than the left + right window, so the distance clipping is exercised; row 1 is padded.
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(2, 21, 10)).astype(np.float32)
+    mask = np.ones((2, 21), np.int64)
+    mask[1, 13:] = 0
+    garbage = features.copy()
+    garbage[1, 13:] = 50.0
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(features), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    from flax import nnx
+
+    model = convert_encoder.build_encoder(config, flat)
+    ours, ours_mask = nnx.jit(lambda m, f, k: m(f, k, deterministic=True))(model, garbage, mask.astype(bool))
+    valid = mask.astype(bool)
+    np.testing.assert_array_equal(np.asarray(ours_mask), valid)
+    assert np.abs(np.asarray(ours)[valid] - expected[valid]).max() <= 1e-4
+    assert np.abs(expected).max() > 0.5
+    # The importer's own check reports the same agreement.
+    assert convert_encoder.parity_check(str(tmp_path / "hf"), config, flat, frames=17) <= 1e-4
+
+
+def test_cli_converts_checks_and_writes_loadable_checkpoint(tmp_path):
+    _save_random_model(tmp_path / "hf")
+    out = tmp_path / "converted"
+    result = subprocess.run([sys.executable, "-m", "spectron_jax.convert.encoder", "--format=hf",
+                             f"--input={tmp_path / 'hf'}", f"--output={out}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "max |hidden diff| = " in result.stdout
+    info = json.loads((out / "conversion.json").read_text())
+    assert info["max_hidden_diff"] <= 1e-4
+    gin_text = (out / "encoder.gin").read_text()
+    assert "ConformerConfig.position_encoding = 'relative_key'" in gin_text
+    # The written tree is what PretrainedInit.encoder_checkpoint reads: placed under 'encoder/'.
+    from spectron_jax import checkpoints
+
+    init = checkpoints.component_init(str(out), "encoder")
+    assert init.target_prefix == "encoder/"
+    paths = checkpoints.source_param_paths(str(out))
+    assert "blocks/1/attention/distance_embedding" in paths and "feature_projection/projection/kernel" in paths
+
+
+@pytest.mark.parametrize("field, value", [("add_adapter", True), ("position_embeddings_type", "rotary"),
+                                          ("hidden_act", "gelu")])
+def test_cli_refuses_configs_it_cannot_express(tmp_path, field, value):
+    _save_random_model(tmp_path / "hf", **{field: value})
+    result = subprocess.run([sys.executable, "-m", "spectron_jax.convert.encoder", "--format=hf",
+                             f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'out'}", "--no-check"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert field in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
