@@ -103,7 +103,9 @@ def _open(options: TfdsOptions):
 
 
 def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
+    """The first line of an error's message (TFDS's go on with e.g. every available dataset)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def _text(value) -> str:
@@ -152,6 +154,8 @@ def read_tfds(options: TfdsOptions) -> sources.Listing:
     builder, audio = _open(options)
     available = list(builder.info.splits.keys())
     chosen = list(options.splits) or available
+    if not chosen:
+        raise sources.SourceError(f"--input {options.name}: the dataset names no splits; pass --tfds_splits")
     unknown = [s for s in chosen if available and s not in available]
     if unknown:
         raise sources.SourceError(
