@@ -27,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
+from spectron_jax import cli
 from spectron_jax.data import features, sources
 
 PREFIX = "tfds:"
@@ -63,6 +64,41 @@ def parse_split_map(text: str) -> tuple[tuple[str, str], ...]:
     if not pairs:
         raise ValueError("no entries")
     return tuple(pairs)
+
+
+def add_flags(parser) -> None:
+    """The `--tfds_*` flags of `prepare --format=tfds` (`--input` is the dataset name)."""
+    parser.add_argument("--tfds_data_dir", default=None, help="tfds: TFDS data dir, local or gs:// (default: TFDS's)")
+    parser.add_argument("--tfds_splits", default=None, help="tfds: comma-separated TFDS splits to read (default: all)")
+    parser.add_argument(
+        "--tfds_split_map", default=None, help="tfds: TFDS_PREFIX=SPLIT,... (default train=train,dev=validation,test=test)"
+    )
+    parser.add_argument("--tfds_audio_key", default="speech", help="tfds: the Audio feature")
+    parser.add_argument("--tfds_text_key", default="text", help="tfds: the transcript feature")
+    parser.add_argument("--tfds_speaker_key", default="speaker_id", help="tfds: the speaker feature (optional)")
+    parser.add_argument("--tfds_id_key", default="id", help="tfds: the example id feature (optional)")
+    parser.add_argument("--tfds_audio_bits", type=int, default=None, help="tfds: bit depth of integer samples")
+
+
+def options_from_flags(args) -> TfdsOptions:
+    """`TfdsOptions` from `prepare`'s parsed `--input` and `--tfds_*` flags."""
+    try:
+        split_map = parse_split_map(args.tfds_split_map) if args.tfds_split_map else None
+    except ValueError as e:
+        raise cli.UsageError(f"--tfds_split_map: {e}") from e
+    if args.tfds_audio_bits is not None and not 2 <= args.tfds_audio_bits <= 64:
+        raise cli.UsageError(f"--tfds_audio_bits must be in [2, 64], got {args.tfds_audio_bits}")
+    return TfdsOptions(
+        name=args.input,
+        data_dir=args.tfds_data_dir,
+        splits=tuple(s.strip() for s in (args.tfds_splits or "").split(",") if s.strip()),
+        split_map=split_map or DEFAULT_SPLIT_MAP,
+        audio_key=args.tfds_audio_key,
+        text_key=args.tfds_text_key,
+        speaker_key=args.tfds_speaker_key,
+        id_key=args.tfds_id_key,
+        audio_bits=args.tfds_audio_bits,
+    )
 
 
 def map_split(tfds_split: str, split_map: tuple[tuple[str, str], ...]) -> str | None:
