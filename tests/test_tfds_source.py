@@ -243,3 +243,12 @@ def test_mocked_float_and_int16_audio_at_other_rates(tmp_path, config):
         assert got["transcript"].decode() == f"TONE NUMBER {k}" and got["speaker"].decode() == ""
         assert got["duration"] == pytest.approx(len(example["audio"]) / rate, abs=1e-3)
         np.testing.assert_allclose(got["log_mel"], reference, rtol=0, atol=1e-4)
+
+
+def test_ranges_follow_the_dataset_files():
+    assert tfds_source._ranges(5, []) == [(0, 5)]
+    assert tfds_source._ranges(5, [2, 3]) == [(0, 2), (2, 5)]
+    # files longer than EXAMPLES_PER_RANGE are cut into equal pieces; every example once, in order
+    ranges = tfds_source._ranges(700, [600, 100])
+    assert ranges == [(0, 200), (200, 400), (400, 600), (600, 700)]
+    assert tfds_source._ranges(10, [3, 3]) == [(0, 10)]  # lengths that do not add up are ignored

@@ -1,8 +1,9 @@
 """TFDS speech datasets as a `prepare` source (`--format=tfds`).
 
 Any TFDS dataset with an audio feature (`tfds.features.Audio`) and a transcript feature can be
-prepared: `read_tfds` lists its examples (ids, transcripts, speakers; the audio is read but not decoded) as a
-`sources.Listing`, and `featurise_range` is what `prepare`'s workers call for the listed examples.
+prepared: `read_tfds` lists its examples (ids, transcripts, speakers; the audio is read but not
+decoded) as a `sources.Listing`, with a progress bar, and `featurise_range` is what `prepare`'s
+workers call for the listed examples.
 
 Each `SourceFile` of the listing is a contiguous range of one TFDS split (cut at the dataset's own
 file boundaries, at most `EXAMPLES_PER_RANGE` examples), so that a worker reads it sequentially; its
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -185,6 +187,34 @@ def _ranges(count: int, shard_lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _list_split(builder, options: TfdsOptions, tfds_split: str, split: str, seen: set, listing) -> list:
+    """[one Segment per example of `tfds_split`, or None where it is skipped (the Skip goes to `listing`)]."""
+    import tqdm
+
+    try:
+        total = int(builder.info.splits[tfds_split].num_examples) or None
+    except Exception:  # metadata without split sizes
+        total = None
+    examples = _iterate(builder, tfds_split, skip_audio=options.audio_key)
+    bar = tqdm.tqdm(examples, total=total, unit="utt", desc=f"list {tfds_split}", disable=None, file=sys.stderr)
+    segments: list[sources.Segment | None] = []
+    for index, example in enumerate(bar):
+        utt_id = _example_id(example, options.id_key, tfds_split, index)
+        where = f"{options.name}/{tfds_split}[{index}]"
+        text = " ".join(_text(example[options.text_key]).split())
+        segment = None
+        if not text:
+            listing.skips.append(sources.Skip(utt_id, where, split, "empty_transcript"))
+        elif utt_id in seen:
+            listing.skips.append(sources.Skip(utt_id, where, split, "duplicate_id"))
+        else:
+            seen.add(utt_id)
+            speaker = _text(example[options.speaker_key]).strip() if options.speaker_key in example else ""
+            segment = sources.Segment(utt_id, text, speaker)
+        segments.append(segment)
+    return segments
+
+
 def read_tfds(options: TfdsOptions) -> sources.Listing:
     """Lists the examples of the chosen TFDS splits (ids, transcripts, speakers; audio left undecoded)."""
     builder, audio = _open(options)
@@ -204,29 +234,12 @@ def read_tfds(options: TfdsOptions) -> sources.Listing:
         if split is None:
             raise sources.SourceError(f"--tfds_split_map: cannot map TFDS split '{tfds_split}' to a split name")
         try:
-            examples = _iterate(builder, tfds_split, skip_audio=options.audio_key)
-            segments: list[sources.Segment | None] = []
-            for index, example in enumerate(examples):
-                utt_id = _example_id(example, options.id_key, tfds_split, index)
-                where = f"{options.name}/{tfds_split}[{index}]"
-                text = " ".join(_text(example[options.text_key]).split())
-                segment = None
-                if not text:
-                    listing.skips.append(sources.Skip(utt_id, where, split, "empty_transcript"))
-                elif utt_id in seen:
-                    listing.skips.append(sources.Skip(utt_id, where, split, "duplicate_id"))
-                else:
-                    seen.add(utt_id)
-                    speaker = _text(example[options.speaker_key]).strip() if options.speaker_key in example else ""
-                    segment = sources.Segment(utt_id, text, speaker)
-                segments.append(segment)
-        except sources.SourceError:
-            raise
+            segments = _list_split(builder, options, tfds_split, split, seen, listing)
         except Exception as e:  # data not prepared in data_dir, unreadable files
             raise sources.SourceError(f"--input {options.name} split {tfds_split}: {_one_line(e)}") from e
         try:
             shard_lengths = list(builder.info.splits[tfds_split].shard_lengths)
-        except Exception:  # split slicing syntax or metadata without shard lengths
+        except Exception:  # metadata without shard lengths
             shard_lengths = []
         for start, end in _ranges(len(segments), shard_lengths):
             kept = tuple(s for s in segments[start:end] if s is not None)
@@ -244,9 +257,8 @@ def read_tfds(options: TfdsOptions) -> sources.Listing:
                 "sample_rate": int(audio.sample_rate),
                 "audio_bits": options.audio_bits,
             }
-            path = PREFIX + json.dumps(ref, sort_keys=True)
             display = f"{options.name}/{tfds_split}[{start}:{end}]"
-            listing.sources.append(sources.SourceFile(path, display, split, kept))
+            listing.sources.append(sources.SourceFile(PREFIX + json.dumps(ref, sort_keys=True), display, split, kept))
     return listing
 
 
