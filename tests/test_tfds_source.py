@@ -252,3 +252,20 @@ def test_ranges_follow_the_dataset_files():
     ranges = tfds_source._ranges(700, [600, 100])
     assert ranges == [(0, 200), (200, 400), (400, 600), (600, 700)]
     assert tfds_source._ranges(10, [3, 3]) == [(0, 10)]  # lengths that do not add up are ignored
+
+
+def test_mocked_non_finite_audio_is_counted(tmp_path):
+    import tensorflow_datasets as tfds
+
+    good = _tone(22050).astype(np.float32)
+    bad = good.copy()
+    bad[100] = np.nan
+    examples = [{"audio": good, "sentence": "FINE"}, {"audio": bad, "sentence": "HAS A NAN"}]
+    with tfds.testing.mock_data(as_dataset_fn=_mock_examples(examples), policy=tfds.testing.MockPolicy.USE_CODE):
+        assert prepare.main([
+            "--format=tfds", "--input=tone_speech/float22k", f"--tfds_data_dir={tmp_path}", "--tfds_audio_key=audio",
+            "--tfds_text_key=sentence", "--tfds_splits=train", f"--output_dir={tmp_path / 'out'}", "--num_workers=1",
+        ]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["splits"]["train"]
+    assert report["utterances"] == 1 and report["skipped"]["by_reason"] == {"non_finite": 1}
+    assert report["skipped"]["examples"]["non_finite"][0]["id"] == "train-00000001"
