@@ -168,3 +168,104 @@ def test_integer_scaling_and_channels():
     assert tfds_source.map_split("train_clean360", tfds_source.DEFAULT_SPLIT_MAP) == "train"
     assert tfds_source.map_split("dev_other", tfds_source.DEFAULT_SPLIT_MAP) == "validation"
     assert tfds_source.map_split("test", tfds_source.DEFAULT_SPLIT_MAP) == "test"
+
+
+# ----------------------------------------------------- sample types and rates other than 16 kHz int16
+
+
+def _tone(rate: int, seconds: float = 0.9) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return 0.4 * np.sin(2 * np.pi * (220 * t + 900 * t**2))
+
+
+def _tone_builder():
+    """A TFDS builder of chirps whose configs store float32 at 22.05 kHz or int16 at 8 kHz."""
+    import tensorflow_datasets as tfds
+
+    class Config(tfds.core.BuilderConfig):
+        def __init__(self, *, dtype, rate, **kwargs):
+            super().__init__(**kwargs)
+            self.dtype, self.rate = dtype, rate
+
+    class ToneSpeech(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [
+            Config(name="float22k", dtype=np.float32, rate=22050),
+            Config(name="int16_8k", dtype=np.int16, rate=8000),
+        ]
+
+        def _info(self):
+            return tfds.core.DatasetInfo(  # not dataset_info_from_configs: it reads package files
+                builder=self,
+                features=tfds.features.FeaturesDict({
+                    "audio": tfds.features.Audio(sample_rate=self.builder_config.rate, dtype=self.builder_config.dtype),
+                    "sentence": tfds.features.Text(),
+                }),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            config = self.builder_config
+            for k in range(2):
+                wave = _tone(config.rate, 0.7 + 0.2 * k)
+                if config.dtype == np.int16:
+                    wave = np.round(wave * 32767).astype(np.int16)
+                yield k, {"audio": wave.astype(config.dtype), "sentence": f"TONE NUMBER {k}"}
+
+    return ToneSpeech
+
+
+ToneSpeech = _tone_builder()
+
+
+@pytest.mark.parametrize("config", ["float22k", "int16_8k"])
+def test_mocked_float_and_int16_audio_at_other_rates(tmp_path, config):
+    """Shards of a mocked dataset equal the features of the same samples read from a file at that rate."""
+    import tensorflow_datasets as tfds
+
+    builder = ToneSpeech(config=config, data_dir=str(tmp_path))
+    examples = [ex for _, ex in builder._generate_examples()]
+    with tfds.testing.mock_data(as_dataset_fn=_mock_examples(examples), policy=tfds.testing.MockPolicy.USE_CODE):
+        assert prepare.main([
+            "--format=tfds", f"--input=tone_speech/{config}", f"--tfds_data_dir={tmp_path}", "--tfds_audio_key=audio",
+            "--tfds_text_key=sentence", "--tfds_splits=train", f"--output_dir={tmp_path / 'out'}", "--num_workers=1",
+        ]) == 0
+    shards = read_shards(tmp_path / "out", "train")
+    assert sorted(shards) == ["train-00000000", "train-00000001"]
+    rate = builder.builder_config.rate
+    for k, example in enumerate(examples):
+        wav = tmp_path / f"{k}.wav"
+        soundfile.write(wav, example["audio"], rate, subtype="FLOAT" if config == "float22k" else "PCM_16")
+        reference = features.log_mel(features.load_audio(wav))  # soundfile's scaling, the same resampler
+        got = shards[f"train-{k:08d}"]
+        assert got["transcript"].decode() == f"TONE NUMBER {k}" and got["speaker"].decode() == ""
+        assert got["duration"] == pytest.approx(len(example["audio"]) / rate, abs=1e-3)
+        np.testing.assert_allclose(got["log_mel"], reference, rtol=0, atol=1e-4)
+
+
+def test_ranges_follow_the_dataset_files():
+    assert tfds_source._ranges(5, []) == [(0, 5)]
+    assert tfds_source._ranges(5, [2, 3]) == [(0, 2), (2, 5)]
+    # files longer than EXAMPLES_PER_RANGE are cut into equal pieces; every example once, in order
+    ranges = tfds_source._ranges(700, [600, 100])
+    assert ranges == [(0, 200), (200, 400), (400, 600), (600, 700)]
+    assert tfds_source._ranges(10, [3, 3]) == [(0, 10)]  # lengths that do not add up are ignored
+
+
+def test_mocked_non_finite_audio_is_counted(tmp_path):
+    import tensorflow_datasets as tfds
+
+    good = _tone(22050).astype(np.float32)
+    bad = good.copy()
+    bad[100] = np.nan
+    examples = [{"audio": good, "sentence": "FINE"}, {"audio": bad, "sentence": "HAS A NAN"}]
+    with tfds.testing.mock_data(as_dataset_fn=_mock_examples(examples), policy=tfds.testing.MockPolicy.USE_CODE):
+        assert prepare.main([
+            "--format=tfds", "--input=tone_speech/float22k", f"--tfds_data_dir={tmp_path}", "--tfds_audio_key=audio",
+            "--tfds_text_key=sentence", "--tfds_splits=train", f"--output_dir={tmp_path / 'out'}", "--num_workers=1",
+        ]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["splits"]["train"]
+    assert report["utterances"] == 1 and report["skipped"]["by_reason"] == {"non_finite": 1}
+    assert report["skipped"]["examples"]["non_finite"][0]["id"] == "train-00000001"

@@ -30,7 +30,8 @@ def tfds_split_name(folder: str) -> str:
     return head + ("_" + rest.replace("-", "") if rest else "")
 
 
-class LocalLibrispeech(librispeech.Builder):
+# Run as a script, this file is also `__main__`: only the package module's class is registered and used.
+class LocalLibrispeech(librispeech.Builder, skip_registration=__name__ == "__main__"):
     """LibriSpeech from `download_config.manual_dir` (a LibriSpeech tree) instead of openslr."""
 
     name = "local_librispeech"
@@ -71,8 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tree", required=True, help="LibriSpeech folder holding the split folders (dev-clean, ...)")
     p.add_argument("--data_dir", required=True, help="TFDS data dir to build into (local or gs://)")
     args = p.parse_args(argv)
+    from spectron_jax.data import local_librispeech  # the registered module, also when this runs as __main__
+
     try:
-        builder = build(args.tree, args.data_dir)
+        builder = local_librispeech.build(args.tree, args.data_dir)
     except (ValueError, OSError) as e:
         raise cli.InputError(f"--tree {args.tree}: {' '.join(str(e).split())}") from e
     counts = ", ".join(f"{k}: {v.num_examples}" for k, v in sorted(builder.info.splits.items()))

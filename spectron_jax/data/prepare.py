@@ -47,8 +47,9 @@ from typing import Any, Callable, Sequence
 
 
 from spectron_jax import cli
-from spectron_jax.data import features, sources, tfds_source
+from spectron_jax.data import features, sources
 from spectron_jax.data.tfrecords import count_records, encode_example, parse_example, shard_name, tfrecord_features  # noqa: F401
+from spectron_jax.data import tfds_source  # imports TF / TFDS only when used
 
 FORMATS = ("librispeech", "librilight", "manifest", "embedded", "tfds")
 FORMAT_VERSION = 1
@@ -406,7 +407,7 @@ def read_listing(args) -> sources.Listing:
     if args.format == "embedded":
         return sources.read_embedded(args.input, args.split)
     if args.format == "tfds":
-        return tfds_source.read_tfds(_tfds_options(args))
+        return tfds_source.read_tfds(tfds_source.options_from_flags(args))
     return sources.read_librilight(
         args.input, args.transcripts, args.split, args.segmentation, args.max_segment_seconds
     )
@@ -429,35 +430,8 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--segmentation", default="vad", choices=("vad", "fixed"), help="librilight: how files are cut")
     p.add_argument("--max_segment_seconds", type=float, default=20.0, help="librilight: longest segment")
     p.add_argument("--write_segments", default=None, help="librilight: write the planned segments TSV and stop")
-    p.add_argument("--tfds_data_dir", default=None, help="tfds: TFDS data dir, local or gs:// (default: TFDS's)")
-    p.add_argument("--tfds_splits", default=None, help="tfds: comma-separated TFDS splits to read (default: all)")
-    p.add_argument(
-        "--tfds_split_map", default=None, help="tfds: TFDS_PREFIX=SPLIT,... (default train=train,dev=validation,test=test)"
-    )
-    p.add_argument("--tfds_audio_key", default="speech", help="tfds: the Audio feature")
-    p.add_argument("--tfds_text_key", default="text", help="tfds: the transcript feature")
-    p.add_argument("--tfds_speaker_key", default="speaker_id", help="tfds: the speaker feature (optional)")
-    p.add_argument("--tfds_id_key", default="id", help="tfds: the example id feature (optional)")
-    p.add_argument("--tfds_audio_bits", type=int, default=None, help="tfds: bit depth of integer samples")
+    tfds_source.add_flags(p)
     return p
-
-
-def _tfds_options(args) -> tfds_source.TfdsOptions:
-    try:
-        split_map = tfds_source.parse_split_map(args.tfds_split_map) if args.tfds_split_map else None
-    except ValueError as e:
-        raise cli.UsageError(f"--tfds_split_map: {e}") from e
-    return tfds_source.TfdsOptions(
-        name=args.input,
-        data_dir=args.tfds_data_dir,
-        splits=tuple(s.strip() for s in (args.tfds_splits or "").split(",") if s.strip()),
-        split_map=split_map or tfds_source.DEFAULT_SPLIT_MAP,
-        audio_key=args.tfds_audio_key,
-        text_key=args.tfds_text_key,
-        speaker_key=args.tfds_speaker_key,
-        id_key=args.tfds_id_key,
-        audio_bits=args.tfds_audio_bits,
-    )
 
 
 def _check_args(args) -> None:
@@ -472,8 +446,6 @@ def _check_args(args) -> None:
         raise cli.UsageError(f"--split must be letters, digits or '_', got '{args.split}'")
     if args.format == "librilight" and not args.transcripts and not args.write_segments:
         raise cli.UsageError("--format=librilight needs --transcripts=TSV (or --write_segments=TSV to list segments)")
-    if args.tfds_audio_bits is not None and not 2 <= args.tfds_audio_bits <= 64:
-        raise cli.UsageError(f"--tfds_audio_bits must be in [2, 64], got {args.tfds_audio_bits}")
     if args.format != "tfds" and not os.path.exists(args.input):  # tfds: --input is a dataset name
         raise cli.InputError(f"--input {args.input}: no such file or folder")
     if args.transcripts and not os.path.isfile(args.transcripts):

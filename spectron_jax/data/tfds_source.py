@@ -1,8 +1,9 @@
 """TFDS speech datasets as a `prepare` source (`--format=tfds`).
 
 Any TFDS dataset with an audio feature (`tfds.features.Audio`) and a transcript feature can be
-prepared: `read_tfds` lists its examples (ids, transcripts, speakers; the audio is read but not decoded) as a
-`sources.Listing`, and `featurise_range` is what `prepare`'s workers call for the listed examples.
+prepared: `read_tfds` lists its examples (ids, transcripts, speakers; the audio is read but not
+decoded) as a `sources.Listing`, with a progress bar, and `featurise_range` is what `prepare`'s
+workers call for the listed examples.
 
 Each `SourceFile` of the listing is a contiguous range of one TFDS split (cut at the dataset's own
 file boundaries, at most `EXAMPLES_PER_RANGE` examples), so that a worker reads it sequentially; its
@@ -23,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from typing import Iterator
 
 import numpy as np
 
+from spectron_jax import cli
 from spectron_jax.data import features, sources
 
 PREFIX = "tfds:"
@@ -63,6 +66,41 @@ def parse_split_map(text: str) -> tuple[tuple[str, str], ...]:
     if not pairs:
         raise ValueError("no entries")
     return tuple(pairs)
+
+
+def add_flags(parser) -> None:
+    """The `--tfds_*` flags of `prepare --format=tfds` (`--input` is the dataset name)."""
+    parser.add_argument("--tfds_data_dir", default=None, help="tfds: TFDS data dir, local or gs:// (default: TFDS's)")
+    parser.add_argument("--tfds_splits", default=None, help="tfds: comma-separated TFDS splits to read (default: all)")
+    parser.add_argument(
+        "--tfds_split_map", default=None, help="tfds: TFDS_PREFIX=SPLIT,... (default train=train,dev=validation,test=test)"
+    )
+    parser.add_argument("--tfds_audio_key", default="speech", help="tfds: the Audio feature")
+    parser.add_argument("--tfds_text_key", default="text", help="tfds: the transcript feature")
+    parser.add_argument("--tfds_speaker_key", default="speaker_id", help="tfds: the speaker feature (optional)")
+    parser.add_argument("--tfds_id_key", default="id", help="tfds: the example id feature (optional)")
+    parser.add_argument("--tfds_audio_bits", type=int, default=None, help="tfds: bit depth of integer samples")
+
+
+def options_from_flags(args) -> TfdsOptions:
+    """`TfdsOptions` from `prepare`'s parsed `--input` and `--tfds_*` flags."""
+    try:
+        split_map = parse_split_map(args.tfds_split_map) if args.tfds_split_map else None
+    except ValueError as e:
+        raise cli.UsageError(f"--tfds_split_map: {e}") from e
+    if args.tfds_audio_bits is not None and not 2 <= args.tfds_audio_bits <= 64:
+        raise cli.UsageError(f"--tfds_audio_bits must be in [2, 64], got {args.tfds_audio_bits}")
+    return TfdsOptions(
+        name=args.input,
+        data_dir=args.tfds_data_dir,
+        splits=tuple(s.strip() for s in (args.tfds_splits or "").split(",") if s.strip()),
+        split_map=split_map or DEFAULT_SPLIT_MAP,
+        audio_key=args.tfds_audio_key,
+        text_key=args.tfds_text_key,
+        speaker_key=args.tfds_speaker_key,
+        id_key=args.tfds_id_key,
+        audio_bits=args.tfds_audio_bits,
+    )
 
 
 def map_split(tfds_split: str, split_map: tuple[tuple[str, str], ...]) -> str | None:
@@ -103,7 +141,9 @@ def _open(options: TfdsOptions):
 
 
 def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
+    """The first line of an error's message (TFDS's go on with e.g. every available dataset)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def _text(value) -> str:
@@ -147,11 +187,41 @@ def _ranges(count: int, shard_lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _list_split(builder, options: TfdsOptions, tfds_split: str, split: str, seen: set, listing) -> list:
+    """[one Segment per example of `tfds_split`, or None where it is skipped (the Skip goes to `listing`)]."""
+    import tqdm
+
+    try:
+        total = int(builder.info.splits[tfds_split].num_examples) or None
+    except Exception:  # metadata without split sizes
+        total = None
+    examples = _iterate(builder, tfds_split, skip_audio=options.audio_key)
+    bar = tqdm.tqdm(examples, total=total, unit="utt", desc=f"list {tfds_split}", disable=None, file=sys.stderr)
+    segments: list[sources.Segment | None] = []
+    for index, example in enumerate(bar):
+        utt_id = _example_id(example, options.id_key, tfds_split, index)
+        where = f"{options.name}/{tfds_split}[{index}]"
+        text = " ".join(_text(example[options.text_key]).split())
+        segment = None
+        if not text:
+            listing.skips.append(sources.Skip(utt_id, where, split, "empty_transcript"))
+        elif utt_id in seen:
+            listing.skips.append(sources.Skip(utt_id, where, split, "duplicate_id"))
+        else:
+            seen.add(utt_id)
+            speaker = _text(example[options.speaker_key]).strip() if options.speaker_key in example else ""
+            segment = sources.Segment(utt_id, text, speaker)
+        segments.append(segment)
+    return segments
+
+
 def read_tfds(options: TfdsOptions) -> sources.Listing:
     """Lists the examples of the chosen TFDS splits (ids, transcripts, speakers; audio left undecoded)."""
     builder, audio = _open(options)
     available = list(builder.info.splits.keys())
     chosen = list(options.splits) or available
+    if not chosen:
+        raise sources.SourceError(f"--input {options.name}: the dataset names no splits; pass --tfds_splits")
     unknown = [s for s in chosen if available and s not in available]
     if unknown:
         raise sources.SourceError(
@@ -164,29 +234,12 @@ def read_tfds(options: TfdsOptions) -> sources.Listing:
         if split is None:
             raise sources.SourceError(f"--tfds_split_map: cannot map TFDS split '{tfds_split}' to a split name")
         try:
-            examples = _iterate(builder, tfds_split, skip_audio=options.audio_key)
-            segments: list[sources.Segment | None] = []
-            for index, example in enumerate(examples):
-                utt_id = _example_id(example, options.id_key, tfds_split, index)
-                where = f"{options.name}/{tfds_split}[{index}]"
-                text = " ".join(_text(example[options.text_key]).split())
-                segment = None
-                if not text:
-                    listing.skips.append(sources.Skip(utt_id, where, split, "empty_transcript"))
-                elif utt_id in seen:
-                    listing.skips.append(sources.Skip(utt_id, where, split, "duplicate_id"))
-                else:
-                    seen.add(utt_id)
-                    speaker = _text(example[options.speaker_key]).strip() if options.speaker_key in example else ""
-                    segment = sources.Segment(utt_id, text, speaker)
-                segments.append(segment)
-        except sources.SourceError:
-            raise
+            segments = _list_split(builder, options, tfds_split, split, seen, listing)
         except Exception as e:  # data not prepared in data_dir, unreadable files
             raise sources.SourceError(f"--input {options.name} split {tfds_split}: {_one_line(e)}") from e
         try:
             shard_lengths = list(builder.info.splits[tfds_split].shard_lengths)
-        except Exception:  # split slicing syntax or metadata without shard lengths
+        except Exception:  # metadata without shard lengths
             shard_lengths = []
         for start, end in _ranges(len(segments), shard_lengths):
             kept = tuple(s for s in segments[start:end] if s is not None)
@@ -204,9 +257,8 @@ def read_tfds(options: TfdsOptions) -> sources.Listing:
                 "sample_rate": int(audio.sample_rate),
                 "audio_bits": options.audio_bits,
             }
-            path = PREFIX + json.dumps(ref, sort_keys=True)
             display = f"{options.name}/{tfds_split}[{start}:{end}]"
-            listing.sources.append(sources.SourceFile(path, display, split, kept))
+            listing.sources.append(sources.SourceFile(PREFIX + json.dumps(ref, sort_keys=True), display, split, kept))
     return listing
 
 
