@@ -226,6 +226,9 @@ def test_freeze_lm_option_freezes_exactly_the_decoder(repo_root):
     from spectron_jax import gin_config, train, trainer
     from spectron_jax.models.spectron_model import SpectronModel
 
+    import gin
+
+    gin.clear_config()  # unlocks a config an earlier test finalised, so the training configs can register
     train.register_train_configurables()
     gin_config.parse_gin(gin_files=["models/tiny.gin", "options/freeze_lm.gin"],
                          gin_search_paths=str(repo_root / "gin"))
@@ -234,3 +237,22 @@ def test_freeze_lm_option_freezes_exactly_the_decoder(repo_root):
     mask = trainer.frozen_mask(params, freeze)
     for top, sub in mask.items():
         assert set(jax.tree.leaves(sub)) == {top == "decoder"}, top
+
+
+def test_cli_bad_input_and_a_failed_check_write_nothing(tmp_path):
+    from spectron_jax import cli
+
+    with pytest.raises(cli.InputError, match="no config.json"):
+        convert.main(["--format=hf", f"--input={tmp_path / 'missing'}", f"--output={tmp_path / 'o1'}"])
+    source = tmp_path / "hf"
+    _save_random_model("gemma2", source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "hidden_activation": "silu"}))
+    with pytest.raises(cli.InputError, match="hidden_activation"):
+        convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o2'}", "--no-check"])
+    (source / "config.json").write_text(json.dumps(config))
+    # float32 round-off alone exceeds a tolerance of 1e-12: the conversion fails and writes nothing
+    with pytest.raises(cli.InputError, match="differ from transformers"):
+        convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o3'}", "--check_length=8",
+                      "--tolerance=1e-12"])
+    assert not (tmp_path / "o3").exists()
