@@ -117,18 +117,20 @@ def test_sliding_window_matters(converted):
 
 def _greedy(decoder, prompt: np.ndarray, steps: int) -> np.ndarray:
     """Our KV-cached greedy decoding: one prefill of `prompt` int [batch, P], then one token per call."""
+    from flax import nnx
+
+    @nnx.jit
+    def feed(decoder, tokens, cache):  # tokens int [batch, T] -> (greedy next token int [batch, 1], cache)
+        valid = jnp.ones(tokens.shape, bool)
+        hidden, cache = decoder(decoder.embed(tokens), valid, jnp.zeros_like(valid), deterministic=True, cache=cache)
+        return jnp.argmax(decoder.logits(hidden[:, -1:]), axis=-1), cache
+
     batch, length = prompt.shape
-    cache = decoder.init_cache(batch, length + steps)
-    tokens = jnp.asarray(prompt, jnp.int32)
-    valid = jnp.ones(tokens.shape, bool)
-    hidden, cache = decoder(decoder.embed(tokens), valid, jnp.zeros_like(valid), deterministic=True, cache=cache)
-    out = []
-    for _ in range(steps):
-        token = jnp.argmax(decoder.logits(hidden[:, -1:]), axis=-1)  # [batch, 1]
+    token, cache = feed(decoder, jnp.asarray(prompt, jnp.int32), decoder.init_cache(batch, length + steps))
+    out = [np.asarray(token)]
+    for _ in range(steps - 1):
+        token, cache = feed(decoder, token, cache)
         out.append(np.asarray(token))
-        step_valid = jnp.ones(token.shape, bool)
-        hidden, cache = decoder(decoder.embed(token), step_valid, jnp.zeros_like(step_valid), deterministic=True,
-                                cache=cache)
     return np.concatenate(out, axis=1)
 
 
