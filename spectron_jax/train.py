@@ -510,12 +510,14 @@ def _tokenizer_of_run(config, model_config):
     uses that checkpoint's `tokenizer.model`. The tokenizer's bos / eos / pad must be the model's
     sos / eos / pad ids (a converted `decoder.gin` binds them) and its pieces must fit the vocabulary.
     """
+    from etils import epath
+
     from spectron_jax import checkpoints
     from spectron_jax.data import tasks as tasks_lib
 
     lm = getattr(getattr(model_config, "pretrained", None), "lm_checkpoint", None)
-    if not config.vocab_path and lm and os.path.isfile(os.path.join(lm, checkpoints.TOKENIZER_FILENAME)):
-        config = dataclasses.replace(config, vocab_path=os.path.join(lm, checkpoints.TOKENIZER_FILENAME))
+    if not config.vocab_path and lm and (epath.Path(lm) / checkpoints.TOKENIZER_FILENAME).exists():
+        config = dataclasses.replace(config, vocab_path=str(epath.Path(lm) / checkpoints.TOKENIZER_FILENAME))
     path = config.vocab_path or tasks_lib.DEFAULT_VOCAB_PATH
     try:
         ids = tasks_lib.token_ids(tasks_lib.load_vocabulary(path))

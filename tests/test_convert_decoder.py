@@ -117,18 +117,20 @@ def test_sliding_window_matters(converted):
 
 def _greedy(decoder, prompt: np.ndarray, steps: int) -> np.ndarray:
     """Our KV-cached greedy decoding: one prefill of `prompt` int [batch, P], then one token per call."""
+    from flax import nnx
+
+    @nnx.jit
+    def feed(decoder, tokens, cache):  # tokens int [batch, T] -> (greedy next token int [batch, 1], cache)
+        valid = jnp.ones(tokens.shape, bool)
+        hidden, cache = decoder(decoder.embed(tokens), valid, jnp.zeros_like(valid), deterministic=True, cache=cache)
+        return jnp.argmax(decoder.logits(hidden[:, -1:]), axis=-1), cache
+
     batch, length = prompt.shape
-    cache = decoder.init_cache(batch, length + steps)
-    tokens = jnp.asarray(prompt, jnp.int32)
-    valid = jnp.ones(tokens.shape, bool)
-    hidden, cache = decoder(decoder.embed(tokens), valid, jnp.zeros_like(valid), deterministic=True, cache=cache)
-    out = []
-    for _ in range(steps):
-        token = jnp.argmax(decoder.logits(hidden[:, -1:]), axis=-1)  # [batch, 1]
+    token, cache = feed(decoder, jnp.asarray(prompt, jnp.int32), decoder.init_cache(batch, length + steps))
+    out = [np.asarray(token)]
+    for _ in range(steps - 1):
+        token, cache = feed(decoder, token, cache)
         out.append(np.asarray(token))
-        step_valid = jnp.ones(token.shape, bool)
-        hidden, cache = decoder(decoder.embed(token), step_valid, jnp.zeros_like(step_valid), deterministic=True,
-                                cache=cache)
     return np.concatenate(out, axis=1)
 
 
@@ -226,6 +228,9 @@ def test_freeze_lm_option_freezes_exactly_the_decoder(repo_root):
     from spectron_jax import gin_config, train, trainer
     from spectron_jax.models.spectron_model import SpectronModel
 
+    import gin
+
+    gin.clear_config()  # unlocks a config an earlier test finalised, so the training configs can register
     train.register_train_configurables()
     gin_config.parse_gin(gin_files=["models/tiny.gin", "options/freeze_lm.gin"],
                          gin_search_paths=str(repo_root / "gin"))
@@ -234,3 +239,22 @@ def test_freeze_lm_option_freezes_exactly_the_decoder(repo_root):
     mask = trainer.frozen_mask(params, freeze)
     for top, sub in mask.items():
         assert set(jax.tree.leaves(sub)) == {top == "decoder"}, top
+
+
+def test_cli_bad_input_and_a_failed_check_write_nothing(tmp_path):
+    from spectron_jax import cli
+
+    with pytest.raises(cli.InputError, match="no config.json"):
+        convert.main(["--format=hf", f"--input={tmp_path / 'missing'}", f"--output={tmp_path / 'o1'}"])
+    source = tmp_path / "hf"
+    _save_random_model("gemma2", source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "hidden_activation": "silu"}))
+    with pytest.raises(cli.InputError, match="hidden_activation"):
+        convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o2'}", "--no-check"])
+    (source / "config.json").write_text(json.dumps(config))
+    # float32 round-off alone exceeds a tolerance of 1e-12: the conversion fails and writes nothing
+    with pytest.raises(cli.InputError, match="differ from transformers"):
+        convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o3'}", "--check_length=8",
+                      "--tolerance=1e-12"])
+    assert not (tmp_path / "o3").exists()

@@ -466,6 +466,7 @@ def test_run_files_parse_and_build(name):
 
 
 # ---- a run initialised from a converted Gemma decoder -------------------------------------------------
+@pytest.mark.slow  # one training step and an evaluation from a converted checkpoint: about a minute on 2 cores
 def test_run_from_converted_gemma_decoder_starts_at_its_text_loss(workdir, embedded_dir, tmp_path):
     """The step-0 validation text CE of a run from a converted tiny Gemma 3 equals that LM's own CE there.
 

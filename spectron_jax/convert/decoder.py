@@ -227,6 +227,10 @@ def convert_params(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig) -> dic
         "final_norm": {"scale": get("norm.weight", (d,))},
         "layers": {},
     }
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        if not np.array_equal(tensors["lm_head.weight"], tensors[prefix + "embed_tokens.weight"]):
+            raise UnsupportedConfig("checkpoint: tie_word_embeddings is true but lm_head.weight differs from "
+                                    "the embedding table")
     if not cfg.tie_embeddings:
         head = "lm_head.weight"
         if head not in tensors:
@@ -404,7 +408,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = epath.Path(args.output)
     if (out / PARAMS_SUBDIR).exists() and not args.overwrite:
         raise cli.InputError(f"--output={args.output}: already holds {PARAMS_SUBDIR}/ (pass --overwrite)")
-    check = transformers_available() if args.check is None else args.check
+    remote = "://" in str(args.input)  # transformers reads local directories only
+    check = (transformers_available() and not remote) if args.check is None else args.check
+    if check and remote:
+        raise cli.UsageError(f"--check needs a local --input (got {args.input}); pass --no-check")
     if check and not transformers_available():
         raise cli.UsageError("--check needs torch and transformers (pip install -e '.[convert]')")
     try:
