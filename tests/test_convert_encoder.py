@@ -91,3 +91,13 @@ def test_cli_refuses_configs_it_cannot_express(tmp_path, field, value):
     assert field in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_check_above_tolerance_fails_and_writes_nothing(tmp_path):
+    from spectron_jax import cli
+
+    _save_random_model(tmp_path / "hf")
+    with pytest.raises(cli.InputError, match="differs from transformers"):
+        convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'out'}",
+                              "--check", "--tolerance=0"])
+    assert not (tmp_path / "out").exists()
