@@ -47,7 +47,8 @@ def test_hidden_states_match_transformers_on_padded_batch(tmp_path):
     garbage = features.copy()
     garbage[1, 13:] = 50.0
     with torch.no_grad():
-        expected = reference(torch.from_numpy(features), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+        outputs = reference(torch.from_numpy(features), attention_mask=torch.from_numpy(mask))
+    expected = outputs.last_hidden_state.numpy()
     from flax import nnx
 
     model = convert_encoder.build_encoder(config, flat)

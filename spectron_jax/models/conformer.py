@@ -333,7 +333,7 @@ class FeatureProjection(nnx.Module):
         self.projection = Dense(config.input_dim, config.model_dim, ("mel", "embed"), config, rngs=rngs)
 
     def __call__(self, features: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``features [batch, frames, input_dim]``, ``mask [batch, frames]`` -> ``([batch, frames, model_dim], mask)``."""
+        """``features [batch, frames, input_dim]``, ``mask [batch, frames]`` -> ``([batch, frames, embed], mask)``."""
         return self.projection(self.norm(features)), mask
 
 
@@ -423,8 +423,8 @@ class ConformerBlock(nnx.Module):
         self.attention = RelativePositionSelfAttention(
             config.model_dim, config.num_heads, max_relative_distance=config.max_relative_distance,
             position_encoding=config.position_encoding, left_distance=config.left_relative_distance,
-            right_distance=config.right_relative_distance, dropout_rate=config.attention_dropout, dtype=config.compute_dtype, param_dtype=config.storage_dtype,
-            rngs=rngs,
+            right_distance=config.right_relative_distance, dropout_rate=config.attention_dropout,
+            dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs,
         )
         self.attention_dropout = nnx.Dropout(config.residual_dropout, rngs=rngs)
         self.conv = ConvModule(config, rngs=rngs)
