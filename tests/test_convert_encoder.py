@@ -47,7 +47,8 @@ def test_hidden_states_match_transformers_on_padded_batch(tmp_path):
     garbage = features.copy()
     garbage[1, 13:] = 50.0
     with torch.no_grad():
-        expected = reference(torch.from_numpy(features), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+        outputs = reference(torch.from_numpy(features), attention_mask=torch.from_numpy(mask))
+    expected = outputs.last_hidden_state.numpy()
     from flax import nnx
 
     model = convert_encoder.build_encoder(config, flat)
@@ -90,4 +91,14 @@ def test_cli_refuses_configs_it_cannot_express(tmp_path, field, value):
     assert result.returncode != 0
     assert field in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_above_tolerance_fails_and_writes_nothing(tmp_path):
+    from spectron_jax import cli
+
+    _save_random_model(tmp_path / "hf")
+    with pytest.raises(cli.InputError, match="differs from transformers"):
+        convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'out'}",
+                              "--check", "--tolerance=0"])
     assert not (tmp_path / "out").exists()

@@ -14,6 +14,12 @@ are zeroed at padded frames before each convolution, the subsampling strides the
 strides the frames, attention hides padded keys, and the group / batch norms of the conv module take
 statistics over valid frames only. Outputs at padded frames are zero.
 
+Variants for importing w2v-BERT 2.0 (``convert/encoder.py``; defaults keep the structure above):
+``frontend='feature_projection'`` replaces the subsampling by LayerNorm + linear per input frame (its
+input is 160 stacked fbank values per 20 ms, ``features.w2v_bert_features``); ``position_encoding=
+'relative_key'`` uses a learned table of clipped key - query distances; ``causal_conv`` pads the
+depthwise conv on the left only; ``conv_bias=False`` drops the conv module's biases.
+
 The blocks are a plain Python list, unrolled under ``jax.jit``. For the 24-layer production encoder,
 compile time can be cut by scanning: build the blocks with ``nnx.vmap`` over a split ``rngs`` (stacked
 parameters, with a leading 'layers' axis added to the logical names) and apply them with ``nnx.scan``
@@ -327,7 +333,7 @@ class FeatureProjection(nnx.Module):
         self.projection = Dense(config.input_dim, config.model_dim, ("mel", "embed"), config, rngs=rngs)
 
     def __call__(self, features: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``features [batch, frames, input_dim]``, ``mask [batch, frames]`` -> ``([batch, frames, model_dim], mask)``."""
+        """``features [batch, frames, input_dim]``, ``mask [batch, frames]`` -> ``([batch, frames, embed], mask)``."""
         return self.projection(self.norm(features)), mask
 
 
@@ -417,8 +423,8 @@ class ConformerBlock(nnx.Module):
         self.attention = RelativePositionSelfAttention(
             config.model_dim, config.num_heads, max_relative_distance=config.max_relative_distance,
             position_encoding=config.position_encoding, left_distance=config.left_relative_distance,
-            right_distance=config.right_relative_distance, dropout_rate=config.attention_dropout, dtype=config.compute_dtype, param_dtype=config.storage_dtype,
-            rngs=rngs,
+            right_distance=config.right_relative_distance, dropout_rate=config.attention_dropout,
+            dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs,
         )
         self.attention_dropout = nnx.Dropout(config.residual_dropout, rngs=rngs)
         self.conv = ConvModule(config, rngs=rngs)
