@@ -148,9 +148,26 @@ def _ends_with_newline(target: epath.Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def copy(source: PathLike, destination: PathLike) -> None:
-    """Copies one file (any combination of local and remote)."""
-    write_bytes(destination, read_bytes(source))
+def size(p: PathLike) -> int:
+    """Bytes in file `p`."""
+    return int(path(p).stat().length)
+
+
+def copy(source: PathLike, destination: PathLike, chunk_bytes: int = 16 << 20) -> None:
+    """Copies one file (any combination of local and remote), streaming `chunk_bytes` at a time; a
+    local destination is written under a temporary name, then renamed."""
+    target = path(destination)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target if is_remote(destination) else target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        with path(source).open("rb") as src, partial.open("wb") as dst:
+            while chunk := src.read(chunk_bytes):
+                dst.write(chunk)
+        if partial != target:
+            os.replace(os.fspath(partial), os.fspath(target))
+    finally:
+        if partial != target and partial.exists():
+            partial.unlink()
 
 
 def remove_tree(p: PathLike) -> None:

@@ -251,6 +251,17 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(workdir):
     assert f"saved step {reached}" in output
 
 
+def test_resume_with_a_changed_data_seed_is_refused(workdir, reference_run):
+    model_dir, _ = reference_run
+    before = sorted(os.listdir(model_dir))
+    result = _run(workdir, model_dir, "--gin.TrainConfig.data_seed=7")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "data_seed 0 -> 7" in lines[0] and "accept_data_change" in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(model_dir)) == before
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(workdir, reference_run):
     model_dir = workdir["root"] / "nan"
     result = _run(workdir, model_dir, "--gin.TrainConfig.nan_at_step=11", "--gin.TrainConfig.eval_every_steps=0")
