@@ -193,26 +193,36 @@ def _initialize_distributed(config: DistributedConfig) -> None:
 
 
 class _StopSignal:
-    """Remembers a SIGTERM (TPU preemption) so the loop can save and exit at a step boundary."""
+    """Preemption (SIGTERM): the loop saves and exits at a step boundary that every host agrees on.
+
+    Multi-process jobs use JAX's own mechanism: the distributed runtime's preemption notifier catches
+    SIGTERM from `jax.distributed.initialize` on (restore and compilation included) and
+    `multihost_utils.reached_preemption_sync_point(step)` tells every host, without a per-step host
+    sync, the same step to stop at. No Python handler is installed then (it would replace the
+    notifier's). A single process installs a Python handler when the run starts (before restore).
+    """
 
     def __init__(self):
+        import jax
+        from jax._src import distributed
+
+        self.distributed = jax.process_count() > 1 and distributed.global_state.client is not None
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None if self.distributed else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def any_process(self) -> bool:
-        import jax
-        import numpy as np
-
-        if jax.process_count() == 1:
+    def reached(self, step: int) -> bool:
+        """True at the step where every process saves and exits (all processes call it every step)."""
+        if not self.distributed:
             return self.requested
         from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+        return bool(multihost_utils.reached_preemption_sync_point(step))
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _JsonlLog:
@@ -284,6 +294,7 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     from spectron_jax import checkpoints, metrics as metrics_lib, partitioning, trainer
     from spectron_jax.data import pipeline as pipeline_lib, tasks as tasks_lib
 
+    stop = _StopSignal()  # first: a SIGTERM during restore or compilation is not lost
     is_main = jax.process_index() == 0
     filesystem.makedirs(model_dir)
     mesh = partitioning.make_mesh(config.mesh)
@@ -387,7 +398,6 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     writer = metrics_lib.MetricsWriter(model_dir, enabled=is_main)
     jsonl = _JsonlLog(filesystem.join(model_dir, METRICS_JSONL), enabled=is_main)
     progress = metrics_lib.ProgressLog(train_steps)
-    stop = _StopSignal()
     evaluator = _Evaluator(model, config, task_name, shard, shapes, mesh, rules, compute_dtype, writer, jsonl)
 
     shard_indices = [partitioning.data_shard_info(config.batch_size, mesh, rules, p).index
@@ -437,7 +447,7 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                 writer.flush()
                 if is_main:
                     progress.log(step, scalars)
-            if stop.any_process():
+            if stop.reached(step):
                 save(step)
                 ckpt.wait()
                 print(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting", flush=True)

@@ -291,8 +291,12 @@ def _free_port() -> int:
 def test_two_processes_train_and_one_process_continues(workdir):
     model_dir = workdir["root"] / "multihost"
     address = f"127.0.0.1:{_free_port()}"
+    # FSDP across the processes, evaluation with media at steps 0 and 2, two microbatches: every
+    # jitted computation runs on both processes (a process-0-only forward would hang here).
+    pod = ("--gin.MeshConfig.ici=(1,-1,1)", "--gin.TrainConfig.mesh=@MeshConfig()", "--gin.TrainConfig.batch_size=16",
+           "--gin.TrainConfig.step=@StepConfig()", "--gin.StepConfig.microbatches=2")
     procs = [_start(workdir, model_dir, "--gin.TRAIN_STEPS=2", "--gin.CheckpointConfig.save_every_steps=2",
-                    "--gin.TrainConfig.eval_every_steps=0", devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
+                    "--gin.TrainConfig.eval_every_steps=2", *pod, devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
                     SPECTRON_NUM_PROCESSES=2, SPECTRON_PROCESS_ID=i) for i in range(2)]
     outputs = []
     try:
@@ -306,8 +310,9 @@ def test_two_processes_train_and_one_process_continues(workdir):
     assert _checkpoint_steps(model_dir) == [2]
     meta = json.loads((model_dir / "checkpoints" / "2" / "meta" / "metadata").read_text())
     assert meta["process_count"] == 2
+    assert sorted(_eval_records(model_dir)) == [0, 2]
     result = _run(workdir, model_dir, "--gin.TRAIN_STEPS=4", "--gin.CheckpointConfig.save_every_steps=2",
-                  "--gin.TrainConfig.eval_every_steps=0", devices=8)
+                  "--gin.TrainConfig.eval_every_steps=0", *pod, devices=8)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from step 2" in result.stdout
     assert _checkpoint_steps(model_dir) == [2, 4]
