@@ -320,6 +320,29 @@ def test_two_processes_train_and_one_process_continues(workdir):
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(losses[s]["loss"]) for s in losses)
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(workdir):
+    model_dir = workdir["root"] / "multihost_sigterm"
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [_start(workdir, model_dir, "--gin.TRAIN_STEPS=400", "--gin.CheckpointConfig.save_every_steps=2",
+                    "--gin.TrainConfig.eval_every_steps=0", devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
+                    SPECTRON_NUM_PROCESSES=2, SPECTRON_PROCESS_ID=i) for i in range(2)]
+    outputs = []
+    try:
+        assert _wait_for(lambda: 2 in _checkpoint_steps(model_dir), procs[0], timeout=400)
+        procs[1].send_signal(signal.SIGTERM)
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    saved = [[line.split()[3] for line in out.splitlines() if line.startswith("SIGTERM: saved step")] for out in outputs]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+    assert int(saved[0][0]) in _checkpoint_steps(model_dir) and int(saved[0][0]) < 400
+
+
 # ---- in process --------------------------------------------------------------------------------
 def _tiny_model_config():
     from spectron_jax.models import conformer, decoder, spectron
