@@ -228,7 +228,7 @@ class _StopSignal:
 class _JsonlLog:
     """Appends one JSON line per record to MODEL_DIR/metrics.jsonl (process 0 only), through the
     file-system layer: a local file is appended to; on an object store the file is rewritten, so records
-    are buffered and written at `flush` (called at logging steps, evaluations, saves and the end)."""
+    are buffered and written at `flush` (called at every logging step and at the end)."""
 
     def __init__(self, path: str, enabled: bool):
         self.path, self.enabled, self.pending = path, enabled, []
