@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "protobuf==7.36.2",
     "tensorboard==2.21.0",  # the viewer for the event files train writes (`tensorboard --logdir`)
     "tqdm",
+    "etils[epath]==1.15.0",  # spectron_jax.filesystem: every path, local or gs://
+    "gcsfs==2026.10.1",  # the gs:// backend of epath (TensorFlow's GCS client is not used)
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,7 +34,8 @@ EXTRAS_REQUIRE = {
     "eval": ["torch==2.13.0", "resemblyzer==0.1.4", "setuptools<81"],
     # Importers of open checkpoints (Gemma decoders, w2v-BERT 2.0 encoder).
     "convert": ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"],
-    "test": ["pytest", "pytest-xdist"],
+    "test": ["pytest", "pytest-xdist",
+             "gcp-storage-emulator==2026.7.19"],  # a local GCS server for the gs:// tests
 }
 
 setup(

@@ -30,15 +30,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import shutil
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from spectron_jax import filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,15 @@ class CheckpointConfig:
         paper: 1000.
       keep_last: checkpoints kept on disk (older ones are deleted). DEFAULT, not in the paper: 3.
       async_save: write in a background thread while training continues.
+      use_ocdbt: store arrays in tensorstore's OCDBT format (orbax's default: few large files).
+        False writes one zarr store per array; needed for GCS emulators whose object generations
+        tensorstore's OCDBT manifest writes reject ("Malformed StorageGeneration").
     """
 
     save_every_steps: int = 1000
     keep_last: int = 3
     async_save: bool = True
+    use_ocdbt: bool = True
 
     def __post_init__(self):
         if self.save_every_steps < 1:
@@ -110,15 +114,19 @@ class TrainCheckpointer:
     """Saves and restores train states under `model_dir/checkpoints` (all processes call every method)."""
 
     def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig()):
-        self.directory = os.path.join(os.path.abspath(model_dir) if "://" not in model_dir else model_dir,
-                                      CHECKPOINT_SUBDIR)
+        self.directory = filesystem.join(filesystem.absolute(model_dir), CHECKPOINT_SUBDIR)
         self.config = config
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep_last,
             enable_async_checkpointing=config.async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, META_ITEM))
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add(STATE_ITEM, ocp.args.StandardSave, ocp.StandardCheckpointHandler(use_ocdbt=config.use_ocdbt))
+        registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.StandardCheckpointHandler(use_ocdbt=config.use_ocdbt))
+        registry.add(META_ITEM, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+        registry.add(META_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
     def latest_step(self) -> Optional[int]:
         """The newest complete checkpoint's step, or None."""
@@ -167,14 +175,14 @@ class TrainCheckpointer:
 
 def step_state_dir(model_dir: str, step: Optional[int] = None) -> str:
     """The folder of the `state` item of checkpoint `step` (default: the newest) under `model_dir`."""
-    root = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    root = filesystem.join(model_dir, CHECKPOINT_SUBDIR)
     if step is None:
-        steps = [int(name) for name in (os.listdir(root) if os.path.isdir(root) else []) if name.isdigit()]
+        steps = [int(name) for name in filesystem.listdir(root) if name.isdigit()]
         if not steps:
             raise FileNotFoundError(f"{model_dir}: no checkpoint under {root}")
         step = max(steps)
-    path = os.path.join(root, str(int(step)), STATE_ITEM)
-    if not os.path.isdir(path):
+    path = filesystem.join(root, str(int(step)), STATE_ITEM)
+    if not filesystem.is_dir(path):
         raise FileNotFoundError(f"{model_dir}: checkpoint step {step} not found ({path})")
     return path
 
@@ -226,13 +234,14 @@ class PartialInit:
 
 def _params_tree_dir(checkpoint: str) -> tuple[str, Optional[str]]:
     """(pytree folder, key of the params subtree in it or None) for the three accepted layouts."""
-    if os.path.isdir(os.path.join(checkpoint, CHECKPOINT_SUBDIR)):
+    checkpoint = filesystem.absolute(checkpoint)
+    if filesystem.is_dir(filesystem.join(checkpoint, CHECKPOINT_SUBDIR)):
         return step_state_dir(checkpoint), "params"
-    if os.path.isdir(os.path.join(checkpoint, EXPORT_PARAMS_SUBDIR)):
-        return os.path.join(checkpoint, EXPORT_PARAMS_SUBDIR), None
-    if os.path.isdir(os.path.join(checkpoint, STATE_ITEM)):
-        return os.path.join(checkpoint, STATE_ITEM), "params"
-    if os.path.isfile(os.path.join(checkpoint, "_METADATA")):
+    if filesystem.is_dir(filesystem.join(checkpoint, EXPORT_PARAMS_SUBDIR)):
+        return filesystem.join(checkpoint, EXPORT_PARAMS_SUBDIR), None
+    if filesystem.is_dir(filesystem.join(checkpoint, STATE_ITEM)):
+        return filesystem.join(checkpoint, STATE_ITEM), "params"
+    if filesystem.is_file(filesystem.join(checkpoint, "_METADATA")):
         return checkpoint, None
     raise FileNotFoundError(f"{checkpoint}: not a training directory, checkpoint step or export folder")
 
@@ -348,37 +357,35 @@ def export(model_dir: str, output_dir: str, dtype: str = "float32", step: Option
     if dtype == "bfloat16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                               params)
-    os.makedirs(output_dir, exist_ok=True)
-    params_dir = os.path.join(os.path.abspath(output_dir), EXPORT_PARAMS_SUBDIR)
-    if os.path.exists(params_dir):
-        shutil.rmtree(params_dir)
+    filesystem.makedirs(output_dir)
+    params_dir = filesystem.join(filesystem.absolute(output_dir), EXPORT_PARAMS_SUBDIR)
+    filesystem.remove_tree(params_dir)
     saver = ocp.StandardCheckpointer()
     saver.save(params_dir, params)
     saver.wait_until_finished()
     for name in (CONFIG_FILENAME, TOKENIZER_FILENAME):
-        source = os.path.join(model_dir, name)
-        if os.path.isfile(source):
-            shutil.copyfile(source, os.path.join(output_dir, name))
+        source = filesystem.join(model_dir, name)
+        if filesystem.is_file(source):
+            filesystem.copy(source, filesystem.join(output_dir, name))
         elif name == CONFIG_FILENAME:
             raise FileNotFoundError(f"{model_dir}: no {name} (was it written by spectron_jax.train?)")
-    step_done = int(os.path.basename(os.path.dirname(directory)))
+    step_done = int(filesystem.path(directory).parent.name)
     info = {
         "step": step_done,
         "dtype": dtype,
         "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
         "params": EXPORT_PARAMS_SUBDIR,
         "config": CONFIG_FILENAME,
-        "tokenizer": TOKENIZER_FILENAME if os.path.isfile(os.path.join(output_dir, TOKENIZER_FILENAME)) else None,
+        "tokenizer": TOKENIZER_FILENAME if filesystem.is_file(filesystem.join(output_dir, TOKENIZER_FILENAME)) else None,
     }
-    with open(os.path.join(output_dir, EXPORT_INFO_FILENAME), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
+    filesystem.write_text(filesystem.join(output_dir, EXPORT_INFO_FILENAME), json.dumps(info, indent=2))
     return info
 
 
 def load_exported_params(export_dir: str, sharding: Any = None) -> dict:
     """The parameters of an `export` folder as a nested dict of arrays (one device unless `sharding`)."""
-    directory = os.path.join(os.path.abspath(export_dir), EXPORT_PARAMS_SUBDIR)
-    if not os.path.isdir(directory):
+    directory = filesystem.join(filesystem.absolute(export_dir), EXPORT_PARAMS_SUBDIR)
+    if not filesystem.is_dir(directory):
         raise FileNotFoundError(f"{export_dir}: no {EXPORT_PARAMS_SUBDIR}/ folder (not an export?)")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(directory)

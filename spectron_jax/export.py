@@ -13,7 +13,6 @@ floating parameters to bfloat16, and writes (see `spectron_jax.checkpoints.expor
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 from spectron_jax import cli
@@ -30,9 +29,11 @@ def _parser() -> cli.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if not os.path.isdir(args.model_dir):
+    from spectron_jax import filesystem
+
+    if not filesystem.is_dir(args.model_dir):
         raise cli.InputError(f"--model_dir={args.model_dir}: not a directory")
-    if os.path.abspath(args.output_dir) == os.path.abspath(args.model_dir):
+    if filesystem.absolute(args.output_dir).rstrip("/") == filesystem.absolute(args.model_dir).rstrip("/"):
         raise cli.UsageError("--output_dir must differ from --model_dir")
     from spectron_jax import checkpoints
 

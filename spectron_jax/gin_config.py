@@ -318,23 +318,16 @@ def build(name_or_cls: Any, **overrides: Any) -> Any:
 # ---- Operative config -------------------------------------------------------------------------------
 def write_operative_config(model_dir: str) -> str:
     """Writes `MODEL_DIR/config.gin`: the operative config (the values actually used), or the full parsed
-    config when nothing has been built from gin yet. Returns the file's path. `gs://` paths go through
-    tf.io.gfile.
+    config when nothing has been built from gin yet. Returns the file's path (local or `gs://`, through
+    `spectron_jax.filesystem`).
     """
     text = gin.operative_config_str()
     if not _has_bindings(text):
         text = "# Nothing was built from gin yet: the complete parsed config follows.\n" + gin.config_str()
-    path = os.path.join(model_dir, CONFIG_FILENAME)
-    if "://" in model_dir:
-        import tensorflow as tf
+    from spectron_jax import filesystem
 
-        tf.io.gfile.makedirs(model_dir)
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(text)
-    else:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+    path = filesystem.join(model_dir, CONFIG_FILENAME)
+    filesystem.write_text(path, text)
     return path
 
 

@@ -322,18 +322,27 @@ class MetricsWriter:
     """
 
     def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+        from spectron_jax import filesystem
+
         self.logdir = os.fspath(logdir)
         self.enabled = bool(enabled)
         self._tf = None
         self._writer = None
+        # An object-store logdir: events go to a local folder and are uploaded through
+        # spectron_jax.filesystem at every flush (TensorFlow's own GCS client is not used).
+        self._staging = None
         if self.enabled:
-            os.makedirs(self.logdir, exist_ok=True)
+            filesystem.makedirs(self.logdir)
+            if filesystem.is_remote(self.logdir):
+                import tempfile
+
+                self._staging = tempfile.mkdtemp(prefix="spectron-events-")
             import tensorflow as tf
             from tensorflow.core.framework import summary_pb2
 
             self._tf = tf
             self._summary_pb2 = summary_pb2
-            self._writer = tf.summary.create_file_writer(self.logdir)
+            self._writer = tf.summary.create_file_writer(self._staging or self.logdir)
 
     def _metadata(self, plugin: str, data_class: str, content: bytes = b""):
         pb = self._summary_pb2
@@ -396,11 +405,21 @@ class MetricsWriter:
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+            self._upload()
+
+    def _upload(self) -> None:
+        if self._staging is None:
+            return
+        from spectron_jax import filesystem
+
+        for name in os.listdir(self._staging):
+            filesystem.copy(os.path.join(self._staging, name), filesystem.join(self.logdir, name))
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
+            self._upload()
             self._writer = None
             self.enabled = False
 

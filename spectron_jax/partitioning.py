@@ -351,6 +351,41 @@ def sharded_init(module_factory: Callable[[], nnx.Module], rules: Rules, mesh: M
     return nnx.merge(graphdef, state)
 
 
+def check_replication(state: Any, shardings: Any, tolerance: float, min_size: int = 2**20) -> float:
+    """Fails fast when too much of `state` would be replicated (MaxText's `sharding_tolerance`).
+
+    Args:
+      state: pytree of arrays / `jax.ShapeDtypeStruct`s (e.g. params and optimizer state).
+      shardings: matching `NamedSharding`s.
+      tolerance: the largest allowed fraction of all elements held by fully replicated arrays of more
+        than `min_size` elements on a mesh of more than one device.
+      min_size: smaller arrays (norm scales, biases) are never counted.
+
+    Returns:
+      The replicated fraction (0 on a single device).
+
+    Raises:
+      ValueError: one line naming the fraction and the three largest replicated arrays.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if len(sharding_leaves) != len(leaves):
+        raise ValueError(f"check_replication: {len(leaves)} arrays but {len(sharding_leaves)} shardings")
+    total, replicated = 0, []
+    for (path, x), sharding in zip(leaves, sharding_leaves):
+        size = math.prod(np.shape(x))
+        total += size
+        if size > min_size and len(sharding.device_set) > 1 and sharding.is_fully_replicated:
+            replicated.append((size, _path_str(path), tuple(np.shape(x))))
+    fraction = sum(r[0] for r in replicated) / max(total, 1)
+    if fraction > tolerance:
+        largest = ", ".join(f"{p} {shape}" for _, p, shape in sorted(replicated, reverse=True)[:3])
+        raise ValueError(f"{fraction:.0%} of the train state would be replicated on every device (tolerance "
+                         f"{tolerance:.0%}; largest: {largest}); bind an FSDP mesh, e.g. "
+                         f"--gin.MeshConfig.ici=\"(1,-1,1)\", or raise TrainConfig.sharding_tolerance")
+    return fraction
+
+
 def report_replicated(state: Any, shardings: Any = None, min_size: int = 2**20) -> list[str]:
     """Lists (and logs a warning for) large arrays left fully replicated on a multi-device mesh.
 

@@ -32,7 +32,7 @@ import signal
 import time
 from typing import Any, Optional, Sequence
 
-from spectron_jax import cli
+from spectron_jax import cli, filesystem
 
 logger = logging.getLogger("spectron_jax.train")
 METRICS_JSONL = "metrics.jsonl"
@@ -106,6 +106,12 @@ class TrainConfig:
       init_from: parts of the model copied from other checkpoints at initialisation (not on resume).
       nan_at_step: TEST ONLY: the batch of this step is filled with NaN (checks the divergence stop).
       distributed: multi-host set-up.
+      sharding_tolerance: on a mesh of more than one device, the largest fraction of the parameters
+        and optimizer state that may sit in fully replicated large arrays (> 2^20 elements); more is a
+        one-line error at start (MaxText's idea and default, 0.02).
+      accept_data_change: resume even though the checkpoint's data seed, shard index or shard count
+        differ from this run's (the data then restarts at position 0 of the saved epoch). Without it
+        such a resume is a one-line error.
     """
 
     batch_size: int = 8
@@ -127,6 +133,8 @@ class TrainConfig:
     init_from: tuple = ()
     nan_at_step: Optional[int] = None
     distributed: DistributedConfig = DistributedConfig()
+    accept_data_change: bool = False
+    sharding_tolerance: float = 0.02
 
     def __post_init__(self):
         for name in ("batch_size", "log_every_steps"):
@@ -185,56 +193,72 @@ def _initialize_distributed(config: DistributedConfig) -> None:
 
 
 class _StopSignal:
-    """Remembers a SIGTERM (TPU preemption) so the loop can save and exit at a step boundary."""
+    """Preemption (SIGTERM): the loop saves and exits at a step boundary that every host agrees on.
+
+    Multi-process jobs use JAX's own mechanism: the distributed runtime's preemption notifier catches
+    SIGTERM from `jax.distributed.initialize` on (restore and compilation included) and
+    `multihost_utils.reached_preemption_sync_point(step)` tells every host, without a per-step host
+    sync, the same step to stop at. No Python handler is installed then (it would replace the
+    notifier's). A single process installs a Python handler when the run starts (before restore).
+    """
 
     def __init__(self):
+        import jax
+        from jax._src import distributed
+
+        self.distributed = jax.process_count() > 1 and distributed.global_state.client is not None
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None if self.distributed else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def any_process(self) -> bool:
-        import jax
-        import numpy as np
-
-        if jax.process_count() == 1:
+    def reached(self, step: int) -> bool:
+        """True at the step where every process saves and exits (all processes call it every step)."""
+        if not self.distributed:
             return self.requested
         from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+        return bool(multihost_utils.reached_preemption_sync_point(step))
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _JsonlLog:
-    """Appends one JSON line per record to MODEL_DIR/metrics.jsonl (process 0 only)."""
+    """Appends one JSON line per record to MODEL_DIR/metrics.jsonl (process 0 only), through the
+    file-system layer: a local file is appended to; on an object store the file is rewritten, so records
+    are buffered and written at `flush` (called at every logging step and at the end)."""
 
     def __init__(self, path: str, enabled: bool):
-        self.file = None
-        if enabled and "://" in path:  # object stores cannot append: TensorBoard files carry the metrics
-            print(f"note: {path} is not written (remote MODEL_DIR); the TensorBoard files hold every metric",
-                  flush=True)
-        elif enabled:
-            torn = os.path.isfile(path) and os.path.getsize(path) > 0 and not _ends_with_newline(path)
-            self.file = open(path, "a", encoding="utf-8")
-            if torn:  # a killed run may have left half a line
-                self.file.write("\n")
+        self.path, self.enabled, self.pending = path, enabled, []
 
     def write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record, sort_keys=True) + "\n")
-            self.file.flush()
+        if self.enabled:
+            self.pending.append(json.dumps(record, sort_keys=True))
+            if not filesystem.is_remote(self.path):
+                self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self.pending:
+            filesystem.append_lines(self.path, self.pending)
+            self.pending = []
 
     def close(self):
-        if self.file:
-            self.file.close()
+        self.flush()
 
 
-def _ends_with_newline(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+def _data_change(meta: dict, seed: int, shard, process_index: int) -> str:
+    """What differs between a checkpoint's data stream (its `meta`) and this run's ('' when nothing)."""
+    changes = []
+    if "seed" in meta and int(meta["seed"]) != seed:
+        changes.append(f"data_seed {meta['seed']} -> {seed}")
+    if "num_shards" in meta and int(meta["num_shards"]) != shard.count:
+        changes.append(f"data shard count {meta['num_shards']} -> {shard.count}")
+    saved_index = meta.get("shard_index")
+    if isinstance(saved_index, list) and process_index < len(saved_index) and int(saved_index[process_index]) != shard.index:
+        changes.append(f"data shard index {saved_index[process_index]} -> {shard.index}")
+    return ", ".join(changes)
 
 
 def _finite_floats(metrics) -> dict:
@@ -252,10 +276,7 @@ def _write_summary(model_dir: str, params, config_name: str) -> dict:
             for key, value in sub.items():
                 detail[f"{top}/{key}"] = trainer.count_params(value)["total"]
     summary = {"model": config_name, "parameters": counts, "by_module": detail}
-    import tensorflow as tf  # tf.io.gfile: MODEL_DIR may be on GCS
-
-    with tf.io.gfile.GFile(os.path.join(model_dir, SUMMARY_FILENAME), "w") as f:
-        f.write(json.dumps(summary, indent=2))
+    filesystem.write_text(filesystem.join(model_dir, SUMMARY_FILENAME), json.dumps(summary, indent=2))
     return summary
 
 
@@ -272,10 +293,10 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
 
     from spectron_jax import checkpoints, metrics as metrics_lib, partitioning, trainer
     from spectron_jax.data import pipeline as pipeline_lib, tasks as tasks_lib
-    import tensorflow as tf  # tf.io.gfile: MODEL_DIR may be local or on GCS
 
+    stop = _StopSignal()  # first: a SIGTERM during restore or compilation is not lost
     is_main = jax.process_index() == 0
-    tf.io.gfile.makedirs(model_dir)
+    filesystem.makedirs(model_dir)
     mesh = partitioning.make_mesh(config.mesh)
     rules = config.rules
     platform = jax.devices()[0].platform
@@ -296,16 +317,28 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     layout = trainer.train_state_layout(model, config, train_steps, mesh)
     init_state, abstract, state_shardings = layout.init_state, layout.abstract, layout.shardings
     tx, schedule = layout.tx, layout.schedule
+    partitioning.check_replication({"params": abstract["params"], "opt_state": abstract["opt_state"]},
+                                   {"params": state_shardings["params"], "opt_state": state_shardings["opt_state"]},
+                                   config.sharding_tolerance)
     ckpt = checkpoints.TrainCheckpointer(model_dir, config.checkpoint)
     latest = ckpt.latest_step()
     if latest is not None:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings)
-        count = int(ckpt.meta(latest).get("process_count", jax.process_count()))
+        meta = ckpt.meta(latest)
+        count = int(meta.get("process_count", jax.process_count()))
+        # A new process count is an expected change (handled below); a new seed or sharding is not.
+        data_changed = _data_change(meta if count == jax.process_count() else {"seed": meta.get("seed", config.data_seed)},
+                                    config.data_seed, shard, jax.process_index())
+        if data_changed and not config.accept_data_change:
+            raise cli.InputError(f"{ckpt.directory}/{latest}: the checkpoint's data stream differs from this run's "
+                                 f"({data_changed}); set --gin.TrainConfig.accept_data_change=True to resume anyway "
+                                 f"(the data restarts at the saved epoch's start)")
         target["input"] = {k: np.zeros((count,), np.int32) for k in checkpoints.INPUT_KEYS}
         restored, _ = ckpt.restore(latest, target)
         input_arrays = restored.pop("input")
         state = restored
-        position = checkpoints.input_state_for_process(input_arrays, jax.process_index(), jax.process_count())
+        position = None if data_changed else checkpoints.input_state_for_process(
+            input_arrays, jax.process_index(), jax.process_count())
         if position is not None:
             position.update(seed=config.data_seed, shard_index=shard.index, num_shards=shard.count)
         else:
@@ -332,8 +365,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     if is_main:
         if write_config is not None:
             write_config(model_dir)
-        if tf.io.gfile.exists(vocab_path):
-            tf.io.gfile.copy(vocab_path, os.path.join(model_dir, checkpoints.TOKENIZER_FILENAME), overwrite=True)
+        if filesystem.exists(vocab_path):
+            filesystem.copy(vocab_path, filesystem.join(model_dir, checkpoints.TOKENIZER_FILENAME))
         summary = _write_summary(model_dir, abstract["params"], type(model_config).__name__)
         print(f"model: {summary['parameters']['total']:,} parameters "
               + ", ".join(f"{k} {v:,}" for k, v in summary["parameters"].items() if k != "total"), flush=True)
@@ -356,21 +389,24 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                          donate_argnums=(0,))
         compiled = jitted.lower(state, abstract_batch).compile()
     flops = metrics_lib.compiled_flops(compiled)
-    flops_per_step = None if flops is None else flops * jax.device_count()
+    # XLA counts a loop body once: with accumulation the step runs the microbatch pass M times.
+    flops_per_step = None if flops is None else flops * jax.device_count() * config.step.microbatches
     peak = config.peak_flops_per_device or metrics_lib.device_kind_peak(jax.devices()[0], compute_dtype)
     if peak is None and flops_per_step is not None:
         peak = metrics_lib.measure_peak_flops(compute_dtype)
 
     writer = metrics_lib.MetricsWriter(model_dir, enabled=is_main)
-    jsonl = _JsonlLog(os.path.join(model_dir, METRICS_JSONL), enabled=is_main)
+    jsonl = _JsonlLog(filesystem.join(model_dir, METRICS_JSONL), enabled=is_main)
     progress = metrics_lib.ProgressLog(train_steps)
-    stop = _StopSignal()
     evaluator = _Evaluator(model, config, task_name, shard, shapes, mesh, rules, compute_dtype, writer, jsonl)
+
+    shard_indices = [partitioning.data_shard_info(config.batch_size, mesh, rules, p).index
+                     for p in range(jax.process_count())]
 
     def save(step: int) -> None:
         host_states = checkpoints.gather_input_states(train_input.state())
         full = dict(state, input=checkpoints.input_state_arrays(host_states))
-        ckpt.save(step, full, {"seed": config.data_seed, "num_shards": shard.count})
+        ckpt.save(step, full, {"seed": config.data_seed, "num_shards": shard.count, "shard_index": shard_indices})
 
     step = int(jax.device_get(state["step"]))
     last: dict = {}
@@ -407,9 +443,11 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                     scalars.update({k: v for k, v in rates.items() if v is not None})
                     window_start, window_steps = now, 0
                 writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                jsonl.flush()
+                writer.flush()
                 if is_main:
                     progress.log(step, scalars)
-            if stop.any_process():
+            if stop.reached(step):
                 save(step)
                 ckpt.wait()
                 print(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting", flush=True)
@@ -442,7 +480,7 @@ class _Evaluator:
         self.model, self.config, self.task_name, self.shard, self.shapes = model, config, task_name, shard, shapes
         self.mesh, self.rules, self.writer, self.jsonl = mesh, rules, writer, jsonl
         with partitioning.sharding_context(mesh, rules):
-            self.eval_step = jax.jit(trainer.make_eval_step(model.loss_fn, compute_dtype))
+            self.eval_step = jax.jit(trainer.make_eval_step(model.eval_fn, compute_dtype))
         self.predict = jax.jit(model.predict_frames)
 
     def run(self, step: int, state) -> dict:
@@ -455,14 +493,13 @@ class _Evaluator:
                                           self.shard.count, seed=0, shuffle=False, repeat=False,
                                           drop_remainder=False, **self.shapes)
         totals, count, first = {}, 0, None
-        rng = jax.random.key(self.config.seed + 2)
         for _ in range(self.config.eval_batches):
             host_batch = next(data, None)
             if host_batch is None:  # this host ran out: an empty batch keeps the hosts in lockstep
                 host_batch = {k: np.zeros(s, d) for k, (s, d) in data.batch_spec.items()}
             batch = partitioning.global_batch_from_host(host_batch, self.mesh, self.rules)
             with partitioning.sharding_context(self.mesh, self.rules):
-                values = _finite_floats(jax.device_get(self.eval_step(state["params"], batch, rng)))
+                values = _finite_floats(jax.device_get(self.eval_step(state["params"], batch)))
             if values.get("num_text_tokens", 1.0) <= 0:
                 continue
             first = first if first is not None else (host_batch, batch)
@@ -475,14 +512,21 @@ class _Evaluator:
         self.writer.scalars(step, {f"eval/{k}": v for k, v in means.items()})
         self.jsonl.write({"step": step, "split": "validation", **means})
         print("eval " + metrics_lib.ProgressLog().format(step, means), flush=True)
-        if self.config.eval_media and self.writer.enabled and first is not None:
+        # Every process runs every jitted computation on the global arrays (a forward may need
+        # collectives across hosts); only the writing process turns the result into media. `first`
+        # is the same batch on every host: which batches count is decided by global metrics.
+        if self.config.eval_media and first is not None:
             host_batch, batch = first
             with partitioning.sharding_context(self.mesh, self.rules):
                 frames = self.predict(state["params"], batch)
+            if not self.writer.enabled:
+                return means
             # This host's row 0 is the lowest global row among its shards (global_batch_from_host).
             first_shard = min(frames.addressable_shards, key=lambda shard: shard.index[0].start or 0)
             frames = np.asarray(jax.device_get(first_shard.data))[0]
             valid = int(host_batch["cont_mask"][0].sum())
+            if valid == 0:  # this host's first row is padding
+                return means
             target = np.asarray(host_batch["cont_frames"][0][:valid])
             self.writer.image(step, "eval/spectrogram", metrics_lib.spectrogram_image(target, frames[:valid]))
             try:
@@ -559,10 +603,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  reduction_factor=model_config.reduction_factor)
     _initialize_distributed(config.distributed)
     data_dir = config.data_dir
-    if data_dir and not os.path.isdir(data_dir):
+    if data_dir and not filesystem.is_dir(data_dir):
         raise cli.InputError(f"TrainConfig.data_dir: {data_dir} is not a directory (run spectron_jax.data.prepare)")
     vocab = config.vocab_path
-    if vocab and not os.path.isfile(vocab):
+    if vocab and not filesystem.is_file(vocab):
         raise cli.InputError(f"TrainConfig.vocab_path: {vocab} not found")
     config = _tokenizer_of_run(config, model_config)
     try:

@@ -173,7 +173,12 @@ class StepConfig:
     Attributes:
       compute_dtype: dtype the parameters are cast to for the forward/backward pass ('float32' or
         'bfloat16'); 'auto' = bfloat16 on TPU / GPU, float32 on CPU.
-      microbatches: gradient accumulation: the batch is split into this many parts (must divide it).
+      microbatches: gradient accumulation: the batch is split into this many strided parts (must
+        divide the rows each batch-sharded device holds). Text terms are weighted by each part's share
+        of the valid text tokens, the other terms by its share of the valid continuation frames, so the
+        text cross-entropy, z-loss and the frame / frequency-delta terms equal one pass over the whole
+        batch exactly; time-delta and stop terms (normalised by frame pairs / groups) to within the
+        difference between those counts and the frame count. Count metrics are summed.
     """
 
     compute_dtype: str = "auto"
@@ -197,14 +202,44 @@ def cast_floating(tree: Any, dtype) -> Any:
 
 
 def _split_microbatches(batch: Mapping[str, jax.Array], microbatches: int) -> dict[str, jax.Array]:
-    """{key: [microbatches, batch / microbatches, ...]}."""
+    """{key: [microbatches, batch / microbatches, ...]}, microbatch j = rows j, j + M, j + 2M, ...
+
+    Strided, not blocked: with the batch sharded in contiguous blocks over D devices (and
+    batch / D divisible by M), every microbatch keeps batch / (D M) rows on every device, so the
+    split moves no data and each pass uses every device.
+    """
     out = {}
     for key, value in batch.items():
         rows = value.shape[0]
         if rows % microbatches:
             raise ValueError(f"batch of {rows} rows does not split into {microbatches} microbatches")
-        out[key] = value.reshape((microbatches, rows // microbatches) + value.shape[1:])
+        strided = value.reshape((rows // microbatches, microbatches) + value.shape[1:])
+        out[key] = jnp.swapaxes(strided, 0, 1)
     return out
+
+
+# Which normaliser a loss metric of `losses.spectron_loss` shares: text-token means, or acoustic
+# (frame) means; counts are summed; anything else is weighted like the acoustic terms.
+_TEXT_TERMS = ("ce_text", "ce_asr", "ce_lm", "z_loss", "text_loss")
+_COUNT_TERMS = ("num_text_tokens", "num_frames")
+
+
+def microbatch_weights(micro: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(text weight, acoustic weight), float32 [microbatches] each: a microbatch's share of the whole
+    batch's valid text tokens (`text_weights`) and valid continuation frames (`cont_mask`).
+
+    Weighting microbatch means by these shares gives the mean one pass over the whole batch would.
+    """
+    def shares(key):
+        if key not in micro:  # a loss without these masks: equal shares
+            size = jax.tree.leaves(micro)[0].shape[0]
+            return jnp.full((size,), 1.0 / size, jnp.float32)
+        values = micro[key]
+        counts = jnp.sum(values.reshape(values.shape[0], -1).astype(jnp.float32), axis=1)
+        total = jnp.sum(counts)
+        return jnp.where(total > 0, counts / jnp.maximum(total, 1e-9), 0.0)
+
+    return shares("text_weights"), shares("cont_mask")
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -236,23 +271,32 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
             (loss, metrics), grads = grad_fn(params, batch, rng)
         else:
             micro = _split_microbatches(batch, config.microbatches)
-            (_, metrics_shape), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+            text_share, acoustic_share = microbatch_weights(micro)
+
+            def weighted_loss(params, one, rng_i, text_w, acoustic_w):
+                loss_i, metrics_i = compute_loss(params, one, rng_i)
+                text_part = sum(metrics_i[k] for k in ("text_loss", "z_loss") if k in metrics_i)
+                text_part = jnp.asarray(text_part, jnp.float32)
+                return text_w * text_part + acoustic_w * (loss_i - text_part), metrics_i
+
+            weighted_grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+            (_, metrics_shape), _ = jax.eval_shape(
+                weighted_grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng, text_share[0], acoustic_share[0])
 
             def accumulate(carry, inputs):
-                index, one = inputs
-                (loss_i, metrics_i), grads_i = grad_fn(params, one, jax.random.fold_in(rng, index))
+                index, one, text_w, acoustic_w = inputs
+                (loss_i, metrics_i), grads_i = weighted_grad_fn(params, one, jax.random.fold_in(rng, index),
+                                                                text_w, acoustic_w)
                 grads_sum, loss_sum, metrics_sum = carry
+                scaled = {k: v if k in _COUNT_TERMS else v * (text_w if k in _TEXT_TERMS else acoustic_w)
+                          for k, v in metrics_i.items()}
                 return (jax.tree.map(jnp.add, grads_sum, grads_i), loss_sum + loss_i,
-                        jax.tree.map(jnp.add, metrics_sum, metrics_i)), None
+                        jax.tree.map(jnp.add, metrics_sum, scaled)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
                      jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape))
             (grads, loss, metrics), _ = jax.lax.scan(
-                accumulate, zeros, (jnp.arange(config.microbatches), micro))
-            scale = 1.0 / config.microbatches
-            grads = jax.tree.map(lambda g: g * scale, grads)
-            loss = loss * scale
-            metrics = jax.tree.map(lambda m: m * scale, metrics)
+                accumulate, zeros, (jnp.arange(config.microbatches), micro, text_share, acoustic_share))
         trainable = grads if frozen is None else jax.tree.map(
             lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -268,11 +312,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     return train_step
 
 
-def make_eval_step(loss_fn: LossFn, compute_dtype) -> Callable:
-    """`eval_step(params, batch, rng) -> metrics` (the loss terms, no gradients)."""
+def make_eval_step(eval_fn: Callable, compute_dtype) -> Callable:
+    """`eval_step(params, batch) -> metrics` (the loss terms, no gradients, no dropout).
 
-    def eval_step(params, batch, rng):
-        loss, metrics = loss_fn(cast_floating(params, compute_dtype), batch, rng)
+    eval_fn: `(params, batch) -> (loss, metrics)`, deterministic (e.g. `FunctionalSpectron.eval_fn`).
+    """
+
+    def eval_step(params, batch):
+        loss, metrics = eval_fn(cast_floating(params, compute_dtype), batch)
         metrics = dict(metrics)
         metrics["loss"] = loss
         return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
@@ -325,6 +372,10 @@ class FunctionalSpectron:
 
     def loss_fn(self, params, batch, rng):
         return self.model.loss_fn(self.to_state(params), batch, rng)
+
+    def eval_fn(self, params, batch):
+        """The loss terms with dropout off (the model's deterministic eval function)."""
+        return self.model.eval_fn(self.to_state(params), batch)
 
     def predict_frames(self, params, batch):
         from spectron_jax.models import acoustic

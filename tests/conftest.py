@@ -43,3 +43,46 @@ def throwaway_sp_model(tmp_path_factory) -> str:
         bos_id=3, model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
     )
     return str(folder / "m.model")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A local GCS server (`gcp-storage-emulator`, in memory) on a free loopback port with a bucket
+    `spectron-test`; yields the env vars that point gcsfs / epath and tensorstore at it. Stopped at exit."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    executable = shutil.which("gcp-storage-emulator") or str(pathlib.Path(sys.executable).parent / "gcp-storage-emulator")
+    server = subprocess.Popen([executable, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
+                                                 data=json.dumps({"name": "spectron-test"}).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(request, timeout=5).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the GCS emulator did not start")
+                time.sleep(0.2)
+        yield {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "EPATH_USE_TF": "false",
+               "bucket": "spectron-test"}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

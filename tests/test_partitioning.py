@@ -349,7 +349,8 @@ assert total == float((canonical * canonical).sum()), total
 local = np.concatenate([np.asarray(s.data) for s in sorted(batch.addressable_shards, key=lambda s: s.index[0].start)
                         if s.replica_id == 0])
 assert np.array_equal(local, rows)
-print("OK", info.index, info.count, info.per_host_batch)
+with open(sys.argv[3], "w") as f:  # the result goes to a file: stdout may carry anything after it
+    f.write(f"{info.index} {info.count} {info.per_host_batch}")
 """
 
 
@@ -361,10 +362,25 @@ def test_global_batch_from_host_on_two_processes(repo_root, tmp_path):
     script.write_text(_TWO_PROCESS_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(repo_root))
-    procs = [subprocess.Popen([sys.executable, str(script), address, str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = [p.communicate(timeout=240) for p in procs]
+    outputs = [tmp_path / f"result_{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), address, str(i), str(outputs[i])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=400) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
     # The mesh splits 'data' across the processes: each reads its own half of the batch.
-    assert sorted(out.split()[-3:] for out, _ in results) == [["0", "2", "4"], ["1", "2", "4"]]
+    assert sorted(path.read_text().split() for path in outputs) == [["0", "2", "4"], ["1", "2", "4"]]
+
+
+def test_check_replication_refuses_a_replicated_large_state():
+    mesh = pt.make_mesh(pt.MeshConfig(ici=(-1, 1, 1)))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    big, small = jax.ShapeDtypeStruct((2048, 1024), jnp.float32), jax.ShapeDtypeStruct((64,), jnp.float32)
+    state = {"embed": big, "scale": small}
+    with pytest.raises(ValueError, match=r"100% of the train state.*embed \(2048, 1024\)"):
+        pt.check_replication(state, {"embed": replicated, "scale": replicated}, tolerance=0.02)
+    assert pt.check_replication(state, {"embed": sharded, "scale": replicated}, tolerance=0.02) == 0.0
+    single = jax.sharding.NamedSharding(pt.make_mesh(pt.MeshConfig(ici=(1, 1, 1)), devices=jax.devices()[:1]),
+                                        jax.sharding.PartitionSpec())
+    assert pt.check_replication(state, {"embed": single, "scale": single}, tolerance=0.0) == 0.0

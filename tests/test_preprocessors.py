@@ -224,3 +224,21 @@ def test_converter_cuts_long_text_keeps_eos_and_counts_cuts():
 def test_converter_rejects_cont_len_not_multiple_of_r():
     with pytest.raises(ValueError, match="multiple of the reduction factor"):
         converter_lib.SpectronFeatureConverter(cont_len=10, reduction_factor=4)
+
+
+def test_spec_augment_draws_new_masks_each_epoch_and_repeats_them_on_resume():
+    log_mel = np.random.default_rng(5).normal(loc=-4.0, size=(280, MEL)).astype(np.float32)
+    records = [_serialized_example("one-utterance", log_mel)] * 6
+    epochs = tf.constant([0, 1, 2, 3, 0, 1], tf.int64)  # epochs 0 and 1 read again (a resumed run)
+
+    ds = _parsed_dataset(records, "train")
+    ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(epochs)).map(
+        lambda ex, e: {**ex, preprocessors.EPOCH_FEATURE: e})
+    ds = preprocessors.split_prompt_continuation(ds, prompt_frames=PROMPT_FRAMES, max_continuation_frames=None)
+    out = _numpy(preprocessors.spec_augment(ds, config=preprocessors.SpecAugmentConfig(), splits=("train",)))
+    masks = [(ex["prompt"] != log_mel[:PROMPT_FRAMES]).tobytes() for ex in out]
+    assert len(set(masks[:4])) == 4  # four epochs, four different masks
+    assert masks[4] == masks[0] and masks[5] == masks[1]  # the same (example, epoch), the same masks
+    # Literature defaults (Park et al. 2019, LB): one frequency and one time mask.
+    changed = np.frombuffer(masks[0], bool).reshape(PROMPT_FRAMES, MEL)
+    assert changed.all(axis=0).sum() <= 27 and changed.all(axis=1).sum() <= PROMPT_FRAMES // 3

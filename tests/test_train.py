@@ -251,6 +251,17 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(workdir):
     assert f"saved step {reached}" in output
 
 
+def test_resume_with_a_changed_data_seed_is_refused(workdir, reference_run):
+    model_dir, _ = reference_run
+    before = sorted(os.listdir(model_dir))
+    result = _run(workdir, model_dir, "--gin.TrainConfig.data_seed=7")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "data_seed 0 -> 7" in lines[0] and "accept_data_change" in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(model_dir)) == before
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(workdir, reference_run):
     model_dir = workdir["root"] / "nan"
     result = _run(workdir, model_dir, "--gin.TrainConfig.nan_at_step=11", "--gin.TrainConfig.eval_every_steps=0")
@@ -280,8 +291,12 @@ def _free_port() -> int:
 def test_two_processes_train_and_one_process_continues(workdir):
     model_dir = workdir["root"] / "multihost"
     address = f"127.0.0.1:{_free_port()}"
+    # FSDP across the processes, evaluation with media at steps 0 and 2, two microbatches: every
+    # jitted computation runs on both processes (a process-0-only forward would hang here).
+    pod = ("--gin.MeshConfig.ici=(1,-1,1)", "--gin.TrainConfig.mesh=@MeshConfig()", "--gin.TrainConfig.batch_size=16",
+           "--gin.TrainConfig.step=@StepConfig()", "--gin.StepConfig.microbatches=2")
     procs = [_start(workdir, model_dir, "--gin.TRAIN_STEPS=2", "--gin.CheckpointConfig.save_every_steps=2",
-                    "--gin.TrainConfig.eval_every_steps=0", devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
+                    "--gin.TrainConfig.eval_every_steps=2", *pod, devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
                     SPECTRON_NUM_PROCESSES=2, SPECTRON_PROCESS_ID=i) for i in range(2)]
     outputs = []
     try:
@@ -295,13 +310,37 @@ def test_two_processes_train_and_one_process_continues(workdir):
     assert _checkpoint_steps(model_dir) == [2]
     meta = json.loads((model_dir / "checkpoints" / "2" / "meta" / "metadata").read_text())
     assert meta["process_count"] == 2
+    assert sorted(_eval_records(model_dir)) == [0, 2]
     result = _run(workdir, model_dir, "--gin.TRAIN_STEPS=4", "--gin.CheckpointConfig.save_every_steps=2",
-                  "--gin.TrainConfig.eval_every_steps=0", devices=8)
+                  "--gin.TrainConfig.eval_every_steps=0", *pod, devices=8)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from step 2" in result.stdout
     assert _checkpoint_steps(model_dir) == [2, 4]
     losses = _train_losses(model_dir)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(losses[s]["loss"]) for s in losses)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(workdir):
+    model_dir = workdir["root"] / "multihost_sigterm"
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [_start(workdir, model_dir, "--gin.TRAIN_STEPS=400", "--gin.CheckpointConfig.save_every_steps=2",
+                    "--gin.TrainConfig.eval_every_steps=0", devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
+                    SPECTRON_NUM_PROCESSES=2, SPECTRON_PROCESS_ID=i) for i in range(2)]
+    outputs = []
+    try:
+        assert _wait_for(lambda: 2 in _checkpoint_steps(model_dir), procs[0], timeout=400)
+        procs[1].send_signal(signal.SIGTERM)
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    saved = [[line.split()[3] for line in out.splitlines() if line.startswith("SIGTERM: saved step")] for out in outputs]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+    assert int(saved[0][0]) in _checkpoint_steps(model_dir) and int(saved[0][0]) < 400
 
 
 # ---- in process --------------------------------------------------------------------------------

@@ -308,10 +308,9 @@ class FeatureStats:
             "num_frames": int(self.num_frames),
             "features": self.spec.to_dict(),
         }
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
+        from spectron_jax import filesystem
+
+        filesystem.write_text(path, json.dumps(payload, indent=1))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "FeatureStats":

@@ -7,14 +7,14 @@ Order. Epoch e of host h is a fixed stream: the host's files (seqio.ShardInfo(h,
 order shuffled with a seed derived from (seed, e), their records interleaved deterministically, and the
 records shuffled with a fixed buffer under the same seed. The stream is tagged with each record's
 position in it *before* any preprocessing, then preprocessed (length filter, split, tokenisation,
-SpecAugment seeded by (SpecAugmentConfig.seed, example id)), converted and batched. Epochs follow each other without a
+SpecAugment seeded by (SpecAugmentConfig.seed, epoch, example id)), converted and batched. Epochs follow each other without a
 gap: a batch may hold the last examples of epoch e and the first of e + 1.
 
 Resume. `state()` is {epoch, position, ...} of plain ints: position = records of the current epoch's
 stream consumed by the batches returned so far. `restore(state)` rebuilds the stream of that epoch and
 skips `position` records, before preprocessing, so what comes next is exactly what an uninterrupted
-iterator would have returned (SpecAugment included: its masks depend on the example's id, not on its
-place in the stream). The cost of a restore is reading and parsing at most one epoch's worth of this
+iterator would have returned (SpecAugment included: its masks depend on the example's id and epoch, not on
+its place in the stream). The cost of a restore is reading and parsing at most one epoch's worth of this
 host's records (no preprocessing); tf.data's own iterator checkpoints were not used because they
 serialise the shuffle buffer (hundreds of MB of spectrograms) instead of two integers.
 
@@ -46,10 +46,11 @@ import seqio
 import tensorflow as tf
 
 from spectron_jax.data import converter as converter_lib
+from spectron_jax.data import preprocessors
 
 _log = logging.getLogger(__name__)
 
-_EPOCH = "_input_epoch"
+_EPOCH = preprocessors.EPOCH_FEATURE  # SpecAugment seeds from it
 _POSITION = "_input_position"
 _EPOCH_SEED_STRIDE = 1_000_003  # epoch seed = seed * stride + epoch
 

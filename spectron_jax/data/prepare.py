@@ -43,10 +43,11 @@ import json
 import math
 import os
 import sys
+import tempfile
 from typing import Any, Callable, Sequence
 
 
-from spectron_jax import cli
+from spectron_jax import cli, filesystem
 from spectron_jax.data import features, sources
 from spectron_jax.data.tfrecords import count_records, encode_example, parse_example, shard_name, tfrecord_features  # noqa: F401
 from spectron_jax.data import tfds_source  # imports TF / TFDS only when used
@@ -126,23 +127,19 @@ def plan_shards(listing: sources.Listing, options: PrepareOptions, num_shards: i
 
 
 def _index_path(output_dir: str, name: str) -> str:
-    return os.path.join(output_dir, INDEX_DIR, name + ".json")
+    return filesystem.join(output_dir, INDEX_DIR, name + ".json")
 
 
 def _write_json(path: str, payload: Any) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    filesystem.write_text(path, json.dumps(payload, indent=1))  # atomic (filesystem.write_bytes)
 
 
 def finished_shard(output_dir: str, job: ShardJob) -> dict | None:
     """The index record of `job` if its shard is complete and matches the job, else None."""
     try:
-        with open(_index_path(output_dir, job.name)) as f:
-            record = json.load(f)
-        path = os.path.join(output_dir, job.name)
-        if record.get("fingerprint") != job.fingerprint or os.path.getsize(path) != record["bytes"]:
+        record = json.loads(filesystem.read_text(_index_path(output_dir, job.name)))
+        path = filesystem.join(output_dir, job.name)
+        if record.get("fingerprint") != job.fingerprint or filesystem.size(path) != record["bytes"]:
             return None
         return record if count_records(path) == record["examples"] else None
     except (OSError, ValueError, KeyError, TypeError):
@@ -193,8 +190,10 @@ def write_shard(
     """Featurises the job's files into its shard (temp name, then rename) and writes its index record."""
     import tensorflow as tf
 
-    final = os.path.join(output_dir, job.name)
-    tmp = os.path.join(output_dir, f".tmp-{job.name}-{os.getpid()}")
+    final = filesystem.join(output_dir, job.name)
+    # TFRecordWriter writes local files only: a shard for an object store is staged locally, then uploaded
+    staging = tempfile.mkdtemp(prefix="spectron-prepare-") if filesystem.is_remote(output_dir) else output_dir
+    tmp = os.path.join(staging, f".tmp-{job.name}-{os.getpid()}")
     stats = features.StatsAccumulator(options.spec)
     skips, examples, seconds, frames_total = [], 0, 0.0, 0
     try:
@@ -211,16 +210,21 @@ def write_shard(
                     frames_total += result.shape[0]
                 if progress is not None:
                     progress(len(source.segments))
-        os.replace(tmp, final)
+        if filesystem.is_remote(final):
+            filesystem.copy(tmp, final)
+        else:
+            os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if staging != output_dir:
+            os.rmdir(staging)
     record = {
         "shard": job.name,
         "split": job.split,
         "fingerprint": job.fingerprint,
         "examples": examples,
-        "bytes": os.path.getsize(final),
+        "bytes": filesystem.size(final),
         "seconds": seconds,
         "frames": frames_total,
         "skipped": skips,
@@ -338,17 +342,15 @@ def _remove_stale(output_dir: str, jobs: Sequence[ShardJob]) -> list[str]:
     current = {j.name for j in jobs}
     removed = []
     for split in {j.split for j in jobs}:
-        for path in glob.glob(os.path.join(glob.escape(output_dir), glob.escape(split) + ".tfrecord-*")):
-            if os.path.basename(path) not in current:
-                removed.append(os.path.basename(path))
-                os.remove(path)
-                index = _index_path(output_dir, os.path.basename(path))
-                if os.path.exists(index):
-                    os.remove(index)
-    folder = glob.escape(output_dir)
-    for pattern in (os.path.join(folder, ".tmp-*"), os.path.join(folder, INDEX_DIR, ".tmp-*")):
-        for path in glob.glob(pattern):
-            os.remove(path)
+        for path in filesystem.glob(filesystem.join(output_dir, glob.escape(split) + ".tfrecord-*")):
+            name = filesystem.path(path).name
+            if name not in current:
+                removed.append(name)
+                filesystem.remove_tree(path)
+                filesystem.remove_tree(_index_path(output_dir, name))
+    for folder in (output_dir, filesystem.join(output_dir, INDEX_DIR)):
+        for path in filesystem.glob(filesystem.join(folder, ".tmp-*")):
+            filesystem.remove_tree(path)
     return removed
 
 
@@ -367,7 +369,7 @@ def prepare(
       The report (also written to `output_dir/report.json`); its `run` entry says how many shards
       were written and how many were already complete.
     """
-    os.makedirs(os.path.join(output_dir, INDEX_DIR), exist_ok=True)
+    filesystem.makedirs(filesystem.join(output_dir, INDEX_DIR))
     jobs = plan_shards(listing, options, num_shards)
     done = {job.name: finished_shard(output_dir, job) for job in jobs}
     pending = [job for job in jobs if done[job.name] is None]
@@ -388,13 +390,13 @@ def prepare(
         for record in chosen:
             acc.merge(features.StatsAccumulator.from_dict(record["stats"], options.spec))
         if acc.count:
-            acc.finalize().to_json(os.path.join(output_dir, "stats.json"))
+            acc.finalize().to_json(filesystem.join(output_dir, "stats.json"))
             report["stats"] = {
                 "file": "stats.json",
                 "splits": sorted({r["split"] for r in chosen}),
                 "frames": acc.count,
             }
-    _write_json(os.path.join(output_dir, "report.json"), report)
+    _write_json(filesystem.join(output_dir, "report.json"), report)
     return report
 
 
@@ -481,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         detail = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "no utterances"
         where = f" in splits {args.splits}" if args.splits else ""
         raise cli.InputError(f"{args.input}: nothing usable{where} ({detail})")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+    if filesystem.exists(args.output_dir) and not filesystem.is_dir(args.output_dir):
         raise cli.InputError(f"--output_dir {args.output_dir}: exists and is not a folder")
     workers = (
         args.num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
@@ -503,11 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"prepared {totals['utterances']} utterances ({totals['hours']:.3f} h) in {len(report['splits'])} split(s), "
         f"skipped {totals['skipped']}; shards written {report['run']['shards_written']}, "
-        f"resumed {report['run']['shards_resumed']}; report: {os.path.join(args.output_dir, 'report.json')}"
+        f"resumed {report['run']['shards_resumed']}; report: {filesystem.join(args.output_dir, 'report.json')}"
     )
     if totals["utterances"] == 0:
         raise cli.InputError(
-            f"{args.input}: no utterance could be prepared; see {os.path.join(args.output_dir, 'report.json')}"
+            f"{args.input}: no utterance could be prepared; see {filesystem.join(args.output_dir, 'report.json')}"
         )
     return 0
 

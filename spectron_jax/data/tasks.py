@@ -29,6 +29,7 @@ from typing import Mapping
 import seqio
 import tensorflow as tf
 
+from spectron_jax import filesystem
 from spectron_jax.data import converter as converter_lib
 from spectron_jax.data import features as features_lib
 from spectron_jax.data import preprocessors
@@ -107,8 +108,15 @@ class SplitTaggedTFExampleSource(seqio.TFExampleDataSource):
     """A TFExampleDataSource that also writes the split's name into every example (`split`, tf.string []).
 
     Preprocessors see no split argument in seqio; the tag lets SpecAugment run on the training split
-    only while every split shares one Task.
+    only while every split shares one Task. Shards on an object store are listed and read through
+    `spectron_jax.filesystem` (TensorFlow's own GCS client is not used; see that module).
     """
+
+    def list_shards(self, split: str):
+        pattern = self._split_to_filepattern[split]
+        if isinstance(pattern, str) and filesystem.is_remote(pattern):
+            return filesystem.glob(pattern)
+        return super().list_shards(split)
 
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed=None, shard_info=None, **kwargs):
         dataset = super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
@@ -124,9 +132,9 @@ def load_vocabulary(vocab_path: str) -> seqio.SentencePieceVocabulary:
     e.g. Gemma's (pad 0, eos 1, bos 2, unk 3). pad must be 0 and eos 1; bos (the `sos` that starts
     every text input) may be any other id and reaches the batches through `token_ids`.
     """
-    if not tf.io.gfile.exists(vocab_path):
+    if not filesystem.exists(vocab_path):
         raise FileNotFoundError(f"SentencePiece model not found: {vocab_path}")
-    vocabulary = seqio.SentencePieceVocabulary(vocab_path)
+    vocabulary = seqio.SentencePieceVocabulary(filesystem.local_copy(vocab_path))
     wanted = {
         "pad": (vocabulary.pad_id, converter_lib.PAD_ID),
         "eos": (vocabulary.eos_id, converter_lib.EOS_ID),
@@ -193,7 +201,7 @@ def task_preprocessors(config: TaskConfig) -> list:
 
 def shard_patterns(data_dir: str) -> dict[str, str]:
     """{split: file pattern of its shards} under `data_dir`."""
-    return {split: os.path.join(data_dir, SHARD_PATTERN.format(split=split)) for split in SPLITS}
+    return {split: filesystem.join(data_dir, SHARD_PATTERN.format(split=split)) for split in SPLITS}
 
 
 def register_task(
@@ -206,6 +214,7 @@ def register_task(
         source=SplitTaggedTFExampleSource(
             split_to_filepattern=shard_patterns(data_dir),
             feature_description=preprocessors.FEATURE_DESCRIPTION,
+            reader_cls=filesystem.tfrecord_reader(data_dir),
         ),
         preprocessors=task_preprocessors(config),
         output_features=output_features(vocabulary, config.phi_split),

@@ -15,7 +15,6 @@ imported inside the functions, so importing this module stays cheap.
 
 from __future__ import annotations
 
-import os
 import struct
 
 import numpy as np
@@ -55,8 +54,10 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 def count_records(path: str) -> int:
     """Number of records in a TFRecord file, from its length headers; ValueError if it is truncated."""
-    size, count, position = os.path.getsize(path), 0, 0
-    with open(path, "rb") as f:
+    from spectron_jax import filesystem
+
+    size, count, position = filesystem.size(path), 0, 0
+    with filesystem.path(path).open("rb") as f:
         while position < size:
             header = f.read(12)  # uint64 length + uint32 masked crc of the length
             if len(header) < 12:
