@@ -69,23 +69,26 @@ def component_param_counts(params: Any) -> dict[str, int]:
 
 def write_bundle_json(export_dir: str, info: dict) -> dict:
     """Adds bundle.json to an export folder written by `checkpoints.export` (`info`: its export.json)."""
-    from spectron_jax.models.spectron_model import SpectronModel
+    from spectron_jax import cli
 
     root = epath.Path(export_dir)
     config_text = (root / checkpoints.CONFIG_FILENAME).read_text()
-    model_config = _model_config_from_gin(config_text)
-    abstract = SpectronModel(model_config).abstract_params
-    counts = component_param_counts(abstract.to_pure_dict() if hasattr(abstract, "to_pure_dict") else abstract)
+    params = checkpoints.load_exported_params(str(export_dir))
     meta = {
         **info,
         "format": 1,
-        "num_params_per_component": counts,
+        "num_params_per_component": component_param_counts(params),
         "task": _task_name(config_text),
-        "reduction_factor": int(model_config.reduction_factor),
-        "stop_head": bool(model_config.acoustic.stop_head),
-        "vocab_size": int(model_config.decoder.vocab_size),
         "feature_spec": features.SPECTRON_FEATURES.to_dict(),
     }
+    try:
+        model_config = _model_config_from_gin(config_text)
+    except cli.CLIError:  # a config.gin without a Spectron model (e.g. a bare decoder run)
+        model_config = None
+    if model_config is not None:
+        meta.update(reduction_factor=int(model_config.reduction_factor),
+                    stop_head=bool(model_config.acoustic.stop_head),
+                    vocab_size=int(model_config.decoder.vocab_size))
     (root / BUNDLE_FILENAME).write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -108,7 +111,8 @@ def load_bundle(export_dir: str) -> Bundle:
         raise FileNotFoundError(f"{export_dir}: no {BUNDLE_FILENAME} (not an export folder?)")
     meta = json.loads(meta_path.read_text())
     model_config = _model_config_from_gin((root / checkpoints.CONFIG_FILENAME).read_text())
-    params = checkpoints.load_exported_params(str(export_dir))
+    # orbax stores list indices as strings; the module's graph wants them back as ints.
+    params = checkpoints.unflatten_paths(checkpoints.flatten_paths(checkpoints.load_exported_params(str(export_dir))))
     spec = features.FeatureSpec.from_dict(meta["feature_spec"]) if "feature_spec" in meta else features.SPECTRON_FEATURES
     tokenizer = None
     if (root / checkpoints.TOKENIZER_FILENAME).exists():
