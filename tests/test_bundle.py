@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from spectron_jax import bundle, checkpoints
 from spectron_jax.models.spectron_model import SpectronModel
@@ -55,6 +56,7 @@ def _train_dir(tmp_path):
     return model, params, model_dir
 
 
+@pytest.mark.slow  # export + load + compile of a tiny model: ~30-60 s on 2 loaded cores
 def test_bundle_round_trip_loss_fp32_and_bf16(tmp_path):
     from spectron_jax import export as export_cli
 

@@ -33,6 +33,7 @@ def _prompts(lengths=(16, 9, 12), length=16, seed=0):
     return frames, mask
 
 
+@pytest.mark.slow  # two compiles of generate + the teacher-forced pass: ~30 s each on 2 loaded cores
 @pytest.mark.parametrize("r", [1, 2])
 def test_cached_generation_equals_teacher_forced_forward(r):
     model, params = _model(r, stop_head=True)

@@ -33,6 +33,7 @@ def _speechlike(seconds=1.0, rate=22050):
     return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
 
 
+@pytest.mark.slow  # export + load + compile of a tiny model: ~30-60 s on 2 loaded cores
 def test_infer_writes_every_output_and_rejects_bad_files(export_dir, tmp_path):
     good = _write(tmp_path / "good.flac", _speechlike())  # stereo flac at 22.05 kHz: mixed down, resampled
     out = tmp_path / "out"
