@@ -50,8 +50,9 @@ class Bundle:
 
 
 def _model_config_from_gin(config_text: str):
-    from spectron_jax import gin_config
+    from spectron_jax import gin_config, train
 
+    train.register_train_configurables()  # the operative config of a run also binds the training configs
     gin_config.parse_gin(gin_files=[], bindings=[config_text], finalize=False)
     return gin_config.build("SpectronConfig")
 
