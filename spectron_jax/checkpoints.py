@@ -342,11 +342,13 @@ def export(model_dir: str, output_dir: str, dtype: str = "float32", step: Option
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     directory = step_state_dir(model_dir, step)
+    if "://" not in directory:
+        directory = os.path.abspath(directory)  # orbax reads no metadata from a relative path
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = checkpointer.metadata(directory)
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
-    if "params" not in tree:
+    if not tree or "params" not in tree:
         raise ValueError(f"{directory}: checkpoint has no params")
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
