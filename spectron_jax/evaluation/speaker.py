@@ -12,6 +12,7 @@ same utterance.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -27,7 +28,9 @@ class SpeakerEncoder:
     name = "resemblyzer 0.1.4 GE2E speaker encoder"
 
     def __init__(self):
-        from resemblyzer import VoiceEncoder
+        with warnings.catch_warnings():  # webrtcvad imports the deprecated pkg_resources
+            warnings.simplefilter("ignore", UserWarning)
+            from resemblyzer import VoiceEncoder
 
         self._encoder = VoiceEncoder("cpu", verbose=False)
 
