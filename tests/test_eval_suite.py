@@ -2,7 +2,7 @@
 
 `ScriptedInferencer` below is a test double of `spectron_jax.infer.Inferencer` (same `run` and
 `teacher_forced_frames` contract) so the suites, scorers and reports are exercised on real corpus audio
-here; the run over a real exported model is in `test_eval_export.py`.
+with real scorers and a real (tiny, random) Spectron decoder as the text LM.
 """
 
 import json
