@@ -130,7 +130,8 @@ def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], sco
         if len(panels) < PLOT_EXAMPLES:
             panels.append({"id": ex.id, "prompt": np.asarray(result.prompt_frames),
                            "generated": np.asarray(result.frames), "true": true_frames})
-    return writer.rows, panels
+    wanted = {ex.id for ex in examples}
+    return [row for row in writer.rows if row["id"] in wanted], panels
 
 
 def _scores(rows: Sequence[dict], key: str) -> list[TextScore]:

@@ -69,6 +69,7 @@ def run(make_inferencer: Callable[[float], Any], suite: str, examples: Sequence[
     """
     spec = features.SPECTRON_FEATURES
     writer = runner.RowWriter(output_dir, suite, resume=config.resume)
+    wanted = {ex.id for ex in examples}
     todo = [ex for ex in examples if ex.id not in writer.done]
     # Questions are short (LLaMA-Questions: 1.5-5.5 s), so the whole set is held in memory to size the window.
     loaded = list(runner.load_examples(todo, skips))
@@ -81,7 +82,7 @@ def run(make_inferencer: Callable[[float], Any], suite: str, examples: Sequence[
     if config.write_wavs:
         wav_dir.mkdir(parents=True, exist_ok=True)
     if not loaded:
-        return writer.rows, facts
+        return [row for row in writer.rows if row["id"] in wanted], facts
     inferencer = make_inferencer(window)
     for item, result in runner.run_batched(inferencer, loaded, config.batch_size, skips,
                                            lambda it: it.wave[:samples], len(loaded), suite):
@@ -103,7 +104,7 @@ def run(make_inferencer: Callable[[float], Any], suite: str, examples: Sequence[
             vocoder_lib.write_wav(wav_dir / f"{name}_answer.wav", answer_wave, spec.sample_rate)
             row["wavs"] = {"answer": f"wavs/{name}_answer.wav"}
         writer.add(row)
-    return writer.rows, facts
+    return [row for row in writer.rows if row["id"] in wanted], facts
 
 
 def metrics(rows: Sequence[dict]) -> dict[str, float]:
