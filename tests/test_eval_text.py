@@ -112,3 +112,26 @@ def test_continuation_sources(tmp_path, repo_root):
     (shards / "test.tfrecord-00000-of-00001").write_bytes(b"")
     with pytest.raises(datasets.DatasetError, match="log-mel features, not audio"):
         datasets.continuation_examples(str(shards))
+
+
+def test_comparison_table_of_several_reports(tmp_path):
+    import subprocess
+    import sys
+
+    from spectron_jax.evaluation import report
+
+    for name, ppl in (("paper", 300.5), ("no_text_ce", 900.25)):
+        folder = tmp_path / name
+        folder.mkdir()
+        payload = {"suite": "continuation", "metrics": {"num_examples": 4, "asr_log_ppl": ppl, "text_wer": None}}
+        (folder / "metrics.json").write_text(json.dumps(payload))
+    proc = subprocess.run([sys.executable, str(__import__("pathlib").Path(__file__).parent.parent / "launch" / "eval_table.py"),
+                           f"--eval=paper={tmp_path / 'paper'}", f"--eval=no_text_ce={tmp_path / 'no_text_ce'}",
+                           f"--output={tmp_path / 'table.md'}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert lines[2].startswith("| the paper's Spectron | – | 126.08 (the paper's)")
+    assert lines[3] == "| paper | 4 | 300.500 | n/a |" and lines[4] == "| no_text_ce | 4 | 900.250 | n/a |"
+    with pytest.raises(ValueError, match="different suites"):
+        report.comparison_markdown({"a": {"suite": "continuation", "metrics": {}},
+                                    "b": {"suite": "llama_questions", "metrics": {}}})

@@ -218,3 +218,31 @@ def write(output_dir: epath.Path, suite: str, values: Mapping[str, Any], rows: S
         text += "\n## Plots\n\n" + "".join(f"![{p}]({p})\n" for p in plots)
     (output_dir / "report.md").write_text(text)
     return plots
+
+
+def comparison_markdown(entries: Mapping[str, Mapping[str, Any]]) -> str:
+    """One table over several evaluations of one suite (e.g. the points of a sweep).
+
+    Args:
+      entries: name -> a metrics.json payload (`write` writes them); all of the same suite.
+
+    Returns:
+      Markdown: a row per entry, a column per figure of `PAPER[suite]` that any entry has, plus the
+      paper's Spectron value as the first row (marked as the paper's) where it reports one.
+    """
+    suites = {payload["suite"] for payload in entries.values()}
+    if len(suites) != 1:
+        raise ValueError(f"cannot compare evaluations of different suites: {sorted(suites)}")
+    suite = suites.pop()
+    columns = [(key, label, paper) for key, label, paper, _ in PAPER[suite]
+               if any(key in payload["metrics"] for payload in entries.values())]
+    lines = [f"| {suite} | examples | " + " | ".join(label for _, label, _ in columns) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    if any(paper is not None for _, _, paper in columns):
+        lines.append("| the paper's Spectron | – | " + " | ".join(
+            "–" if paper is None else f"{paper} (the paper's)" for _, _, paper in columns) + " |")
+    for name, payload in entries.items():
+        values = payload["metrics"]
+        lines.append(f"| {name} | {values.get('num_examples', 0)} | "
+                     + " | ".join(_format(values.get(key)) for key, _, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
