@@ -174,8 +174,21 @@ def test_llama_questions_suite_feeds_long_questions_whole(tmp_path, embedded_dir
     cut = _args(suite="llama_questions", data_dir=str(tmp_path), output_dir=str(tmp_path / "cut"), text_lm="none",
                 speaker="none", naturalness="none", long_questions="truncate", asr="none")
     double = ScriptedInferencer()
-    eval_cli.evaluate(cut, None, lambda seconds: double, runner.Scorers())
-    assert max(double.prompt_samples) == 3 * 16000
+
+    class FailingOnLongASR:  # test double: a recogniser that fails on one answer
+        name = "failing"
+
+        def transcribe(self, waves):
+            if waves[0].size == 3 * 16000:
+                raise RuntimeError("recogniser crashed")
+            return ["a lantern"]
+
+    values = eval_cli.evaluate(cut, None, lambda seconds: double, runner.Scorers(asr=FailingOnLongASR()))
+    assert max(double.prompt_samples) == 3 * 16000  # the 4.3 s question was cut to the window
+    payload = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert payload["skipped"]["by_reason"] == {"missing_file": 1, "scoring_error": 1}
+    assert "recogniser crashed" in json.dumps(payload["skipped"]["examples"])
+    assert values["num_examples"] == 1 and values["speech_accuracy"] == 0.0  # "a lantern" is question 2's answer
 
 
 def test_eval_cli_errors_are_one_line(tmp_path):

@@ -68,6 +68,52 @@ def _text(*parts: str) -> str:
     return " ".join(p.strip() for p in parts if p and p.strip())
 
 
+def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Scorers, resynth: Any,
+           config: ContinuationConfig, wav_dir: epath.Path, prompt_samples: int, prompt_frames: int) -> dict:
+    """One example's row (see the module docstring for its figures); writes its wavs."""
+    spec = features.SPECTRON_FEATURES
+    ex = item.example
+    true_wave = item.wave[prompt_samples:]
+    true_frames = features.log_mel(item.wave, spec)[prompt_frames:]
+    try:
+        teacher = inferencer.teacher_forced_frames([item.wave], [ex.text])[0]
+    except Exception:  # noqa: BLE001 - the figure is left out for this example, the rest is kept
+        teacher = None
+    generated = np.asarray(result.waveform, np.float32)
+    row = {
+        "id": ex.id, "speaker": ex.speaker, "reference": ex.text,
+        "prompt_transcript": result.prompt_transcript, "text_continuation": result.text_continuation,
+        "model_text": _text(result.prompt_transcript, result.text_continuation),
+        "stop_reason": result.stop_reason,
+        "true_frames": int(len(true_frames)), "generated_frames": int(len(result.frames)),
+        "true_seconds": true_wave.size / spec.sample_rate, "generated_seconds": generated.size / spec.sample_rate,
+        "l1_teacher_forced": _l1(teacher, true_frames), "l1_free_running": _l1(result.frames, true_frames),
+    }
+    if scorers.asr is not None:
+        row["asr_transcript"] = scorers.asr.transcribe([generated])[0]
+    if scorers.text_lm is not None:
+        texts = [result.text_continuation] + ([row["asr_transcript"]] if "asr_transcript" in row else [])
+        scores = scorers.text_lm.score(texts)
+        row["continuation_lm"] = dataclasses.asdict(scores[0])
+        if len(scores) > 1:
+            row["asr_lm"] = dataclasses.asdict(scores[1])
+    if scorers.speaker is not None:
+        emb = scorers.speaker.embed([item.wave[:prompt_samples], generated, true_wave])
+        row["speaker_sim_generated"] = cosine(emb[0], emb[1])
+        row["speaker_sim_true"] = cosine(emb[0], emb[2])
+    resynthesized = resynth(true_frames) if scorers.dnsmos is not None or config.write_wavs else None
+    if scorers.dnsmos is not None:
+        for system, wave in zip(SYSTEMS, (generated, true_wave, resynthesized)):
+            row[f"dnsmos_{system}"] = scorers.dnsmos.score(wave)
+    if config.write_wavs:
+        name = runner.safe_name(ex.id)
+        for kind, wave in (("prompt", item.wave[:prompt_samples]), ("generated", generated),
+                           ("true", true_wave), ("resynthesized", resynthesized)):
+            vocoder_lib.write_wav(wav_dir / f"{name}_{kind}.wav", wave, spec.sample_rate)
+        row["wavs"] = {kind: f"wavs/{name}_{kind}.wav" for kind in ("prompt", "generated", "true", "resynthesized")}
+    return row
+
+
 def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], scorers: runner.Scorers,
         output_dir: epath.Path, config: ContinuationConfig = ContinuationConfig()) -> tuple[list[dict], list[dict]]:
     """Runs the suite; returns (rows of every example, plot panels of the first few run now).
@@ -88,48 +134,16 @@ def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], sco
     for item, result in runner.run_batched(inferencer, loaded, config.batch_size, skips,
                                            lambda it: it.wave[:prompt_samples], len(todo), SUITE):
         ex = item.example
-        true_wave = item.wave[prompt_samples:]
-        true_frames = features.log_mel(item.wave, spec)[prompt_frames:]
         try:
-            teacher = inferencer.teacher_forced_frames([item.wave], [ex.text])[0]
-        except Exception:  # noqa: BLE001 - the figure is left out for this example, the rest is kept
-            teacher = None
-        generated = np.asarray(result.waveform, np.float32)
-        row = {
-            "id": ex.id, "speaker": ex.speaker, "reference": ex.text,
-            "prompt_transcript": result.prompt_transcript, "text_continuation": result.text_continuation,
-            "model_text": _text(result.prompt_transcript, result.text_continuation),
-            "stop_reason": result.stop_reason,
-            "true_frames": int(len(true_frames)), "generated_frames": int(len(result.frames)),
-            "true_seconds": true_wave.size / spec.sample_rate, "generated_seconds": generated.size / spec.sample_rate,
-            "l1_teacher_forced": _l1(teacher, true_frames), "l1_free_running": _l1(result.frames, true_frames),
-        }
-        if scorers.asr is not None:
-            row["asr_transcript"] = scorers.asr.transcribe([generated])[0]
-        if scorers.text_lm is not None:
-            texts = [result.text_continuation] + ([row["asr_transcript"]] if "asr_transcript" in row else [])
-            scores = scorers.text_lm.score(texts)
-            row["continuation_lm"] = dataclasses.asdict(scores[0])
-            if len(scores) > 1:
-                row["asr_lm"] = dataclasses.asdict(scores[1])
-        if scorers.speaker is not None:
-            emb = scorers.speaker.embed([item.wave[:prompt_samples], generated, true_wave])
-            row["speaker_sim_generated"] = cosine(emb[0], emb[1])
-            row["speaker_sim_true"] = cosine(emb[0], emb[2])
-        resynthesized = resynth(true_frames) if scorers.dnsmos is not None or config.write_wavs else None
-        if scorers.dnsmos is not None:
-            for system, wave in zip(SYSTEMS, (generated, true_wave, resynthesized)):
-                row[f"dnsmos_{system}"] = scorers.dnsmos.score(wave)
-        if config.write_wavs:
-            name = runner.safe_name(ex.id)
-            for kind, wave in (("prompt", item.wave[:prompt_samples]), ("generated", generated),
-                               ("true", true_wave), ("resynthesized", resynthesized)):
-                vocoder_lib.write_wav(wav_dir / f"{name}_{kind}.wav", wave, spec.sample_rate)
-            row["wavs"] = {kind: f"wavs/{name}_{kind}.wav" for kind in ("prompt", "generated", "true", "resynthesized")}
+            row = _score(inferencer, item, result, scorers, resynth, config, wav_dir, prompt_samples, prompt_frames)
+        except Exception as e:  # noqa: BLE001 - one example's failure is counted, not fatal
+            skips.append(runner.scoring_skip(ex, e))
+            continue
         writer.add(row)
         if len(panels) < PLOT_EXAMPLES:
             panels.append({"id": ex.id, "prompt": np.asarray(result.prompt_frames),
-                           "generated": np.asarray(result.frames), "true": true_frames})
+                           "generated": np.asarray(result.frames),
+                           "true": features.log_mel(item.wave, spec)[prompt_frames:]})
     wanted = {ex.id for ex in examples}
     return [row for row in writer.rows if row["id"] in wanted], panels
 

@@ -75,11 +75,17 @@ def run_batched(inferencer: Any, loaded: Iterable[Loaded], batch_size: int, skip
                     try:
                         pairs.append((item, inferencer.run([prompt_of(item)])[0]))
                     except Exception as e:  # noqa: BLE001 - counted and reported, not fatal
-                        skips.append(Skip(item.example.id, item.example.audio, None, "inference_error",
-                                          " ".join(f"{type(e).__name__}: {e}".split())[:300]))
+                        skip = scoring_skip(item.example, e)
+                        skips.append(dataclasses.replace(skip, reason="inference_error"))
             for pair in pairs:
                 yield pair
             bar.update(len(chunk))
+
+
+def scoring_skip(example: EvalExample, error: Exception) -> Skip:
+    """The skip of an example whose scoring raised (the message, one line, at most 300 characters)."""
+    detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return Skip(example.id, example.audio, None, "scoring_error", detail)
 
 
 class RowWriter:

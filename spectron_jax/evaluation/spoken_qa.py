@@ -60,6 +60,30 @@ def prompt_window(waves: Sequence[np.ndarray], config: QAConfig) -> float:
     return max(config.prompt_seconds, math.ceil(longest * 10) / 10)
 
 
+def _score(item: runner.Loaded, result: Any, scorers: runner.Scorers, config: QAConfig, wav_dir: epath.Path,
+           samples: int) -> dict:
+    """One question's row; writes its spoken answer."""
+    spec = features.SPECTRON_FEATURES
+    ex = item.example
+    answer_wave = np.asarray(result.waveform, np.float32)
+    row = {
+        "id": ex.id, "question": ex.text, "answers": list(ex.answers),
+        "question_seconds": item.wave.size / spec.sample_rate,
+        "truncated": bool(item.wave.size > samples),
+        "prompt_transcript": result.prompt_transcript, "text_answer": result.text_continuation,
+        "text_correct": text_metrics.any_answer_found(ex.answers, result.text_continuation),
+        "stop_reason": result.stop_reason, "answer_seconds": answer_wave.size / spec.sample_rate,
+    }
+    if scorers.asr is not None:
+        row["asr_answer"] = scorers.asr.transcribe([answer_wave])[0]
+        row["speech_correct"] = text_metrics.any_answer_found(ex.answers, row["asr_answer"])
+    if config.write_wavs:
+        name = runner.safe_name(ex.id)
+        vocoder_lib.write_wav(wav_dir / f"{name}_answer.wav", answer_wave, spec.sample_rate)
+        row["wavs"] = {"answer": f"wavs/{name}_answer.wav"}
+    return row
+
+
 def run(make_inferencer: Callable[[float], Any], suite: str, examples: Sequence[EvalExample], skips: list[Skip],
         scorers: runner.Scorers, output_dir: epath.Path, config: QAConfig = QAConfig()) -> tuple[list[dict], dict]:
     """Runs a QA suite. `make_inferencer(prompt_seconds)` builds the inferencer for the window chosen.
@@ -86,23 +110,11 @@ def run(make_inferencer: Callable[[float], Any], suite: str, examples: Sequence[
     inferencer = make_inferencer(window)
     for item, result in runner.run_batched(inferencer, loaded, config.batch_size, skips,
                                            lambda it: it.wave[:samples], len(loaded), suite):
-        ex = item.example
-        answer_wave = np.asarray(result.waveform, np.float32)
-        row = {
-            "id": ex.id, "question": ex.text, "answers": list(ex.answers),
-            "question_seconds": item.wave.size / spec.sample_rate,
-            "truncated": bool(item.wave.size > samples),
-            "prompt_transcript": result.prompt_transcript, "text_answer": result.text_continuation,
-            "text_correct": text_metrics.any_answer_found(ex.answers, result.text_continuation),
-            "stop_reason": result.stop_reason, "answer_seconds": answer_wave.size / spec.sample_rate,
-        }
-        if scorers.asr is not None:
-            row["asr_answer"] = scorers.asr.transcribe([answer_wave])[0]
-            row["speech_correct"] = text_metrics.any_answer_found(ex.answers, row["asr_answer"])
-        if config.write_wavs:
-            name = runner.safe_name(ex.id)
-            vocoder_lib.write_wav(wav_dir / f"{name}_answer.wav", answer_wave, spec.sample_rate)
-            row["wavs"] = {"answer": f"wavs/{name}_answer.wav"}
+        try:
+            row = _score(item, result, scorers, config, wav_dir, samples)
+        except Exception as e:  # noqa: BLE001 - one example's failure is counted, not fatal
+            skips.append(runner.scoring_skip(item.example, e))
+            continue
         writer.add(row)
     return [row for row in writer.rows if row["id"] in wanted], facts
 
