@@ -85,8 +85,9 @@ def _format(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _scorer_note(key: str, kind: str, names: Mapping[str, str]) -> str:
-    if kind.startswith("dnsmos") or key.startswith("dnsmos"):
+def _scorer_note(key: str, names: Mapping[str, str]) -> str:
+    """Which scorer(s) produced the figure `key`; '' for figures computed here."""
+    if key.startswith("dnsmos"):
         return names.get("dnsmos", "")
     return " + ".join(names[k] for k in SCORED_BY.get(key, ()) if k in names)
 
@@ -100,7 +101,7 @@ def markdown(suite: str, values: Mapping[str, Any], scorers: Mapping[str, str], 
         if key not in values:
             continue
         theirs = f"{paper} (the paper's: {paper_label})" if paper is not None else "–"
-        lines.append(f"| {label} | {_format(values[key])} | {theirs} | {_scorer_note(key, key, scorers) or 'this tool'} |")
+        lines.append(f"| {label} | {_format(values[key])} | {theirs} | {_scorer_note(key, scorers) or 'this tool'} |")
     shown = {key for key, *_ in PAPER[suite]}
     extra = [(k, v) for k, v in values.items() if k not in shown and k != "num_examples"]
     if extra:
