@@ -9,6 +9,8 @@ floating parameters to bfloat16, and writes (see `spectron_jax.checkpoints.expor
     OUT/config.gin       the run's operative config
     OUT/tokenizer.model  the SentencePiece model of the run
     OUT/export.json      step, dtype, parameter count
+    OUT/bundle.json      + parameters per component, reduction factor, stop head, feature spec
+                         (`spectron_jax.bundle`; `bundle.load_bundle(OUT)` reads it all back)
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         info = checkpoints.export(args.model_dir, args.output_dir, dtype=args.dtype, step=args.step)
+        from spectron_jax import bundle
+
+        bundle.write_bundle_json(args.output_dir, info)
     except (FileNotFoundError, ValueError) as e:
         raise cli.InputError(f"--model_dir={args.model_dir}: {' '.join(str(e).split())}") from None
     print(f"exported step {info['step']} ({info['num_params']:,} parameters, {info['dtype']}) to {args.output_dir}")

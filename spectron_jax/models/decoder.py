@@ -168,6 +168,9 @@ class Embedder(nnx.Module):
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens int [batch, length] -> embeddings [batch, length, embed] (computation dtype)."""
         dtype = jnp.dtype(self.dtype)
+        # Out-of-range ids (e.g. in padded slots) would embed as NaN under `jnp.take`'s fill mode and
+        # spread to valid outputs through attention: clip them to a real row instead.
+        tokens = jnp.clip(jnp.asarray(tokens, jnp.int32), 0, self.table.shape[0] - 1)
         x = jnp.take(self.table[...], tokens, axis=0).astype(dtype)
         if self.scale_by_sqrt_dim:
             x = x * jnp.asarray(math.sqrt(self.model_dim), dtype)

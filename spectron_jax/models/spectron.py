@@ -199,6 +199,7 @@ class Spectron(nnx.Module):
                       deterministic: bool) -> tuple[jax.Array, jax.Array]:
         """Prompt log-mel [batch, prompt_len, mel] + mask [batch, prompt_len] -> prefix [batch, F, embed],
         prefix_valid bool [batch, F] (F = prompt_len / 4, rounded up)."""
+        prompt_frames = jnp.where(jnp.asarray(prompt_mask)[..., None] > 0, prompt_frames, 0.0)  # padded: may be NaN
         encoded, encoded_mask = self.encoder(prompt_frames, prompt_mask, deterministic=deterministic)
         return self.projection(encoded), encoded_mask
 
@@ -225,6 +226,8 @@ class Spectron(nnx.Module):
           step_valid int32 [batch, S].
         """
         cfg = self.config.acoustic
+        # Padded frames may hold anything (NaN included): zero them so they cannot reach valid slots.
+        cont_frames = jnp.where(jnp.asarray(cont_mask)[..., None] > 0, cont_frames, 0.0)
         raw, step_valid = acoustic.prenet_inputs(cont_frames, cont_mask, cfg.reduction_factor, cfg.prenet_input)
         pre = self._prenet(raw, deterministic, rngs)
         inputs = jnp.concatenate([self._eos_embedding(pre.shape[0]).astype(pre.dtype), pre[:, 1:]], axis=1)

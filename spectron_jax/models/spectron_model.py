@@ -230,6 +230,9 @@ class SpectronModel:
         `rng` keys the pre-net's inference-time dropout (`prenet_dropout_at_inference`); pass a fresh key
         per step for Tacotron-style variation.
         """
+        if rng is None and self.config.acoustic.prenet_dropout_at_inference and previous is not None:
+            # Without a key every call would rebuild the same stream and so draw the same mask.
+            raise ValueError("speech_step: the pre-net keeps dropout at inference; pass a fresh `rng` per step")
         module = self.merge(params, rng=rng)
         rngs = None if rng is None else nnx.Rngs(dropout=jax.random.fold_in(rng, 1))
         return module.speech_step(previous, cache, start=start, valid=valid, rngs=rngs)

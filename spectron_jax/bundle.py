@@ -1,0 +1,122 @@
+"""Export bundles: what inference and evaluation load (params only, no optimizer state, no data).
+
+    EXPORT/params/          orbax pytree of the parameters (float32 or bfloat16)
+    EXPORT/config.gin       the run's operative config
+    EXPORT/tokenizer.model  the SentencePiece model
+    EXPORT/export.json      step, dtype, parameter count (written by `checkpoints.export`)
+    EXPORT/bundle.json      the above plus per-component parameter counts, reduction factor, stop head,
+                            training task and the feature spec (`data/features.py`)
+
+`load_bundle(EXPORT)` rebuilds the `SpectronModel` from config.gin (no gin search path is needed: the
+operative config is self-contained) and reads the parameters onto one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from etils import epath
+
+from spectron_jax import checkpoints
+from spectron_jax.data import features
+
+BUNDLE_FILENAME = "bundle.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """A loaded export.
+
+    Attributes:
+      model: the `SpectronModel` of config.gin.
+      params: nested dict of arrays (what `SpectronModel`'s pure functions take).
+      tokenizer: the `seqio.SentencePieceVocabulary` (None when the export has no tokenizer).
+      meta: the parsed bundle.json.
+      feature_spec: the `features.FeatureSpec` the model reads and writes.
+      export_dir: where it was loaded from.
+    """
+
+    model: Any
+    params: Any
+    tokenizer: Any
+    meta: dict
+    feature_spec: features.FeatureSpec
+    export_dir: str = ""
+
+
+def _model_config_from_gin(config_text: str):
+    from spectron_jax import gin_config
+
+    gin_config.parse_gin(gin_files=[], bindings=[config_text], finalize=False)
+    return gin_config.build("SpectronConfig")
+
+
+def _task_name(config_text: str) -> Optional[str]:
+    match = re.search(r"^\s*(?:TASK_NAME|task_name|MIXTURE_OR_TASK_NAME)\s*=\s*['\"]([^'\"]+)['\"]", config_text,
+                      re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def component_param_counts(params: Any) -> dict[str, int]:
+    """{top-level component: parameter count} of a params tree."""
+    return {str(name): int(sum(np.prod(x.shape) for x in jax.tree.leaves(sub))) for name, sub in params.items()}
+
+
+def write_bundle_json(export_dir: str, info: dict) -> dict:
+    """Adds bundle.json to an export folder written by `checkpoints.export` (`info`: its export.json)."""
+    from spectron_jax.models.spectron_model import SpectronModel
+
+    root = epath.Path(export_dir)
+    config_text = (root / checkpoints.CONFIG_FILENAME).read_text()
+    model_config = _model_config_from_gin(config_text)
+    abstract = SpectronModel(model_config).abstract_params
+    counts = component_param_counts(abstract.to_pure_dict() if hasattr(abstract, "to_pure_dict") else abstract)
+    meta = {
+        **info,
+        "format": 1,
+        "num_params_per_component": counts,
+        "task": _task_name(config_text),
+        "reduction_factor": int(model_config.reduction_factor),
+        "stop_head": bool(model_config.acoustic.stop_head),
+        "vocab_size": int(model_config.decoder.vocab_size),
+        "feature_spec": features.SPECTRON_FEATURES.to_dict(),
+    }
+    (root / BUNDLE_FILENAME).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def load_bundle(export_dir: str) -> Bundle:
+    """Loads an export folder (local or gs://).
+
+    Raises:
+      FileNotFoundError: not an export folder (no bundle.json / export.json / config.gin / params).
+    """
+    from spectron_jax.models.spectron_model import SpectronModel
+
+    root = epath.Path(export_dir)
+    if not (root / checkpoints.CONFIG_FILENAME).exists():
+        raise FileNotFoundError(f"{export_dir}: no {checkpoints.CONFIG_FILENAME} (not an export folder?)")
+    meta_path = root / BUNDLE_FILENAME
+    if not meta_path.exists():
+        meta_path = root / checkpoints.EXPORT_INFO_FILENAME
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{export_dir}: no {BUNDLE_FILENAME} (not an export folder?)")
+    meta = json.loads(meta_path.read_text())
+    model_config = _model_config_from_gin((root / checkpoints.CONFIG_FILENAME).read_text())
+    params = checkpoints.load_exported_params(str(export_dir))
+    spec = features.FeatureSpec.from_dict(meta["feature_spec"]) if "feature_spec" in meta else features.SPECTRON_FEATURES
+    tokenizer = None
+    if (root / checkpoints.TOKENIZER_FILENAME).exists():
+        from spectron_jax.data import tasks
+
+        tokenizer = tasks.load_vocabulary(str(root / checkpoints.TOKENIZER_FILENAME))
+    return Bundle(model=SpectronModel(model_config), params=params, tokenizer=tokenizer, meta=meta,
+                  feature_spec=spec, export_dir=str(export_dir))
+
+
+__all__ = ["BUNDLE_FILENAME", "Bundle", "component_param_counts", "load_bundle", "write_bundle_json"]
