@@ -6,7 +6,8 @@ the vocoder turns into audio. Per example (one row of examples.jsonl) and pooled
 
   text_wer / text_cer        the model's text (prompt transcript + text continuation) vs the reference
                              transcript of the whole utterance (the model is trained to write all of it);
-  continuation_text_ppl      perplexity of the model's text continuation under the scoring text LM;
+  continuation_text_ppl      perplexity of the model's text continuation under the scoring text LM (its
+                             whole text when it writes no prompt / continuation separator);
   asr_log_ppl                perplexity, under the same LM, of the ASR transcript of the generated speech
                              (the paper's "log-PPL" column; its scorer was GPT-2 Medium, see `text_lm`);
   speech_text_wer            ASR transcript of the generated speech vs the model's text continuation
@@ -82,7 +83,7 @@ def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Sc
     generated = np.asarray(result.waveform, np.float32)
     row = {
         "id": ex.id, "speaker": ex.speaker, "reference": ex.text,
-        "prompt_transcript": result.prompt_transcript, "text_continuation": result.text_continuation,
+        "prompt_transcript": result.prompt_transcript, "text_continuation": runner.continuation_text(result),
         "model_text": _text(result.prompt_transcript, result.text_continuation),
         "stop_reason": result.stop_reason,
         "true_frames": int(len(true_frames)), "generated_frames": int(len(result.frames)),
@@ -92,7 +93,7 @@ def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Sc
     if scorers.asr is not None:
         row["asr_transcript"] = scorers.asr.transcribe([generated])[0]
     if scorers.text_lm is not None:
-        texts = [result.text_continuation] + ([row["asr_transcript"]] if "asr_transcript" in row else [])
+        texts = [row["text_continuation"]] + ([row["asr_transcript"]] if "asr_transcript" in row else [])
         scores = scorers.text_lm.score(texts)
         row["continuation_lm"] = dataclasses.asdict(scores[0])
         if len(scores) > 1:

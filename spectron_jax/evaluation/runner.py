@@ -120,6 +120,16 @@ class RowWriter:
             f.write(json.dumps(row, allow_nan=True) + "\n")
 
 
+def continuation_text(result: Any) -> str:
+    """The model's text after its transcript of the prompt.
+
+    `Inferencer` returns it as `text_continuation` when the model writes a separator between the two;
+    otherwise the whole text is in `prompt_transcript` (there is no word alignment to split it), and the
+    whole text stands for the continuation.
+    """
+    return (result.text_continuation or "").strip() or (result.prompt_transcript or "").strip()
+
+
 def finite_mean(values: Sequence[float]) -> float:
     """Mean of the finite values; NaN when there are none."""
     arr = np.asarray([v for v in values if v is not None], np.float64)

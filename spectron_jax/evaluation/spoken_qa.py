@@ -8,7 +8,9 @@ the question, then a continuation, which is its answer) and then speaks. Two acc
 
 (`text_metrics.answer_found`: whole-word match after the evaluation's one normaliser.) The model's
 transcript of the question is not searched, so an answer that the question itself contains does not
-count. `question_wer` is that transcript vs the question text.
+count; when the model writes no separator between the two, its whole text is searched
+(`runner.continuation_text`), so an answer inside the question then counts too. `question_wer` is the
+transcript vs the question text.
 
 Questions longer than the prompt window: 122 of LLaMA-Questions' 300 are longer than 3 s. The paper's
 questions were synthesised to fit the window; the released audio was not. `QAConfig.long_questions`
@@ -70,8 +72,8 @@ def _score(item: runner.Loaded, result: Any, scorers: runner.Scorers, config: QA
         "id": ex.id, "question": ex.text, "answers": list(ex.answers),
         "question_seconds": item.wave.size / spec.sample_rate,
         "truncated": bool(item.wave.size > samples),
-        "prompt_transcript": result.prompt_transcript, "text_answer": result.text_continuation,
-        "text_correct": text_metrics.any_answer_found(ex.answers, result.text_continuation),
+        "prompt_transcript": result.prompt_transcript, "text_answer": runner.continuation_text(result),
+        "text_correct": text_metrics.any_answer_found(ex.answers, runner.continuation_text(result)),
         "stop_reason": result.stop_reason, "answer_seconds": answer_wave.size / spec.sample_rate,
     }
     if scorers.asr is not None:
