@@ -1,0 +1,175 @@
+"""`eval`: score an exported model on speech continuation or spoken question answering.
+
+    python -m spectron_jax.eval --export_dir=DIR --suite=continuation --data_dir=data --output_dir=OUT
+    python -m spectron_jax.eval --export_dir=DIR --suite=llama_questions --data_dir=LLAMA1-Test-Set --output_dir=OUT
+    python -m spectron_jax.eval --export_dir=DIR --suite=web_questions --data_dir=webq/manifest.jsonl --output_dir=OUT
+
+Suites (data layouts in `spectron_jax.evaluation.datasets`, figures in `evaluation.continuation` and
+`evaluation.spoken_qa`): `continuation` (the embedded corpus's test split for `--data_dir=data`, a
+LibriSpeech tree such as `LibriSpeech/test-clean`, or a manifest), `llama_questions`, `web_questions`.
+
+Scorers (all offline by default): `--asr=pocketsphinx|whisper:<name-or-path>|none`,
+`--text_lm=bundle|hf:<name-or-path>|none` (`bundle`: the model's own decoder, a proxy LM),
+`--speaker=resemblyzer|none`, `--naturalness=dnsmos|none`.
+
+Writes OUT/metrics.json, report.md, examples.jsonl, wavs/, plots/ (see `evaluation.report`). A bad
+example (missing or corrupt audio, too short, an inference error) is counted and skipped with its
+reason; a rerun into the same OUT resumes, reusing the rows already written (`--noresume` starts over).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional, Sequence
+
+from spectron_jax import cli
+
+SUITES = ("continuation", "llama_questions", "web_questions")
+
+
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="spectron_jax.eval", description="Evaluate an exported Spectron model.")
+    p.add_argument("--export_dir", required=True, help="a folder written by spectron_jax.export")
+    p.add_argument("--suite", required=True, choices=SUITES)
+    p.add_argument("--data_dir", required=True, help="the suite's data (see spectron_jax.evaluation.datasets)")
+    p.add_argument("--output_dir", required=True, help="where the report is written")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
+    p.add_argument("--batch_size", type=int, default=4, help="examples per inference call")
+    p.add_argument("--split", default=None, help="continuation: rows of this split (default: test / all)")
+    p.add_argument("--asr", default="pocketsphinx", help="pocketsphinx | whisper:<name-or-path> | none")
+    p.add_argument("--text_lm", default="bundle", help="bundle | hf:<name-or-path> | none")
+    p.add_argument("--speaker", default="resemblyzer", choices=("resemblyzer", "none"))
+    p.add_argument("--naturalness", default="dnsmos", choices=("dnsmos", "none"))
+    p.add_argument("--long_questions", default="full", choices=("full", "truncate"),
+                   help="QA: feed a question longer than the prompt window whole, or cut it")
+    p.add_argument("--max_frames", type=int, default=None, help="frame budget of the spoken continuation")
+    p.add_argument("--temperature", type=float, default=None, help="text sampling temperature (0: greedy)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--nowavs", dest="wavs", action="store_false", help="do not write the generated wavs")
+    p.add_argument("--noresume", dest="resume", action="store_false", help="ignore rows of an earlier run")
+    return p
+
+
+def make_scorers(args: Any, bundle: Any):
+    """The scorers the flags ask for (each loads its model once here)."""
+    from spectron_jax.evaluation import runner
+
+    scorers = runner.Scorers()
+    try:
+        if args.asr != "none":
+            from spectron_jax.evaluation.asr import make_asr
+
+            scorers.asr = make_asr(args.asr)
+        if args.text_lm != "none" and args.suite == "continuation":
+            from spectron_jax.evaluation.text_lm import make_text_lm
+
+            scorers.text_lm = make_text_lm(args.text_lm, bundle)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    except OSError as e:  # a transformers name or path that is not there
+        raise cli.InputError(f"cannot load a scorer: {' '.join(str(e).split())[:300]}") from None
+    if args.speaker == "resemblyzer" and args.suite == "continuation":
+        from spectron_jax.evaluation.speaker import SpeakerEncoder
+
+        scorers.speaker = SpeakerEncoder()
+    if args.naturalness == "dnsmos" and args.suite == "continuation":
+        from spectron_jax.evaluation.naturalness import DNSMOS
+
+        scorers.dnsmos = DNSMOS()
+    return scorers
+
+
+def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], scorers: Any) -> dict:
+    """Runs `args.suite` and writes its report; returns the metrics.json payload's `metrics`.
+
+    `make_inferencer(prompt_seconds)` returns an object with `run(waves)` and `teacher_forced_frames`
+    (`spectron_jax.infer.Inferencer`). Raises `cli.InputError` when `--data_dir` cannot be read.
+    """
+    from etils import epath
+
+    from spectron_jax.evaluation import continuation, datasets, report, spoken_qa
+
+    out = epath.Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.suite == "continuation":
+            examples, skips = datasets.continuation_examples(args.data_dir, args.split)
+        elif args.suite == "llama_questions":
+            examples, skips = datasets.llama_questions_examples(args.data_dir)
+        else:
+            examples, skips = datasets.web_questions_examples(args.data_dir)
+    except datasets.DatasetError as e:
+        raise cli.InputError(str(e)) from None
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    if not examples:
+        raise cli.InputError(f"--data_dir={args.data_dir}: no examples for --suite={args.suite}")
+    prompt_seconds = float(getattr(args, "prompt_seconds", 3.0))
+    settings = {"export_dir": args.export_dir, "data_dir": args.data_dir, "suite": args.suite,
+                "limit": args.limit, "batch_size": args.batch_size, "prompt_seconds": prompt_seconds}
+    notes = []
+    if args.suite == "continuation":
+        config = continuation.ContinuationConfig(prompt_seconds=prompt_seconds, batch_size=args.batch_size,
+                                                 write_wavs=args.wavs, resume=args.resume)
+        rows, panels = continuation.run(make_inferencer(prompt_seconds), examples, skips, scorers, out, config)
+        values = continuation.metrics(rows)
+        notes.append(f"Prompt: the first {prompt_seconds:g} s of each utterance; the rest is the true continuation.")
+    else:
+        config = spoken_qa.QAConfig(prompt_seconds=prompt_seconds, long_questions=args.long_questions,
+                                    batch_size=args.batch_size, write_wavs=args.wavs, resume=args.resume)
+        rows, facts = spoken_qa.run(make_inferencer, args.suite, examples, skips, scorers, out, config)
+        values, panels = spoken_qa.metrics(rows), []
+        settings.update(facts)
+        how = ("fed whole: the prompt window was widened to {w:g} s" if facts["long_questions"] == "full"
+               else "cut to the first {w:g} s").format(w=facts["prompt_window_seconds"])
+        notes.append(f"{facts['questions_longer_than_prompt']} questions are longer than the "
+                     f"{prompt_seconds:g} s training prompt window; they were {how}.")
+    if "asr" in scorers.names() and scorers.names()["asr"].startswith("pocketsphinx"):
+        notes.append("ASR figures come from PocketSphinx, a weak recogniser (about 0.9 WER on synthetic "
+                     "voices); a stronger ASR (--asr=whisper:...) gives more meaningful transcripts.")
+    if scorers.text_lm is not None and getattr(scorers.text_lm, "name", "").endswith("(proxy LM)"):
+        notes.append("Perplexities are under the model's own decoder (a proxy); the paper used GPT-2 Medium "
+                     "(--text_lm=hf:<path to gpt2-medium>).")
+    report.write(out, args.suite, values, rows, skips, scorers.names(), settings, panels, notes)
+    return values
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise cli.UsageError(f"--batch_size={args.batch_size}: must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise cli.UsageError(f"--limit={args.limit}: must be at least 1")
+    if not os.path.exists(args.data_dir) and not args.data_dir.startswith("gs://"):
+        raise cli.InputError(f"--data_dir={args.data_dir}: no such file or folder")
+    from spectron_jax import bundle as bundle_lib
+    from spectron_jax import decoding, infer
+
+    try:
+        bundle = bundle_lib.load_bundle(args.export_dir)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise cli.InputError(f"--export_dir={args.export_dir}: {' '.join(str(e).split())}") from None
+    # orbax restores the integer keys of layer lists (`nnx.to_pure_dict`) as strings; give them back as ints.
+    from spectron_jax import checkpoints
+
+    bundle = dataclasses.replace(bundle, params=checkpoints.unflatten_paths(checkpoints.flatten_paths(bundle.params)))
+    overrides = {k: getattr(args, k) for k in ("max_frames", "temperature", "seed") if getattr(args, k) is not None}
+    fields = {f.name for f in dataclasses.fields(decoding.DecodeConfig)}
+    base = decoding.DecodeConfig(**{k: v for k, v in overrides.items() if k in fields})
+    args.prompt_seconds = base.prompt_seconds
+
+    def make_inferencer(prompt_seconds: float):
+        return infer.Inferencer(bundle, dataclasses.replace(base, prompt_seconds=prompt_seconds))
+
+    scorers = make_scorers(args, bundle)
+    values = evaluate(args, bundle, make_inferencer, scorers)
+    shown = {k: v for k, v in values.items() if k in ("num_examples", "asr_log_ppl", "speaker_sim_generated",
+                                                      "text_wer", "text_accuracy", "speech_accuracy")}
+    print(f"{args.suite}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in shown.items()) + f"; report in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,157 @@
+"""What every suite shares: loading audio with skips, batched inference, resumable per-example rows.
+
+A suite turns `EvalExample`s into one JSON row each (`examples.jsonl`): every number that its metrics
+are pooled from, so that `metrics.json` is a pure function of the rows and a run that stops can resume
+(rows already written for the same suite are reused, their examples not run again). A bad example
+(missing or corrupt audio, too short, an inference error) becomes a `Skip` with its reason instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+from spectron_jax.data import features
+from spectron_jax.evaluation.datasets import EvalExample, Skip
+
+EXAMPLES_FILENAME = "examples.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """An example with its audio: wave [samples] float32 16 kHz."""
+
+    example: EvalExample
+    wave: np.ndarray
+
+
+def load_examples(examples: Iterable[EvalExample], skips: list[Skip],
+                  min_seconds: float = 0.0) -> Iterator[Loaded]:
+    """Reads each example's audio; a missing / corrupt / too-short file is appended to `skips`."""
+    for ex in examples:
+        try:
+            wave = features.load_audio(ex.audio)
+        except features.AudioError as e:
+            skips.append(Skip(ex.id, ex.audio, None, e.reason, e.detail))
+            continue
+        seconds = wave.size / features.SPECTRON_FEATURES.sample_rate
+        if seconds < min_seconds:
+            skips.append(Skip(ex.id, ex.audio, None, "too_short", f"{seconds:.2f} s < {min_seconds:.2f} s"))
+            continue
+        yield Loaded(ex, wave)
+
+
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run_batched(inferencer: Any, loaded: Iterable[Loaded], batch_size: int, skips: list[Skip],
+                prompt_of: Callable[[Loaded], np.ndarray], total: int, desc: str) -> Iterator[tuple[Loaded, Any]]:
+    """Runs `inferencer.run` on the prompts of `batch_size` examples at a time, with a progress bar.
+
+    An exception from a batch is retried example by example; an example that still fails is skipped
+    with reason `inference_error`, so one bad input never ends the suite.
+    """
+    with tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, leave=False) as bar:
+        for chunk in batches(loaded, batch_size):
+            try:
+                results = inferencer.run([prompt_of(item) for item in chunk])
+                pairs = list(zip(chunk, results, strict=True))
+            except Exception:  # noqa: BLE001 - isolate the failing example below
+                pairs = []
+                for item in chunk:
+                    try:
+                        pairs.append((item, inferencer.run([prompt_of(item)])[0]))
+                    except Exception as e:  # noqa: BLE001 - counted and reported, not fatal
+                        skip = scoring_skip(item.example, e)
+                        skips.append(dataclasses.replace(skip, reason="inference_error"))
+            for pair in pairs:
+                yield pair
+            bar.update(len(chunk))
+
+
+def scoring_skip(example: EvalExample, error: Exception) -> Skip:
+    """The skip of an example whose scoring raised (the message, one line, at most 300 characters)."""
+    detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return Skip(example.id, example.audio, None, "scoring_error", detail)
+
+
+class RowWriter:
+    """Appends one JSON row per example to OUT/examples.jsonl; remembers the rows of an earlier run.
+
+    Rows of another suite (a different `suite` field) are not reused: the file is started afresh.
+    """
+
+    def __init__(self, output_dir: epath.Path, suite: str, resume: bool = True):
+        self.path = output_dir / EXAMPLES_FILENAME
+        self.suite = suite
+        self.rows: list[dict] = []
+        if resume and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interrupted write
+                if isinstance(row, dict) and row.get("suite") == suite:
+                    self.rows.append(row)
+        self.done = {row["id"] for row in self.rows}
+        self._flush_all()
+
+    def _flush_all(self) -> None:
+        self.path.write_text("".join(json.dumps(row, allow_nan=True) + "\n" for row in self.rows))
+
+    def add(self, row: dict) -> None:
+        row = {"suite": self.suite, **row}
+        self.rows.append(row)
+        self.done.add(row["id"])
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, allow_nan=True) + "\n")
+
+
+def continuation_text(result: Any) -> str:
+    """The model's text after its transcript of the prompt.
+
+    `Inferencer` returns it as `text_continuation` when the model writes a separator between the two;
+    otherwise the whole text is in `prompt_transcript` (there is no word alignment to split it), and the
+    whole text stands for the continuation.
+    """
+    return (result.text_continuation or "").strip() or (result.prompt_transcript or "").strip()
+
+
+def finite_mean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN when there are none."""
+    arr = np.asarray([v for v in values if v is not None], np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def safe_name(example_id: str) -> str:
+    """An example id as a file name (anything but letters, digits, '-', '_' and '.' becomes '_')."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in example_id) or "example"
+
+
+@dataclasses.dataclass
+class Scorers:
+    """The scorers a suite uses; None leaves that figure out (the report says which one made which)."""
+
+    asr: Any = None  # asr.Transcriber
+    text_lm: Any = None  # text_lm.TextLM
+    speaker: Any = None  # speaker.SpeakerEncoder
+    dnsmos: Any = None  # naturalness.DNSMOS
+
+    def names(self) -> dict[str, str]:
+        """kind -> the name of the system that scores it, for the scorers that are set."""
+        return {kind: getattr(getattr(self, kind), "name", type(getattr(self, kind)).__name__)
+                for kind in ("asr", "text_lm", "speaker", "dnsmos") if getattr(self, kind) is not None}

@@ -1,0 +1,75 @@
+"""The offline scorers on corpus audio: resemblyzer speaker similarity, DNSMOS, PocketSphinx."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from spectron_jax.data import features
+from spectron_jax.evaluation import asr, naturalness, speaker
+
+
+def _corpus(embedded_dir, speakers, per_speaker):
+    rows = [line.split("\t") for line in (embedded_dir / "manifest.tsv").read_text().splitlines()[1:]]
+    picked = []
+    for spk in speakers:
+        mine = [r for r in rows if r[3] == spk][:per_speaker]
+        picked += [(r[3], features.load_audio(embedded_dir / r[1]), r[2]) for r in mine]
+    return picked
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return speaker.SpeakerEncoder()
+
+
+@pytest.fixture(scope="module")
+def dnsmos():
+    return naturalness.DNSMOS()
+
+
+@pytest.mark.slow
+def test_same_voice_pairs_rank_above_different_voice_pairs(encoder, embedded_dir):
+    utterances = _corpus(embedded_dir, ["spk01", "spk03", "spk06", "spk08"], 3)
+    emb = encoder.embed([wave for _, wave, _ in utterances])
+    assert emb.shape == (12, speaker.EMBEDDING_DIM)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    same, different = [], []
+    for i, j in itertools.combinations(range(len(utterances)), 2):
+        (same if utterances[i][0] == utterances[j][0] else different).append(speaker.cosine(emb[i], emb[j]))
+    # Relative order over all (same, different) pairs of pairs, not a fixed threshold.
+    wins = np.mean([s > d for s in same for d in different])
+    assert wins > 0.8, (wins, np.mean(same), np.mean(different))
+
+
+def test_cosine_reference_and_degenerate_inputs(encoder):
+    a, b = np.array([1.0, 2.0, 2.0]), np.array([2.0, 0.0, 1.0])
+    assert speaker.cosine(a, b) == pytest.approx(4.0 / (3.0 * np.sqrt(5.0)))
+    assert np.isnan(speaker.cosine(a, np.zeros(3)))
+    emb = encoder.embed([np.zeros(16000, np.float32), np.zeros(10, np.float32)])
+    assert np.all(np.isnan(emb))  # silence and 10 samples have no speaker
+
+
+def test_dnsmos_prefers_speech_to_noise_and_clipping(dnsmos, embedded_dir):
+    (_, wave, _), = _corpus(embedded_dir, ["spk02"], 1)
+    noise = np.random.default_rng(0).normal(0.0, 0.3, wave.size).astype(np.float32)
+    clipped = np.clip(wave * 50.0, -0.05, 0.05) * 10.0  # heavily clipped copy at a similar level
+    clean, hiss, harsh = dnsmos.score(wave), dnsmos.score(noise), dnsmos.score(clipped)
+    for key in ("p808_mos", "ovrl_mos", "sig_mos"):
+        assert clean[key] > hiss[key] and clean[key] > harsh[key], (key, clean, hiss, harsh)
+    assert all(np.isnan(v) for v in dnsmos.score(wave[:100]).values())
+
+
+@pytest.mark.slow
+def test_pocketsphinx_transcribes_corpus_speech_better_than_noise(embedded_dir):
+    from spectron_jax.evaluation import text_metrics
+
+    recogniser = asr.make_asr("pocketsphinx")
+    utterances = _corpus(embedded_dir, ["spk05"], 1)
+    texts = recogniser.transcribe([wave for _, wave, _ in utterances] + [np.zeros(0, np.float32)])
+    assert texts[-1] == "" and len(texts) == 2
+    # Weak on synthetic voices, but it shares words with the reference (a random guess shares none).
+    refs = {w for _, _, ref in utterances for w in text_metrics.normalize(ref).split()}
+    assert refs & set(text_metrics.normalize(" ".join(texts)).split())
+    with pytest.raises(ValueError, match="unknown ASR"):
+        asr.make_asr("kaldi")

@@ -1,0 +1,137 @@
+"""Text normalisation, error rates, answer matching and the evaluation sets' file quirks."""
+
+import json
+
+import pytest
+
+from spectron_jax.evaluation import datasets, text_metrics
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("Don't STOP!", "dont stop"),
+    ("  Café   au-lait ", "cafe au lait"),
+    ("10,000 miles in 1969", "ten thousand miles in one thousand nine hundred sixty nine"),
+    ("the 3rd of May", "the 3rd of may"),
+    ("Nobel’s prize; (1901)", "nobels prize one thousand nine hundred one"),
+    ("\"quoted\"  & spaced\t", "quoted spaced"),
+    ("", ""),
+])
+def test_normalize_hand_cases(raw, want):
+    assert text_metrics.normalize(raw) == want
+
+
+def test_number_words():
+    assert text_metrics.number_to_words(0) == "zero"
+    assert text_metrics.number_to_words(42) == "forty two"
+    assert text_metrics.number_to_words(1_000_017) == "one million seventeen"
+    with pytest.raises(ValueError):
+        text_metrics.number_to_words(-1)
+
+
+@pytest.mark.parametrize("answer, hypothesis, found", [
+    ("Paris", "I think it is Paris, France.", True),
+    ("par", "paris is big", False),  # whole words only
+    ("George Washington", "it was george washington who", True),
+    ("Washington George", "it was george washington", False),  # order matters
+    ("4", "the answer is four", True),  # digits vs spelled-out numbers
+    ("Mercury", "", False),
+    ("...", "anything at all", False),  # an answer with no words is never found
+    ("The Beatles", "the beatles", True),
+])
+def test_answer_found(answer, hypothesis, found):
+    assert text_metrics.answer_found(answer, hypothesis) is found
+
+
+def test_any_answer_found():
+    assert text_metrics.any_answer_found(["Jamaica", "Kingston"], "he lived in kingston")
+    assert not text_metrics.any_answer_found([], "he lived in kingston")
+
+
+def test_error_rates_against_hand_counts():
+    # "the cat sat" vs "the bat sat down": 1 substitution + 1 insertion over 3 words; "a b" vs "a b": 0.
+    refs, hyps = ["The cat sat.", "A b", ""], ["the bat sat down", "a b", "ignored: empty reference"]
+    assert text_metrics.word_error_rate(refs, hyps) == pytest.approx(2 / 5)
+    # Characters: "the cat sat" (11) -> "the bat sat down": 1 substitution + 5 insertions; "a b" (3): 0.
+    assert text_metrics.char_error_rate(refs, hyps) == pytest.approx(6 / 14)
+    assert text_metrics.word_error_rate([""], ["x"]) != text_metrics.word_error_rate([""], ["x"])  # NaN
+
+
+def test_llama_questions_tsv_quirks(tmp_path):
+    # CRLF line endings, an unescaped quote inside a question, trailing spaces, a blank line, a short row.
+    body = ("Questions\tAnswer\tWav Filename \r\n"
+            "What is the \"Big Apple\"? \tNew York City \t1.wav\r\n"
+            "Who wrote \"Hamlet?\tShakespeare\t2.wav   \r\n"
+            "\r\n"
+            "a broken row\r\n"
+            "How many legs does a spider have?\t8\t3.wav\r\n")
+    (tmp_path / datasets.LLAMA_QUESTIONS_TSV).write_bytes(body.encode("utf-8"))
+    examples, skips = datasets.llama_questions_examples(str(tmp_path))
+    assert [(e.id, e.text, e.answers) for e in examples] == [
+        ("1", 'What is the "Big Apple"?', ("New York City",)),
+        ("2", 'Who wrote "Hamlet?', ("Shakespeare",)),
+        ("3", "How many legs does a spider have?", ("8",)),
+    ]
+    assert examples[1].audio == str(tmp_path / "2.wav")
+    assert [s.reason for s in skips] == ["malformed_line"] and skips[0].source.endswith(":5")
+
+
+def test_llama_questions_missing_tsv_is_one_error(tmp_path):
+    with pytest.raises(datasets.DatasetError, match="llama_questions_300.tsv"):
+        datasets.llama_questions_examples(str(tmp_path))
+
+
+def test_web_questions_manifests(tmp_path):
+    rows = [{"audio": "q/0.wav", "question": "what is the capital of peru?", "answers": ["Lima"]},
+            {"audio": "q/1.wav", "question": "who?", "answers": []},
+            {"id": "x7", "audio": "q/2.wav", "question": "where?", "answers": ["Here", "There"]}]
+    jsonl = tmp_path / "manifest.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    examples, skips = datasets.web_questions_examples(str(tmp_path))
+    assert [(e.id, e.answers) for e in examples] == [("0", ("Lima",)), ("x7", ("Here", "There"))]
+    assert examples[0].audio == str(tmp_path / "q" / "0.wav")
+    assert sorted(s.reason for s in skips) == ["malformed_line", "malformed_line"]
+    tsv = tmp_path / "webq.tsv"
+    tsv.write_text("audio\tquestion\tanswers\r\nq/0.wav\twhat is \"it\"?\tLima | Lima, Peru \r\n")
+    examples, skips = datasets.web_questions_examples(str(tsv))
+    assert examples[0].answers == ("Lima", "Lima, Peru") and examples[0].text == 'what is "it"?' and not skips
+
+
+def test_continuation_sources(tmp_path, repo_root):
+    examples, skips = datasets.continuation_examples(str(repo_root / "data"))
+    manifest = (repo_root / "data" / "embedded" / "manifest.tsv").read_text().splitlines()
+    test_ids = [line.split("\t")[0] for line in manifest[1:] if line.split("\t")[5] == "test"]
+    assert [e.id for e in examples] == test_ids and not skips
+    tree = tmp_path / "test-clean" / "19" / "198"
+    tree.mkdir(parents=True)
+    (tree / "19-198.trans.txt").write_text("19-198-0000 NORTHANGER ABBEY\n19-198-0001 THIS LITTLE WORK\n")
+    examples, _ = datasets.continuation_examples(str(tmp_path / "test-clean"))
+    assert [(e.id, e.speaker, e.text) for e in examples] == [("19-198-0000", "19", "NORTHANGER ABBEY"),
+                                                             ("19-198-0001", "19", "THIS LITTLE WORK")]
+    shards = tmp_path / "prepared"
+    shards.mkdir()
+    (shards / "test.tfrecord-00000-of-00001").write_bytes(b"")
+    with pytest.raises(datasets.DatasetError, match="log-mel features, not audio"):
+        datasets.continuation_examples(str(shards))
+
+
+def test_comparison_table_of_several_reports(tmp_path):
+    import subprocess
+    import sys
+
+    from spectron_jax.evaluation import report
+
+    for name, ppl in (("paper", 300.5), ("no_text_ce", 900.25)):
+        folder = tmp_path / name
+        folder.mkdir()
+        payload = {"suite": "continuation", "metrics": {"num_examples": 4, "asr_log_ppl": ppl, "text_wer": None}}
+        (folder / "metrics.json").write_text(json.dumps(payload))
+    proc = subprocess.run([sys.executable, str(__import__("pathlib").Path(__file__).parent.parent / "launch" / "eval_table.py"),
+                           f"--eval=paper={tmp_path / 'paper'}", f"--eval=no_text_ce={tmp_path / 'no_text_ce'}",
+                           f"--output={tmp_path / 'table.md'}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert lines[2].startswith("| the paper's Spectron | – | 126.08 (the paper's)")
+    assert lines[3] == "| paper | 4 | 300.500 | n/a |" and lines[4] == "| no_text_ce | 4 | 900.250 | n/a |"
+    with pytest.raises(ValueError, match="different suites"):
+        report.comparison_markdown({"a": {"suite": "continuation", "metrics": {}},
+                                    "b": {"suite": "llama_questions", "metrics": {}}})

@@ -1,0 +1,41 @@
+"""launch/synthesize_questions.py: WebQuestions answers parsing, espeak-ng audio, a manifest the suite reads."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import soundfile
+
+from spectron_jax.evaluation import datasets
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "launch"))
+import synthesize_questions  # noqa: E402
+
+
+def test_target_answers():
+    assert synthesize_questions.target_answers('(list (description "Jazmine Sullivan") (description Paris))') == [
+        "Jazmine Sullivan", "Paris"]
+    assert synthesize_questions.target_answers('(list (description "The \\"Boss\\""))') == ['The "Boss"']
+    assert synthesize_questions.target_answers("") == []
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_speaks_a_manifest_the_web_questions_suite_reads(tmp_path, repo_root):
+    questions = tmp_path / "webq.json"
+    questions.write_text(json.dumps([
+        {"utterance": "where is the louvre?", "targetValue": "(list (description Paris))"},
+        {"utterance": "", "targetValue": "(list (description Nothing))"},
+        {"utterance": "who wrote hamlet?", "targetValue": "(list (description \"William Shakespeare\"))"}]))
+    out = tmp_path / "webq"
+    proc = subprocess.run([sys.executable, str(repo_root / "launch" / "synthesize_questions.py"),
+                           f"--questions={questions}", f"--output_dir={out}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    examples, skips = datasets.web_questions_examples(str(out / "manifest.jsonl"))
+    assert [(e.id, e.text, e.answers) for e in examples] == [
+        ("0", "where is the louvre?", ("Paris",)), ("2", "who wrote hamlet?", ("William Shakespeare",))]
+    assert not skips
+    for e in examples:
+        info = soundfile.info(e.audio)
+        assert info.samplerate == 16000 and info.channels == 1 and 0.5 < info.duration < 5.0
