@@ -150,10 +150,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bundle = bundle_lib.load_bundle(args.export_dir)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise cli.InputError(f"--export_dir={args.export_dir}: {' '.join(str(e).split())}") from None
-    # orbax restores the integer keys of layer lists (`nnx.to_pure_dict`) as strings; give them back as ints.
-    from spectron_jax import checkpoints
-
-    bundle = dataclasses.replace(bundle, params=checkpoints.unflatten_paths(checkpoints.flatten_paths(bundle.params)))
     overrides = {k: getattr(args, k) for k in ("max_frames", "temperature", "seed") if getattr(args, k) is not None}
     fields = {f.name for f in dataclasses.fields(decoding.DecodeConfig)}
     base = decoding.DecodeConfig(**{k: v for k, v in overrides.items() if k in fields})
