@@ -11,24 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-RUN_GIN = """
-SpectronConfig.encoder = @ConformerConfig()
-SpectronConfig.decoder = @DecoderConfig()
-SpectronConfig.acoustic = @AcousticConfig()
-ConformerConfig.model_dim = 32
-ConformerConfig.num_layers = 1
-ConformerConfig.num_heads = 2
-ConformerConfig.conv_kernel_size = 5
-ConformerConfig.subsampling_channels = 8
-DecoderConfig.vocab_size = 512
-DecoderConfig.model_dim = 64
-DecoderConfig.num_layers = 1
-DecoderConfig.num_heads = 4
-DecoderConfig.num_kv_heads = 1
-DecoderConfig.head_dim = 16
-DecoderConfig.mlp_dim = 128
-AcousticConfig.prenet_dims = (32,)
-AcousticConfig.postnet_hidden = 64
+from tests.test_train import MODEL_GIN
+
+RUN_GIN = MODEL_GIN + """
 MODEL_DIR = %gin.REQUIRED
 DATA_DIR = %gin.REQUIRED
 TRAIN_STEPS = 4
