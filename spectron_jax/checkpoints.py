@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from typing import Any, Mapping, Optional, Sequence
 

@@ -23,6 +23,20 @@ features would be wrapped as
 
 and handed to whatever takes a `Vocoder` (the inference and evaluation tools). Keep the output mono
 float32 in [-1, 1] (`limit_peak` does that) so `write_wav` stores it without clipping.
+
+Batches
+-------
+Decoding hands out a padded `[batch, max_frames, 128]` buffer plus per-row lengths; `synthesize_batch`
+turns it into one wave per row. A vocoder may define `batch(log_mel, lengths) -> list of waves` (a neural
+vocoder would run the padded buffer in one jitted call and cut each row to `(num_frames - 1) * hop`
+samples); `synthesize_batch` uses it when present and otherwise calls the vocoder row by row:
+
+    waves = synthesize_batch(vocoder, out["frames"], out["num_frames"])   # list of [samples] float32
+
+`GriffinLimVocoder.batch` is a loop over rows: each row's result must not depend on the others, and
+Griffin-Lim's seeded random initial phase and its length-dependent edges (the ISTFT of a padded row
+differs from the unpadded one at the end) make a stacked STFT over padded rows differ from row-by-row
+synthesis; the loop keeps `batch(...)[i] == vocoder(log_mel[i, :lengths[i]])` exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -137,6 +151,51 @@ class GriffinLimVocoder:
         wave = features.log_mel_to_audio(log_mel, spec, n_iter=self.n_iter, seed=self.seed)
         return limit_peak(wave, self.peak, self.normalize)
 
+    def batch(self, log_mel: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
+        """Synthesises every row of a padded batch (row i equals `self(log_mel[i, :lengths[i]])`).
+
+        Args:
+          log_mel: [batch, frames, mel] log-mel; frames past a row's length are ignored.
+          lengths: [batch] valid frames per row; a row with fewer than 2 frames gives an empty wave.
+
+        Returns:
+          batch waves, row i of shape [(lengths[i] - 1) * hop] float32 ([0] when lengths[i] < 2).
+        """
+        log_mel, lengths = _check_batch(log_mel, lengths, self.feature_spec.num_mel)
+        return [self(row[:n]) if n >= 2 else np.zeros((0,), np.float32) for row, n in zip(log_mel, lengths)]
+
+
+def _check_batch(log_mel: np.ndarray, lengths: Sequence[int], num_mel: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validates a padded batch: ([batch, frames, mel] array, [batch] int lengths within frames)."""
+    log_mel = np.asarray(log_mel)
+    lengths = np.asarray(lengths).astype(np.int64).reshape(-1)
+    if log_mel.ndim != 3 or log_mel.shape[2] != num_mel:
+        raise ValueError(f"vocoder batch: expected log-mel [batch, frames, {num_mel}], got shape {log_mel.shape}")
+    if lengths.shape[0] != log_mel.shape[0]:
+        raise ValueError(f"vocoder batch: {lengths.shape[0]} lengths for {log_mel.shape[0]} rows")
+    if np.any(lengths < 0) or np.any(lengths > log_mel.shape[1]):
+        raise ValueError(f"vocoder batch: lengths must be in [0, {log_mel.shape[1]}], got {lengths.tolist()}")
+    return log_mel, lengths
+
+
+def synthesize_batch(vocoder: Vocoder, log_mel: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
+    """One wave per row of a padded decoder output, with any `Vocoder`.
+
+    Args:
+      vocoder: uses its `batch(log_mel, lengths)` when it has one, else calls it on each row.
+      log_mel: [batch, frames, mel] log-mel (e.g. `decoding.generate`'s "frames").
+      lengths: [batch] valid frames per row (its "num_frames").
+
+    Returns:
+      batch float32 waves at `vocoder.sample_rate`; rows with fewer than 2 frames give [0].
+    """
+    batch_fn = getattr(vocoder, "batch", None)
+    if callable(batch_fn):
+        return [np.asarray(w, np.float32) for w in batch_fn(log_mel, lengths)]
+    log_mel, lengths = _check_batch(log_mel, lengths, np.asarray(log_mel).shape[-1])
+    return [np.asarray(vocoder(row[:n]), np.float32) if n >= 2 else np.zeros((0,), np.float32)
+            for row, n in zip(log_mel, lengths)]
+
 
 def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int) -> str:
     """Writes a mono wave as a 16-bit PCM WAV file, creating missing parent folders.
@@ -165,4 +224,4 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int) -> st
     return path
 
 
-__all__ = ["DEFAULT_PEAK", "GriffinLimVocoder", "MAX_LOG_MEL", "Vocoder", "limit_peak", "write_wav"]
+__all__ = ["DEFAULT_PEAK", "GriffinLimVocoder", "MAX_LOG_MEL", "Vocoder", "limit_peak", "synthesize_batch", "write_wav"]

@@ -120,3 +120,39 @@ def test_write_wav_round_trip(tmp_path):
     np.testing.assert_allclose(data, expected, atol=1.0 / 32767)
     with pytest.raises(ValueError, match="out.wav"):
         vocoder.write_wav(path, np.zeros((10, 2)), 16000)
+
+
+def test_batch_equals_per_row_synthesis_for_rows_of_different_lengths():
+    rng = np.random.default_rng(5)
+    lengths = [9, 14, 1, 7]  # a row shorter than 2 frames gives an empty wave
+    padded = np.full((4, 16, 128), np.nan)  # padding past each row's length must be ignored
+    rows = [rng.uniform(-6.0, 0.0, size=(n, 128)) for n in lengths]
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = row
+    voc = vocoder.GriffinLimVocoder(n_iter=4, seed=2)
+    for waves in (voc.batch(padded, lengths), vocoder.synthesize_batch(voc, padded, np.int32(lengths))):
+        assert len(waves) == 4
+        for wave, row, n in zip(waves, rows, lengths):
+            assert wave.dtype == np.float32 and wave.shape == (max(n - 1, 0) * 200,)
+            if n >= 2:
+                np.testing.assert_array_equal(wave, voc(row))
+
+
+def test_synthesize_batch_loops_over_a_vocoder_without_batch_method():
+    class Level:  # a wave whose constant level is the row's mean, so each row is recognisable
+        sample_rate = 16000
+
+        def __call__(self, log_mel):
+            return np.full((len(log_mel) - 1) * 200, np.mean(log_mel), np.float32)
+
+    padded = np.zeros((2, 6, 128))
+    padded[0, :3] = 0.25
+    padded[1, :6] = -0.5
+    padded[0, 3:] = 100.0  # padding: must not reach row 0
+    waves = vocoder.synthesize_batch(Level(), padded, [3, 6])
+    np.testing.assert_array_equal(waves[0], np.full(400, 0.25, np.float32))
+    np.testing.assert_array_equal(waves[1], np.full(1000, -0.5, np.float32))
+    with pytest.raises(ValueError, match="lengths"):
+        vocoder.synthesize_batch(Level(), padded, [3, 7])
+    with pytest.raises(ValueError, match=r"\[batch, frames, 128\]"):
+        vocoder.GriffinLimVocoder().batch(np.zeros((6, 128)), [6])
