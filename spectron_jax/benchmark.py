@@ -10,7 +10,8 @@ One run on whatever devices JAX finds, in four parts:
            devices) on a synthetic batch whose masks and weights are all valid: median step time over
            `--steps` timed steps after `--warmup` untimed ones, text tokens/s and frames/s, model FLOPs
            per step (XLA's cost analysis, summed over devices) and MFU against both peaks.
-  decode   `decoding.generate` on a random-init model rebuilt for r = 1 and r = 4, at `--decode_batch` and
+  decode   `decoding.generate` on a random-init model rebuilt for r = 1 and r = 4 (or
+           `--decode_reduction_factors`), at `--decode_batch` and
            `--decode_large_batch` rows: every row gets a `--decode_frames` budget (the stop head is
            disabled) and at most `--decode_text_tokens` greedy tokens; the Griffin-Lim vocoder runs on
            every row. real_time_factor = generated audio seconds (all rows) / end-to-end wall seconds
@@ -40,7 +41,6 @@ from typing import Any, Optional, Sequence
 from spectron_jax import cli
 
 FRAMES_PER_SECOND = 80.0  # the feature contract: hop 200 at 16 kHz
-DECODE_REDUCTION_FACTORS = (1, 4)
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "config")
 
 
@@ -378,6 +378,8 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--decode_frames", type=int, default=400, help="frames generated per decoding run (80 / s)")
     parser.add_argument("--decode_batch", type=int, default=1, help="rows decoded together (the small batch)")
     parser.add_argument("--decode_large_batch", type=int, default=8, help="rows decoded together (the large batch)")
+    parser.add_argument("--decode_reduction_factors", default="1,4",
+                        help="comma-separated reduction factors the decoding model is rebuilt with")
     parser.add_argument("--decode_text_tokens", type=int, default=32, help="most greedy text tokens per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per decoding measurement")
     parser.add_argument("--data_dir", default=None, help="audio for the data benchmark (default: the embedded corpus)")
@@ -397,6 +399,13 @@ def _validate(args) -> None:
     for name in ("warmup",):
         if getattr(args, name) < 0:
             raise cli.UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    try:
+        factors = [int(r) for r in args.decode_reduction_factors.split(",")]
+    except ValueError:
+        factors = []
+    if not factors or min(factors) < 1:
+        raise cli.UsageError(f"--decode_reduction_factors must be comma-separated integers >= 1, got "
+                             f"{args.decode_reduction_factors!r}")
     if args.batch_size is not None and args.batch_size < 1:
         raise cli.UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     if not args.data_seconds > 0:
@@ -429,7 +438,7 @@ def run(args) -> dict:
     result.update(benchmark_train(configs, args.steps, args.warmup))
     sections["train"] = time.perf_counter() - start
     decode = {}
-    for r in DECODE_REDUCTION_FACTORS:
+    for r in sorted({int(r) for r in args.decode_reduction_factors.split(",")}):
         for batch in sorted({args.decode_batch, args.decode_large_batch}):
             start = time.perf_counter()
             decode[f"r{r}_b{batch}"] = benchmark_decode(configs.model, r, args.decode_frames, batch,

@@ -31,7 +31,8 @@ def report(repo_root):
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, "-m", "spectron_jax.benchmark", "--gin_file=gin/models/tiny.gin", "--json", "--steps=2",
-         "--warmup=1", "--batch_size=2", "--decode_frames=16", "--decode_text_tokens=4", "--repeats=1", "--decode_large_batch=2",
+         "--warmup=1", "--batch_size=2", "--decode_frames=16", "--decode_text_tokens=4", "--repeats=1", "--decode_reduction_factors=4", "--decode_batch=2",
+         "--decode_large_batch=2",
          "--data_files=2", "--data_seconds=0.1", *SMALL],
         cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,7 +61,7 @@ def test_every_field_is_present_and_positive(report):
     for key in ("step_seconds_median", "text_tokens_per_sec", "frames_per_sec", "flops_per_step",
                 "mfu_measured_peak", "mfu_datasheet_peak", "num_params", "compile_seconds", "loss"):
         assert key in report["train"]
-    assert set(report["decode"]) == {"r1_b1", "r1_b2", "r4_b1", "r4_b2"}
+    assert set(report["decode"]) == {"r4_b2"}  # one decoding configuration keeps the run short
     for dec in report["decode"].values():
         for name in ("real_time_factor", "end_to_end_seconds", "parts_total_seconds", "text_tokens_per_sec",
                      "frames_per_sec", "speech_step_seconds", "text_step_seconds", "weight_bytes", "kv_cache_bytes"):
@@ -104,11 +105,6 @@ def test_derived_figures_agree_with_their_inputs(report):
         assert dec["frames_per_sec"] == pytest.approx(dec["frames"] / dec["parts"]["speech"])
         assert dec["speech_step_seconds"] == pytest.approx(dec["parts"]["speech"] / dec["speech_steps"])
         assert dec["text_step_seconds"] == pytest.approx(dec["parts"]["text"] / dec["text_steps"])
-    # the weights do not depend on the batch; the KV cache grows with it (and shrinks with r: fewer steps)
-    for r in (1, 4):
-        one, two = report["decode"][f"r{r}_b1"], report["decode"][f"r{r}_b2"]
-        assert one["weight_bytes"] == two["weight_bytes"] and two["kv_cache_bytes"] > one["kv_cache_bytes"]
-    assert report["decode"]["r4_b1"]["kv_cache_bytes"] < report["decode"]["r1_b1"]["kv_cache_bytes"]
 
 
 def test_bandwidth_table_looks_up_tabulated_chips():
@@ -145,6 +141,7 @@ def test_synthetic_batch_follows_the_batch_contract():
     (["--gin_file=gin/models/tiny.gin", "--warmup=-1"], "--warmup"),
     (["--gin_file=gin/models/tiny.gin", "--decode_large_batch=0"], "--decode_large_batch"),
     (["--gin_file=gin/models/tiny.gin", "--decode_text_tokens=0"], "--decode_text_tokens"),
+    (["--gin_file=gin/models/tiny.gin", "--decode_reduction_factors=1,x"], "--decode_reduction_factors"),
     (["--gin_file=gin/models/tiny.gin", "--compute_dtype=fp8"], "--compute_dtype"),
 ])
 def test_bad_flags_raise_usage_errors(argv, flag):
