@@ -186,7 +186,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
       text_tokens: `DecodeConfig.max_text_tokens` (greedy; a row may sample eos earlier).
       vocoder: a `vocoder.Vocoder` (default: Griffin-Lim) run on every row's frames on the host.
 
-    Returns a dict of the configuration, `end_to_end` (the one jitted `generate` call + vocoder) and
+    Returns a dict of the configuration, `end_to_end_seconds` (the one jitted `generate` call + vocoder),
     `parts` (encode, prefill, text, speech, vocoder: each its own jitted call on the outputs of the
     previous, timed back to back in one run; `parts_total_seconds` is that run's wall time, so the parts
     add up to no more than it), text tokens/s, and the speech / text step time against the
@@ -281,7 +281,6 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         times["vocoder"] = time.perf_counter() - t
         return times
 
-    start = time.perf_counter()
     parts_run()  # compile + warm-up
     runs = []
     for _ in range(repeats):
