@@ -10,10 +10,15 @@ One run on whatever devices JAX finds, in four parts:
            devices) on a synthetic batch whose masks and weights are all valid: median step time over
            `--steps` timed steps after `--warmup` untimed ones, text tokens/s and frames/s, model FLOPs
            per step (XLA's cost analysis, summed over devices) and MFU against both peaks.
-  decode   the decoding hooks of `SpectronModel` under one jit each: the prompt is encoded and the
-           text prefilled into a KV cache, then a `lax.scan` over `speech_step` generates `--decode_frames`
-           frames (r = 1 and r = 4: N / r steps). real_time_factor = generation seconds / (N / 80 s of
-           audio); below 1 is faster than real time. Text: a `lax.scan` of greedy `text_step`s, tokens/s.
+  decode   `decoding.generate` on a random-init model rebuilt for r = 1 and r = 4 (or
+           `--decode_reduction_factors`), at `--decode_batch` and
+           `--decode_large_batch` rows: every row gets a `--decode_frames` budget (the stop head is
+           disabled) and at most `--decode_text_tokens` greedy tokens; the Griffin-Lim vocoder runs on
+           every row. real_time_factor = generated audio seconds (all rows) / end-to-end wall seconds
+           (encode + prefill + text + speech + vocoder); above 1 is faster than real time. `parts` times
+           each part as its own jitted call, back to back (their sum is at most `parts_total_seconds`);
+           text tokens/s; the speech / text step time against its memory-bandwidth floor (weight bytes
+           outside the encoder + allocated KV-cache bytes) / datasheet bandwidth (null where unknown).
   data     featurisation speed (x real time per CPU core) and TFRecord read examples/s
            (`data.benchmark_data` on the embedded corpus or `--data_dir`).
 
@@ -36,7 +41,6 @@ from typing import Any, Optional, Sequence
 from spectron_jax import cli
 
 FRAMES_PER_SECOND = 80.0  # the feature contract: hop 200 at 16 kHz
-DECODE_REDUCTION_FACTORS = (1, 4)
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "config")
 
 
@@ -142,95 +146,171 @@ def benchmark_train(configs: Any, steps: int, warmup: int, seed: int = 0) -> dic
 
 
 # ---- (c) decoding -----------------------------------------------------------------------------------
+# Vendors' peak memory bandwidth per chip in bytes/s (the decode step's floor), keyed like
+# `metrics.DATASHEET_PEAK_FLOPS`. NVIDIA H100 / H200 datasheets (H100 SXM 3.35 TB/s, PCIe 2 TB/s; H200
+# SXM 4.8 TB/s); Google Cloud TPU system-architecture pages (v4 1,228 GB/s, v5e 819 GB/s, v5p 2,765 GB/s,
+# v6e 1,640 GB/s per chip). CPUs and untabulated chips: unknown (null).
+DATASHEET_BANDWIDTH: dict[str, float] = {
+    "h100_sxm": 3.35e12, "h100_pcie": 2.0e12, "h200": 4.8e12,
+    "tpu_v4": 1.228e12, "tpu_v5e": 0.819e12, "tpu_v5p": 2.765e12, "tpu_v6e": 1.64e12,
+}
+DECODE_PARTS = ("encode", "prefill", "text", "speech", "vocoder")
+
+
+def device_bandwidth(device: Any) -> Optional[float]:
+    """Datasheet memory bandwidth (bytes/s) of a `jax.Device`, or None when not tabulated (e.g. CPUs)."""
+    from spectron_jax import metrics
+
+    chip = metrics.chip_for_device_kind(getattr(device, "device_kind", ""))
+    return DATASHEET_BANDWIDTH.get(chip) if chip else None
+
+
+def _nbytes(tree: Any) -> int:
+    import jax
+
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
+
+
 def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batch: int, prompt_len: int,
-                     text_len: int, repeats: int, text_tokens: int = 0, seed: int = 0) -> dict:
-    """Real-time factor of spectrogram generation (and text tokens/s) with the decoding hooks.
+                     repeats: int, text_tokens: int = 32, seed: int = 0, vocoder: Any = None) -> dict:
+    """End-to-end generation speed of `decoding.generate` (+ the vocoder) and its split into parts.
 
     Args:
-      model_config: SpectronConfig; its reduction factor is replaced by `reduction_factor`.
-      frames: frames to generate (rounded up to a multiple of r).
+      model_config: SpectronConfig; its reduction factor is replaced by `reduction_factor` (the model is
+        rebuilt and randomly initialised: speed does not depend on parameter values).
+      frames: the frame budget of every row (`DecodeConfig.max_frames = min_frames`; the stop head is
+        disabled so every row generates ceil(frames / r) * r frames).
       batch: rows decoded together.
-      prompt_len, text_len: prompt frames encoded and text tokens prefilled before speech.
-      repeats: timed calls (after one untimed compile + warm-up call); the median is reported.
-      text_tokens: > 0 also times that many greedy `text_step`s from the same prefilled cache.
+      prompt_len: prompt frames per row (all valid).
+      repeats: timed runs after one untimed compile + warm-up run; medians are reported.
+      text_tokens: `DecodeConfig.max_text_tokens` (greedy; a row may sample eos earlier).
+      vocoder: a `vocoder.Vocoder` (default: Griffin-Lim) run on every row's frames on the host.
+
+    Returns a dict of the configuration, `end_to_end_seconds` (the one jitted `generate` call + vocoder),
+    `parts` (encode, prefill, text, speech, vocoder: each its own jitted call on the outputs of the
+    previous, timed back to back in one run; `parts_total_seconds` is that run's wall time, so the parts
+    add up to no more than it), text tokens/s, and the speech / text step time against the
+    memory-bandwidth floor (step weight bytes + allocated KV-cache bytes) / device bandwidth.
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from spectron_jax import decoding
+    from spectron_jax import vocoder as vocoders
     from spectron_jax.models.spectron_model import SpectronModel
 
     config = dataclasses.replace(model_config, acoustic=dataclasses.replace(model_config.acoustic,
                                                                             reduction_factor=reduction_factor))
     model = SpectronModel(config)
-    params = jax.jit(lambda: model.split(model.make_module(seed))[1])()
+    params, state = jax.jit(lambda: model.init(seed))()
+    state = state if jax.tree.leaves(state) else None
+    vocoder = vocoder or vocoders.GriffinLimVocoder()
     r, mel = reduction_factor, config.acoustic.num_mel
-    steps = -(-frames // r)
-    prefix_len = config.prefix_len(prompt_len)
+    # stop_threshold 1: sigmoid never exceeds it, so a random stop head cannot end rows early.
+    dcfg = decoding.DecodeConfig(max_text_tokens=text_tokens, max_frames=frames, min_frames=frames,
+                                 stop_threshold=1.0, seed=seed)
     rng = np.random.default_rng(seed)
     prompt = jnp.asarray(rng.normal(-4.0, 2.0, (batch, prompt_len, mel)), jnp.float32)
     prompt_mask = jnp.ones((batch, prompt_len), jnp.int32)
-    tokens = np.asarray(rng.integers(4, config.decoder.vocab_size, (batch, text_len)), np.int32)
-    tokens[:, 0] = config.sos_id
+    key = jax.random.key(seed)
+
+    def vocode(frames_out, num_frames):
+        frames_out, num_frames = np.asarray(frames_out), np.asarray(num_frames)
+        return [vocoder(frames_out[i, :max(int(num_frames[i]), 2)]) for i in range(frames_out.shape[0])]
+
+    def end_to_end():
+        out = jax.block_until_ready(decoding.generate(model, params, prompt, prompt_mask, dcfg, key, state))
+        vocode(out["frames"], out["num_frames"])
+        return out
+
+    out = end_to_end()  # compile + warm-up
+    e2e_seconds, _ = _median_seconds(end_to_end, repeats)
+    text_steps = int(np.max(np.asarray(out["text_lengths"]) + np.asarray(out["text_ended"])))
+    speech_steps = int(np.max(np.asarray(out["num_frames"]))) // r
+    generated = int(np.sum(np.asarray(out["num_frames"])))
+    audio_seconds = generated / FRAMES_PER_SECOND  # summed over rows
+
+    # The same work as `generate`, one jitted call per part (greedy text for `text_steps` steps).
+    max_len = decoding.cache_len(config.prefix_len(prompt_len), dcfg, r)
+    encode = jax.jit(lambda p, s, x, m: model.encode_prompt(p, x, m, s))
 
     @jax.jit
-    def prefill(params, prompt, tokens):
-        prefix, prefix_valid = model.encode_prompt(params, prompt, prompt_mask)
-        cache = model.init_cache(batch, prefix_len + text_len + max(steps, text_tokens))
-        logits, cache = model.prefill(params, prefix, prefix_valid, tokens, jnp.ones(tokens.shape, bool), cache)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+    def prefill(p, prefix, prefix_valid):
+        cache = model.init_cache(batch, max_len)
+        sos = jnp.full((batch, 1), config.sos_id, jnp.int32)
+        logits, cache = model.prefill(p, prefix, prefix_valid, sos, jnp.ones((batch, 1), bool), cache)
+        return logits[:, 0], cache
 
     @jax.jit
-    def generate_speech(params, cache, key):
+    def text(p, logits, cache):
+        def body(carry, _):
+            logits, cache = carry
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            logits, cache = model.text_step(p, token, cache)
+            return (logits, cache), token
+
+        (_, cache), tokens = jax.lax.scan(body, (logits, cache), None, length=text_steps)
+        return tokens, cache  # [text_steps, batch]
+
+    @jax.jit
+    def speech(p, cache, key):
         def body(carry, step):
             previous, cache = carry
-            group, _, cache = model.speech_step(params, previous, cache, start=step == 0,
+            group, _, cache = model.speech_step(p, previous, cache, start=step == 0,
                                                 rng=jax.random.fold_in(key, step))
             return (group.astype(previous.dtype), cache), group
 
         start = (jnp.zeros((batch, r, mel), jnp.float32), cache)
-        _, groups = jax.lax.scan(body, start, jnp.arange(steps))
-        return groups  # [steps, batch, r, mel]
+        _, groups = jax.lax.scan(body, start, jnp.arange(speech_steps))
+        return jnp.swapaxes(groups, 0, 1).reshape(batch, speech_steps * r, mel)
 
-    key = jax.random.key(seed)
-    jax.block_until_ready(prefill(params, prompt, tokens))  # compile + warm-up
-    prefill_seconds, _ = _median_seconds(lambda: jax.block_until_ready(prefill(params, prompt, tokens)), repeats)
-    first_token, cache = prefill(params, prompt, tokens)
-    jax.block_until_ready(generate_speech(params, cache, key))  # compile + warm-up
-    speech, _ = _median_seconds(lambda: jax.block_until_ready(generate_speech(params, cache, key)), repeats)
-    generated = steps * r
-    audio_seconds = generated / FRAMES_PER_SECOND
-    result = {
-        "reduction_factor": r, "batch": batch, "frames": generated, "decoder_steps": steps,
-        "audio_seconds": audio_seconds, "prefill_seconds": prefill_seconds, "generation_seconds": speech,
-        "real_time_factor": speech / audio_seconds, "frames_per_sec": batch * generated / speech,
-        "steps_per_sec": steps / speech,
+    lengths = jnp.full((batch,), speech_steps * r, jnp.int32)
+
+    def parts_run() -> dict:
+        times, t = {}, time.perf_counter()
+        prefix, prefix_valid = jax.block_until_ready(encode(params, state, prompt, prompt_mask))
+        times["encode"], t = time.perf_counter() - t, time.perf_counter()
+        logits, cache = jax.block_until_ready(prefill(params, prefix, prefix_valid))
+        times["prefill"], t = time.perf_counter() - t, time.perf_counter()
+        _, cache = jax.block_until_ready(text(params, logits, cache))
+        times["text"], t = time.perf_counter() - t, time.perf_counter()
+        groups = jax.block_until_ready(speech(params, cache, key))
+        times["speech"], t = time.perf_counter() - t, time.perf_counter()
+        vocode(groups, lengths)
+        times["vocoder"] = time.perf_counter() - t
+        return times
+
+    parts_run()  # compile + warm-up
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        times = parts_run()
+        runs.append((time.perf_counter() - start, times))
+    runs.sort(key=lambda run: run[0])
+    parts_total, parts = runs[(len(runs) - 1) // 2]  # the median run, with its own parts
+
+    weight_bytes = _nbytes({k: v for k, v in params.items() if k != "encoder"})  # what a decode step reads
+    cache_bytes = _nbytes(model.init_cache(batch, max_len))
+    bandwidth = device_bandwidth(jax.devices()[0])
+    floor = None if bandwidth is None else (weight_bytes + cache_bytes) / bandwidth
+    speech_step_seconds = parts["speech"] / speech_steps
+    text_step_seconds = parts["text"] / text_steps
+    return {
+        "reduction_factor": r, "batch": batch, "prompt_frames": prompt_len, "max_text_tokens": text_tokens,
+        "text_steps": text_steps, "speech_steps": speech_steps, "frames_per_row": speech_steps * r,
+        "frames": generated, "audio_seconds": audio_seconds,
+        "end_to_end_seconds": e2e_seconds, "real_time_factor": audio_seconds / e2e_seconds,
+        "parts": parts, "parts_total_seconds": parts_total,
+        "parts_real_time_factor": audio_seconds / parts_total,
+        "text_tokens_per_sec": batch * text_steps / parts["text"],
+        "frames_per_sec": generated / parts["speech"],
+        "weight_bytes": weight_bytes, "kv_cache_bytes": cache_bytes, "bandwidth_bytes_per_sec": bandwidth,
+        "step_floor_seconds": floor,
+        "speech_step_seconds": speech_step_seconds, "text_step_seconds": text_step_seconds,
+        "speech_step_vs_floor": None if floor is None else speech_step_seconds / floor,
+        "text_step_vs_floor": None if floor is None else text_step_seconds / floor,
     }
-    if text_tokens > 0:
-        result.update(_benchmark_text(model, params, first_token, cache, text_tokens, repeats))
-    return result
-
-
-def _benchmark_text(model, params, first_token, cache, count: int, repeats: int) -> dict:
-    """Greedy text decoding: `count` text_steps from a prefilled cache (first_token int [batch])."""
-    import jax
-    import jax.numpy as jnp
-
-    @jax.jit
-    def generate_text(params, first, cache):
-        def body(carry, _):
-            token, cache = carry
-            logits, cache = model.text_step(params, token, cache)
-            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return (token, cache), token
-
-        _, tokens = jax.lax.scan(body, (first, cache), None, length=count)
-        return tokens  # [count, batch]
-
-    jax.block_until_ready(generate_text(params, first_token, cache))  # compile + warm-up
-    seconds, _ = _median_seconds(lambda: jax.block_until_ready(generate_text(params, first_token, cache)), repeats)
-    batch = first_token.shape[0]
-    return {"text_tokens": count, "text_seconds": seconds, "text_tokens_per_sec": batch * count / seconds}
 
 
 # ---- The report -------------------------------------------------------------------------------------
@@ -262,11 +342,14 @@ def format_report(result: dict) -> str:
         ("MFU vs datasheet peak", _fmt(train["mfu_datasheet_peak"])),
     ]
     for name, dec in result["decode"].items():
-        rows.append((f"decode {name}: real-time factor ({dec['frames']} frames, batch {dec['batch']})",
-                     _fmt(dec["real_time_factor"])))
-        rows.append((f"decode {name}: frames / s", _fmt(dec["frames_per_sec"])))
-        if "text_tokens_per_sec" in dec:
-            rows.append(("decode: text tokens / s (greedy text_step)", _fmt(dec["text_tokens_per_sec"])))
+        tag = f"decode {name} ({dec['frames_per_row']} frames x {dec['batch']} rows)"
+        rows.append((f"{tag}: real-time factor (audio s / wall s)", _fmt(dec["real_time_factor"])))
+        rows.append((f"{tag}: parts s (" + " / ".join(DECODE_PARTS) + ")",
+                     " / ".join(_fmt(dec["parts"][part]) for part in DECODE_PARTS)))
+        rows.append((f"{tag}: text tokens / s", _fmt(dec["text_tokens_per_sec"])))
+        rows.append((f"{tag}: speech step s vs bandwidth floor s",
+                     f"{_fmt(dec['speech_step_seconds'])} vs {_fmt(dec['step_floor_seconds'])}"
+                     + ("" if dec["step_floor_seconds"] is None else f" ({_fmt(dec['speech_step_vs_floor'])}x)")))
     data = result.get("data") or {}
     if "featurise" in data:
         rows.append(("featurisation (x real time per core)", _fmt(data["featurise"]["x_realtime_per_core"])))
@@ -292,8 +375,11 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--compute_dtype", default="auto", choices=COMPUTE_DTYPES,
                         help="auto: float32 on CPU, bfloat16 on accelerators")
     parser.add_argument("--decode_frames", type=int, default=400, help="frames generated per decoding run (80 / s)")
-    parser.add_argument("--decode_batch", type=int, default=1, help="rows decoded together")
-    parser.add_argument("--decode_text_tokens", type=int, default=32, help="greedy text steps timed")
+    parser.add_argument("--decode_batch", type=int, default=1, help="rows decoded together (the small batch)")
+    parser.add_argument("--decode_large_batch", type=int, default=8, help="rows decoded together (the large batch)")
+    parser.add_argument("--decode_reduction_factors", default="1,4",
+                        help="comma-separated reduction factors the decoding model is rebuilt with")
+    parser.add_argument("--decode_text_tokens", type=int, default=32, help="most greedy text tokens per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per decoding measurement")
     parser.add_argument("--data_dir", default=None, help="audio for the data benchmark (default: the embedded corpus)")
     parser.add_argument("--data_files", type=int, default=32, help="audio files featurised")
@@ -305,12 +391,20 @@ def _parser() -> cli.ArgumentParser:
 def _validate(args) -> None:
     if not args.gin_file:
         raise cli.UsageError("--gin_file is required (e.g. --gin_file=gin/models/tiny.gin)")
-    for name in ("steps", "decode_frames", "decode_batch", "repeats", "data_files"):
+    for name in ("steps", "decode_frames", "decode_batch", "decode_large_batch", "decode_text_tokens", "repeats",
+                 "data_files"):
         if getattr(args, name) < 1:
             raise cli.UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup", "decode_text_tokens"):
+    for name in ("warmup",):
         if getattr(args, name) < 0:
             raise cli.UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    try:
+        factors = [int(r) for r in args.decode_reduction_factors.split(",")]
+    except ValueError:
+        factors = []
+    if not factors or min(factors) < 1:
+        raise cli.UsageError(f"--decode_reduction_factors must be comma-separated integers >= 1, got "
+                             f"{args.decode_reduction_factors!r}")
     if args.batch_size is not None and args.batch_size < 1:
         raise cli.UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     if not args.data_seconds > 0:
@@ -343,12 +437,13 @@ def run(args) -> dict:
     result.update(benchmark_train(configs, args.steps, args.warmup))
     sections["train"] = time.perf_counter() - start
     decode = {}
-    for r in DECODE_REDUCTION_FACTORS:
-        start = time.perf_counter()
-        decode[f"r{r}"] = benchmark_decode(configs.model, r, args.decode_frames, args.decode_batch,
-                                           configs.converter.prompt_len, configs.converter.text_len, args.repeats,
-                                           text_tokens=args.decode_text_tokens if r == 1 else 0)
-        sections[f"decode_r{r}"] = time.perf_counter() - start
+    for r in sorted({int(r) for r in args.decode_reduction_factors.split(",")}):
+        for batch in sorted({args.decode_batch, args.decode_large_batch}):
+            start = time.perf_counter()
+            decode[f"r{r}_b{batch}"] = benchmark_decode(configs.model, r, args.decode_frames, batch,
+                                                        configs.converter.prompt_len, args.repeats,
+                                                        text_tokens=args.decode_text_tokens)
+            sections[f"decode_r{r}_b{batch}"] = time.perf_counter() - start
     result["decode"] = decode
     start = time.perf_counter()
     if args.skip_data:

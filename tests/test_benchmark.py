@@ -31,7 +31,8 @@ def report(repo_root):
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, "-m", "spectron_jax.benchmark", "--gin_file=gin/models/tiny.gin", "--json", "--steps=2",
-         "--warmup=1", "--batch_size=2", "--decode_frames=16", "--decode_text_tokens=4", "--repeats=1",
+         "--warmup=1", "--batch_size=2", "--decode_frames=16", "--decode_text_tokens=4", "--repeats=1", "--decode_reduction_factors=4", "--decode_batch=2",
+         "--decode_large_batch=2",
          "--data_files=2", "--data_seconds=0.1", *SMALL],
         cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,6 +49,8 @@ def _numbers(tree, prefix=""):
 
 # Figures that exist only for tabulated accelerators (null on a CPU).
 DATASHEET_ONLY = {"peak.datasheet_flops_per_sec_per_device", "train.mfu_datasheet_peak"}
+DECODE_BANDWIDTH_ONLY = ("bandwidth_bytes_per_sec", "step_floor_seconds", "speech_step_vs_floor",
+                         "text_step_vs_floor")
 
 
 @pytest.mark.slow  # the module's benchmark run compiles six programs: about a minute on 2 cores
@@ -58,15 +61,19 @@ def test_every_field_is_present_and_positive(report):
     for key in ("step_seconds_median", "text_tokens_per_sec", "frames_per_sec", "flops_per_step",
                 "mfu_measured_peak", "mfu_datasheet_peak", "num_params", "compile_seconds", "loss"):
         assert key in report["train"]
-    assert set(report["decode"]) == {"r1", "r4"}
-    for name in ("real_time_factor", "frames_per_sec", "generation_seconds", "prefill_seconds"):
-        assert report["decode"]["r1"][name] > 0 and report["decode"]["r4"][name] > 0
-    assert report["decode"]["r1"]["text_tokens_per_sec"] > 0
+    assert set(report["decode"]) == {"r4_b2"}  # one decoding configuration keeps the run short
+    for dec in report["decode"].values():
+        for name in ("real_time_factor", "end_to_end_seconds", "parts_total_seconds", "text_tokens_per_sec",
+                     "frames_per_sec", "speech_step_seconds", "text_step_seconds", "weight_bytes", "kv_cache_bytes"):
+            assert dec[name] > 0, name
+        assert set(dec["parts"]) == set(benchmark.DECODE_PARTS)
     assert report["data"]["featurise"]["x_realtime_per_core"] > 0
     assert report["data"]["tfrecord"]["read_examples_per_s"] > 0
     for name in DATASHEET_ONLY:
         section, key = name.split(".")
         assert report[section][key] is None  # no datasheet entry for a CPU
+    for dec in report["decode"].values():
+        assert all(dec[key] is None for key in DECODE_BANDWIDTH_ONLY)  # a CPU's bandwidth is unknown
     values = dict(_numbers({k: v for k, v in report.items() if k != "data"}))
     assert all(math.isfinite(v) and v > 0 for v in values.values()), {k: v for k, v in values.items() if not v > 0}
 
@@ -84,11 +91,31 @@ def test_derived_figures_agree_with_their_inputs(report):
     assert train["mfu_measured_peak"] == pytest.approx(train["flops_per_step"] / (step * peak))
     # a train step does forward + backward: at least 2 FLOPs per parameter per text slot, far more in all
     assert train["flops_per_step"] > 2 * train["num_params"] * train["batch_size"]
-    for r, dec in ((1, report["decode"]["r1"]), (4, report["decode"]["r4"])):
-        assert dec["reduction_factor"] == r and dec["frames"] == 16 and dec["decoder_steps"] == 16 // r
-        assert dec["audio_seconds"] == pytest.approx(16 / 80)
-        assert dec["real_time_factor"] == pytest.approx(dec["generation_seconds"] / dec["audio_seconds"])
-        assert dec["frames_per_sec"] == pytest.approx(dec["batch"] * dec["frames"] / dec["generation_seconds"])
+    for name, dec in report["decode"].items():
+        r, batch = dec["reduction_factor"], dec["batch"]
+        assert name == f"r{r}_b{batch}"
+        # the stop head is disabled: every row spends its whole 16-frame budget, r frames per step
+        assert dec["frames_per_row"] == 16 and dec["speech_steps"] == 16 // r
+        assert dec["frames"] == batch * 16 and dec["audio_seconds"] == pytest.approx(batch * 16 / 80)
+        assert 1 <= dec["text_steps"] <= dec["max_text_tokens"] == 4
+        assert dec["real_time_factor"] == pytest.approx(dec["audio_seconds"] / dec["end_to_end_seconds"])
+        assert dec["parts_real_time_factor"] == pytest.approx(dec["audio_seconds"] / dec["parts_total_seconds"])
+        assert sum(dec["parts"].values()) <= dec["parts_total_seconds"]
+        assert dec["text_tokens_per_sec"] == pytest.approx(batch * dec["text_steps"] / dec["parts"]["text"])
+        assert dec["frames_per_sec"] == pytest.approx(dec["frames"] / dec["parts"]["speech"])
+        assert dec["speech_step_seconds"] == pytest.approx(dec["parts"]["speech"] / dec["speech_steps"])
+        assert dec["text_step_seconds"] == pytest.approx(dec["parts"]["text"] / dec["text_steps"])
+
+
+def test_bandwidth_table_looks_up_tabulated_chips():
+    class Device:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert benchmark.device_bandwidth(Device("NVIDIA H200")) == 4.8e12
+    assert benchmark.device_bandwidth(Device("NVIDIA H100 80GB HBM3")) == 3.35e12
+    assert benchmark.device_bandwidth(Device("TPU v5 lite")) == 0.819e12
+    assert benchmark.device_bandwidth(Device("cpu")) is None
 
 
 def test_synthetic_batch_follows_the_batch_contract():
@@ -112,6 +139,9 @@ def test_synthetic_batch_follows_the_batch_contract():
     (["--gin_file=gin/models/tiny.gin", "--steps=0"], "--steps"),
     (["--gin_file=gin/models/tiny.gin", "--decode_frames=0"], "--decode_frames"),
     (["--gin_file=gin/models/tiny.gin", "--warmup=-1"], "--warmup"),
+    (["--gin_file=gin/models/tiny.gin", "--decode_large_batch=0"], "--decode_large_batch"),
+    (["--gin_file=gin/models/tiny.gin", "--decode_text_tokens=0"], "--decode_text_tokens"),
+    (["--gin_file=gin/models/tiny.gin", "--decode_reduction_factors=1,x"], "--decode_reduction_factors"),
     (["--gin_file=gin/models/tiny.gin", "--compute_dtype=fp8"], "--compute_dtype"),
 ])
 def test_bad_flags_raise_usage_errors(argv, flag):
