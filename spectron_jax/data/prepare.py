@@ -48,12 +48,20 @@ from typing import Any, Callable, Sequence
 
 
 from spectron_jax import cli, filesystem
-from spectron_jax.data import features, sources
-from spectron_jax.data.tfrecords import count_records, encode_example, parse_example, shard_name, tfrecord_features  # noqa: F401
+from spectron_jax.data import audio_input, features, sources, splitting
+from spectron_jax.data.tfrecords import (  # noqa: F401
+    FRAME_DTYPES,
+    count_records,
+    encode_example,
+    parse_example,
+    shard_name,
+    stored_frames,
+    tfrecord_features,
+)
 from spectron_jax.data import tfds_source  # imports TF / TFDS only when used
 
 FORMATS = ("librispeech", "librilight", "manifest", "embedded", "tfds")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: float16 storage and splitting at pauses
 DEFAULT_EXAMPLES_PER_SHARD = 256
 INDEX_DIR = "shard_index"
 REPORT_EXAMPLES_PER_REASON = 20
@@ -72,6 +80,21 @@ class PrepareOptions:
 
     spec: features.FeatureSpec = features.SPECTRON_FEATURES
     min_seconds: float = 0.0  # shorter utterances are skipped ('too_short'). DEFAULT, keeps all.
+    frame_dtype: str = "float16"  # storage of the frames (tfrecords.FRAME_DTYPES). DEFAULT.
+    split: splitting.SplitConfig = splitting.SplitConfig()  # long utterances, see `splitting`
+
+    def __post_init__(self):
+        if self.frame_dtype not in FRAME_DTYPES:
+            raise ValueError(f"PrepareOptions.frame_dtype must be one of {FRAME_DTYPES}, got {self.frame_dtype!r}")
+
+    def to_dict(self) -> dict:
+        """The options as report.json and the shard fingerprints record them."""
+        return {
+            "features": self.spec.to_dict(),
+            "min_seconds": self.min_seconds,
+            "frame_dtype": self.frame_dtype,
+            "split": dataclasses.asdict(self.split),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +117,15 @@ class ShardJob:
 
 
 def _file_state(path: str) -> list:
+    if tfds_source.is_tfds_path(path):
+        return [None, None]
     try:
+        if filesystem.is_remote(path):
+            st = filesystem.path(path).stat()
+            return [int(st.length), st.mtime]
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
-    except OSError:
+    except (OSError, ValueError):
         return [None, None]
 
 
@@ -115,8 +143,7 @@ def plan_shards(listing: sources.Listing, options: PrepareOptions, num_shards: i
             dealt = tuple(files[index::count])
             payload = {
                 "version": FORMAT_VERSION,
-                "features": options.spec.to_dict(),
-                "min_seconds": options.min_seconds,
+                **options.to_dict(),
                 "files": [
                     [f.path, f.source, _file_state(f.path), [dataclasses.astuple(s) for s in f.segments]] for f in dealt
                 ],
@@ -157,7 +184,7 @@ def featurise_file(source: sources.SourceFile, options: PrepareOptions):
         return
     spec = options.spec
     try:
-        wave = features.load_audio(source.path, spec)
+        wave = audio_input.load_audio(source.path, spec)
     except features.AudioError as e:
         for seg in source.segments:
             yield seg, None, sources.Skip(seg.id, source.source, source.split, e.reason, e.detail)
@@ -187,7 +214,11 @@ def featurise_file(source: sources.SourceFile, options: PrepareOptions):
 def write_shard(
     job: ShardJob, output_dir: str, options: PrepareOptions, progress: Callable[[int], None] | None = None
 ) -> dict:
-    """Featurises the job's files into its shard (temp name, then rename) and writes its index record."""
+    """Featurises the job's files into its shard (temp name, then rename) and writes its index record.
+
+    Utterances longer than `options.split` allows are written as their pieces (`splitting`); the record
+    counts them (`long_utterances`: utterances split, pieces written, stretches dropped).
+    """
     import tensorflow as tf
 
     final = filesystem.join(output_dir, job.name)
@@ -196,6 +227,8 @@ def write_shard(
     tmp = os.path.join(staging, f".tmp-{job.name}-{os.getpid()}")
     stats = features.StatsAccumulator(options.spec)
     skips, examples, seconds, frames_total = [], 0, 0.0, 0
+    long = {"split": 0, "pieces": 0, "dropped": 0, "dropped_seconds": 0.0}
+    seconds_per_frame = options.spec.hop / options.spec.sample_rate
     try:
         with tf.io.TFRecordWriter(tmp) as writer:
             for source in job.files:
@@ -203,11 +236,28 @@ def write_shard(
                     if duration is None:
                         skips.append(_skip_dict(result))
                         continue
-                    writer.write(encode_example(segment, duration, result))
-                    stats.add(result)
-                    examples += 1
-                    seconds += duration
-                    frames_total += result.shape[0]
+                    pieces = splitting.split_utterance(
+                        segment, result, options.split, options.spec, source.source, source.split
+                    )
+                    was_split = len(pieces) > 1 or isinstance(pieces[0], sources.Skip) or pieces[0][0] is not segment
+                    long["split"] += was_split
+                    for piece in pieces:
+                        if isinstance(piece, sources.Skip):
+                            skips.append(_skip_dict(piece))
+                            long["dropped"] += piece.reason == "too_long"
+                            continue
+                        piece_segment, frames = piece
+                        if piece_segment is not segment:
+                            long["pieces"] += 1
+                            duration = frames.shape[0] * seconds_per_frame
+                        writer.write(encode_example(piece_segment, duration, frames, options.frame_dtype))
+                        stats.add(stored_frames(frames, options.frame_dtype))
+                        examples += 1
+                        seconds += duration
+                        frames_total += frames.shape[0]
+                    if was_split:
+                        kept = sum(p[1].shape[0] for p in pieces if not isinstance(p, sources.Skip))
+                        long["dropped_seconds"] += (result.shape[0] - kept) * seconds_per_frame
                 if progress is not None:
                     progress(len(source.segments))
         if filesystem.is_remote(final):
@@ -227,6 +277,8 @@ def write_shard(
         "bytes": filesystem.size(final),
         "seconds": seconds,
         "frames": frames_total,
+        "frame_dtype": options.frame_dtype,
+        "long_utterances": long,
         "skipped": skips,
         "stats": stats.to_dict(),
     }
@@ -297,18 +349,28 @@ def _summarise_skips(skips: list[dict]) -> dict:
     return {"total": len(skips), "by_reason": dict(sorted(by_reason.items())), "examples": examples}
 
 
+def _empty_split() -> dict:
+    long = {"split": 0, "pieces": 0, "dropped": 0, "dropped_seconds": 0.0}
+    return {"utterances": 0, "seconds": 0.0, "frames": 0, "shards": [], "dtypes": set(), "long": long}
+
+
 def build_report(records: list[dict], listing_skips: list[sources.Skip], meta: dict) -> dict:
     """report.json: {format, input, features, splits: {split: {...}}, totals, [skipped_without_split]}.
 
-    Each split: utterances, hours, frames, skipped {total, by_reason, examples}, num_shards and
-    shards [{file, examples, bytes}].
+    Each split: utterances (examples written), hours, frames, frame_dtype (storage: float16 /
+    float32, a list when its shards differ), long_utterances {split: utterances longer than the window,
+    pieces: examples written from them, dropped: stretches dropped as too long (also in skipped),
+    dropped_hours}, skipped {total, by_reason, examples}, num_shards and shards [{file, examples, bytes}].
     """
     splits: dict[str, dict] = {}
     skips_by_split: dict[str | None, list[dict]] = {}
     for skip in listing_skips:
         skips_by_split.setdefault(skip.split, []).append(_skip_dict(skip))
     for record in records:
-        entry = splits.setdefault(record["split"], {"utterances": 0, "seconds": 0.0, "frames": 0, "shards": []})
+        entry = splits.setdefault(record["split"], _empty_split())
+        entry["dtypes"].add(record.get("frame_dtype", "float32"))  # records of format 1 stored float32
+        for key, value in record.get("long_utterances", {}).items():
+            entry["long"][key] += value
         entry["utterances"] += record["examples"]
         entry["seconds"] += record["seconds"]
         entry["frames"] += record["frames"]
@@ -316,25 +378,65 @@ def build_report(records: list[dict], listing_skips: list[sources.Skip], meta: d
         skips_by_split.setdefault(record["split"], []).extend(record["skipped"])
     report_splits = {}
     for split in sorted(set(splits) | {s for s in skips_by_split if s is not None}):
-        entry = splits.get(split, {"utterances": 0, "seconds": 0.0, "frames": 0, "shards": []})
+        entry = splits.get(split, _empty_split())
+        dtypes = sorted(entry["dtypes"])
+        long = dict(entry["long"])
+        long["dropped_hours"] = round(long.pop("dropped_seconds") / 3600, 6)
         report_splits[split] = {
             "utterances": entry["utterances"],
             "hours": round(entry["seconds"] / 3600, 6),
             "frames": entry["frames"],
+            "frame_dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "long_utterances": long,
             "skipped": _summarise_skips(skips_by_split.get(split, [])),
             "num_shards": len(entry["shards"]),
             "shards": sorted(entry["shards"], key=lambda s: s["file"]),
         }
     report = dict(meta)
     report["splits"] = report_splits
-    report["totals"] = {
-        "utterances": sum(s["utterances"] for s in report_splits.values()),
-        "hours": round(sum(s["hours"] for s in report_splits.values()), 6),
-        "skipped": sum(s["skipped"]["total"] for s in report_splits.values()) + len(skips_by_split.get(None, [])),
-    }
     if skips_by_split.get(None):
         report["skipped_without_split"] = _summarise_skips(skips_by_split[None])
+    report["totals"] = _totals(report)
     return report
+
+
+def _totals(report: dict) -> dict:
+    splits = report["splits"].values()
+    return {
+        "utterances": sum(s["utterances"] for s in splits),
+        "hours": round(sum(s["hours"] for s in splits), 6),
+        "skipped": sum(s["skipped"]["total"] for s in splits)
+        + report.get("skipped_without_split", {}).get("total", 0),
+    }
+
+
+def _earlier_splits(output_dir: str, options: PrepareOptions, prepared: set[str]) -> tuple[dict, list[dict]]:
+    """What report.json holds for splits this run does not prepare, if made with the same features.
+
+    Returns:
+      ({split: report entry}, [the index records of those splits' shards that are still complete]),
+      so that a run of some splits (`--splits=validation`) keeps the others in report.json and
+      stats.json instead of replacing them.
+    """
+    try:
+        old = json.loads(filesystem.read_text(filesystem.join(output_dir, "report.json")))
+    except (OSError, ValueError):
+        return {}, []
+    if not isinstance(old, dict) or old.get("features") != options.spec.to_dict():
+        return {}, []
+    kept, records = {}, []
+    for split, entry in (old.get("splits") or {}).items():
+        if split in prepared or not isinstance(entry, dict):
+            continue
+        kept[split] = entry
+        for shard in entry.get("shards", []):
+            try:
+                record = json.loads(filesystem.read_text(_index_path(output_dir, shard["file"])))
+                if filesystem.size(filesystem.join(output_dir, shard["file"])) == record["bytes"]:
+                    records.append(record)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return kept, records
 
 
 def _remove_stale(output_dir: str, jobs: Sequence[ShardJob]) -> list[str]:
@@ -365,9 +467,13 @@ def prepare(
 ) -> dict:
     """Writes the shards of `listing` (resuming finished ones), report.json and maybe stats.json.
 
+    Splits that an earlier run wrote into the same folder and this run does not prepare keep their
+    report.json entries, and their shards count towards stats.json (train's, or every split's when
+    there is no train split), as long as the features are the same.
+
     Returns:
       The report (also written to `output_dir/report.json`); its `run` entry says how many shards
-      were written and how many were already complete.
+      were written, how many were already complete and which earlier splits were kept.
     """
     filesystem.makedirs(filesystem.join(output_dir, INDEX_DIR))
     jobs = plan_shards(listing, options, num_shards)
@@ -377,15 +483,19 @@ def prepare(
         done[record["shard"]] = record
     records = [done[job.name] for job in jobs]
     removed = _remove_stale(output_dir, jobs)
-    report_meta = {"features": options.spec.to_dict(), "min_seconds": options.min_seconds, **(meta or {})}
-    report = build_report(records, listing.skips, report_meta)
+    report = build_report(records, listing.skips, {**options.to_dict(), **(meta or {})})
+    kept, kept_records = _earlier_splits(output_dir, options, set(report["splits"]) | {j.split for j in jobs})
+    report["splits"] = dict(sorted({**report["splits"], **kept}.items()))
+    report["totals"] = _totals(report)
     report["run"] = {
         "shards_written": len(pending),
         "shards_resumed": len(jobs) - len(pending),
         "stale_removed": removed,
+        "splits_kept": sorted(kept),
     }
     if stats:
-        chosen = [r for r in records if r["split"] == "train"] or records
+        every = records + kept_records
+        chosen = [r for r in every if r["split"] == "train"] or every
         acc = features.StatsAccumulator(options.spec)
         for record in chosen:
             acc.merge(features.StatsAccumulator.from_dict(record["stats"], options.spec))
@@ -428,9 +538,18 @@ def _parser() -> cli.ArgumentParser:
     )
     p.add_argument("--stats", action="store_true", help="also write stats.json (per-bin mean/std)")
     p.add_argument("--min_seconds", type=float, default=0.0, help="skip shorter utterances")
+    p.add_argument("--frame_dtype", default="float16", choices=FRAME_DTYPES, help="storage of the frames")
+    p.add_argument(
+        "--max_utterance_seconds",
+        type=float,
+        default=splitting.SplitConfig.max_seconds,
+        help="split longer utterances at pauses (0: keep them whole); see spectron_jax.data.splitting",
+    )
+    p.add_argument("--min_pause_seconds", type=float, default=splitting.SplitConfig.min_pause_seconds)
+    p.add_argument("--pause_db", type=float, default=splitting.SplitConfig.pause_db)
     p.add_argument("--transcripts", default=None, help="librilight: transcript TSV (see sources.read_librilight)")
     p.add_argument("--segmentation", default="vad", choices=("vad", "fixed"), help="librilight: how files are cut")
-    p.add_argument("--max_segment_seconds", type=float, default=20.0, help="librilight: longest segment")
+    p.add_argument("--max_segment_seconds", type=float, default=13.0, help="librilight: longest merged segment")
     p.add_argument("--write_segments", default=None, help="librilight: write the planned segments TSV and stop")
     tfds_source.add_flags(p)
     return p
@@ -442,15 +561,19 @@ def _check_args(args) -> None:
             raise cli.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not args.min_seconds >= 0:
         raise cli.UsageError(f"--min_seconds must be >= 0, got {args.min_seconds}")
+    if not args.max_utterance_seconds >= 0:
+        raise cli.UsageError(f"--max_utterance_seconds must be >= 0, got {args.max_utterance_seconds}")
+    if not args.min_pause_seconds > 0 or not args.pause_db > 0:
+        raise cli.UsageError(f"--min_pause_seconds and --pause_db must be > 0, got {args.min_pause_seconds}, {args.pause_db}")
     if not args.max_segment_seconds > 0:
         raise cli.UsageError(f"--max_segment_seconds must be > 0, got {args.max_segment_seconds}")
     if args.split is not None and not sources.is_valid_split(args.split):
         raise cli.UsageError(f"--split must be letters, digits or '_', got '{args.split}'")
     if args.format == "librilight" and not args.transcripts and not args.write_segments:
         raise cli.UsageError("--format=librilight needs --transcripts=TSV (or --write_segments=TSV to list segments)")
-    if args.format != "tfds" and not os.path.exists(args.input):  # tfds: --input is a dataset name
+    if args.format != "tfds" and not filesystem.exists(args.input):  # tfds: --input is a dataset name
         raise cli.InputError(f"--input {args.input}: no such file or folder")
-    if args.transcripts and not os.path.isfile(args.transcripts):
+    if args.transcripts and not filesystem.is_file(args.transcripts):
         raise cli.InputError(f"--transcripts {args.transcripts}: no such file")
 
 
@@ -493,7 +616,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = prepare(
             listing,
             args.output_dir,
-            PrepareOptions(min_seconds=args.min_seconds),
+            PrepareOptions(
+                min_seconds=args.min_seconds,
+                frame_dtype=args.frame_dtype,
+                split=splitting.SplitConfig(args.max_utterance_seconds or None, args.min_pause_seconds, args.pause_db),
+            ),
             args.num_shards,
             workers,
             args.stats,
