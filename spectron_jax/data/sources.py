@@ -141,8 +141,13 @@ def _resolve(base: str, path: str) -> str:
 def _walk_files(root: str, suffix: str = "") -> Iterator[str]:
     """Files under `root` (local or URL) whose name ends with `suffix`, in sorted order."""
     if filesystem.is_remote(root):
-        found = (os.fspath(p) for p in filesystem.path(root).rglob("*") if p.name.endswith(suffix))
-        yield from sorted(p for p in found if filesystem.is_file(p))
+        scheme = root.partition("://")[0]
+        found = []
+        for folder, _, names in filesystem.path(root).walk():
+            folder = os.fspath(folder)  # fsspec's walk may drop the scheme
+            folder = folder if "://" in folder else f"{scheme}://{folder.lstrip('/')}"
+            found += [f"{folder.rstrip('/')}/{name}" for name in names if name.endswith(suffix)]
+        yield from sorted(found)
         return
     for folder, dirs, files in os.walk(root):
         dirs.sort()

@@ -125,7 +125,8 @@ def encode_example(segment, duration: float, frames, frame_dtype: str = "float16
         feature["log_mel"] = tf.train.Feature(float_list=packed_float_list(tf, frames))
     else:
         raise ValueError(f"frame_dtype must be one of {FRAME_DTYPES}, got {frame_dtype!r}")
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: map entries sorted by key, so a shard's bytes do not depend on the process's hash seed
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def packed_float_list(tf, values):
