@@ -2,22 +2,28 @@
 
     python -m spectron_jax.data.prepare --format=librispeech|librilight|manifest|embedded \\
         --input=PATH --output_dir=DIR [--num_shards=N] [--num_workers=N] [--splits=train,validation] \\
-        [--split=NAME] [--stats] [--min_seconds=S] \\
-        [--transcripts=TSV --segmentation=vad|fixed --max_segment_seconds=20 --write_segments=TSV]
+        [--split=NAME] [--stats] [--min_seconds=S] [--frame_dtype=float16|float32] \\
+        [--max_utterance_seconds=13 --min_pause_seconds=0.2 --pause_db=35] \\
+        [--transcripts=TSV --segmentation=vad|fixed --max_segment_seconds=13 --write_segments=TSV]
     python -m spectron_jax.data.prepare --format=tfds --input=NAME[/CONFIG][:VERSION] --tfds_data_dir=DIR \\
         [--tfds_splits=train_clean100,dev_clean] [--tfds_split_map=train=train,dev=validation,test=test] \\
         [--tfds_audio_key=speech --tfds_text_key=text --tfds_speaker_key=speaker_id --tfds_id_key=id] --output_dir=DIR
 
 The file formats are described in `spectron_jax.data.sources`, the TFDS one in `spectron_jax.data.tfds_source`.
+Inputs and outputs may be local or `gs://` (`spectron_jax.filesystem`).
 
 Output (a contract: the seqio tasks read it):
 
 - `DIR/<split>.tfrecord-<i:05d>-of-<n:05d>`: TFRecord files of `tf.train.Example`s in the schema of
-  `spectron_jax.data.tfrecords` (id, transcript, speaker, duration, num_frames, log_mel [T, 128]).
-- `DIR/report.json`: per split the utterances written, hours, frames, skipped utterances by reason
-  (with up to 20 examples each) and the shards with their example counts; see `build_report`.
-- `DIR/stats.json` (with `--stats`): per-bin mean/std of the train split's frames
-  (`features.FeatureStats`); of all prepared splits when there is no train split.
+  `spectron_jax.data.tfrecords` (id, transcript, speaker, duration, num_frames, log-mel [T, 128] stored
+  as float16 by default, `--frame_dtype=float32` to keep float32; readers accept both).
+- `DIR/report.json`: the options, and per split the examples written, hours, frames, storage dtype,
+  long utterances split / dropped, skipped utterances by reason (with up to 20 examples each) and the
+  shards with their example counts; see `build_report`. A run of some splits (`--splits=...`) keeps
+  the entries earlier runs wrote for the others.
+- `DIR/stats.json` (with `--stats`): per-bin mean/std of the train split's stored frames
+  (`features.FeatureStats`), including train shards of earlier runs; of all splits when there is no
+  train split.
 - `DIR/shard_index/<shard>.json`: one record per finished shard (its job's fingerprint, example and
   byte counts, skips, statistics sums), what makes re-runs resumable.
 
@@ -29,9 +35,14 @@ fingerprint (inputs, their sizes and mtimes, feature numbers) and TFRecord count
 finished is rewritten and a crash never leaves a truncated file under a shard name. After a successful
 run, shards of the same split with another shard count and stale temporary files are removed.
 
-Bad utterances (missing, empty, corrupt, zero-sample or NaN audio, empty transcript, duplicate id,
-malformed manifest line, too short) are skipped and counted by reason, never fatal. An input with
-nothing usable is a one-line error.
+Utterances longer than the training window (`--max_utterance_seconds`, DEFAULT 13 s) are split at
+pauses into pieces with their share of the transcript, and what cannot be split is dropped and counted
+(`too_long`), never cropped: `spectron_jax.data.splitting`.
+
+Bad utterances (missing, empty, corrupt, truncated, zero-sample or NaN audio, empty transcript,
+duplicate id, malformed or non-UTF-8 manifest row or transcript line, too short, too long without a
+pause) are skipped and counted by reason, never fatal. An input with nothing usable is a one-line error.
+Records are serialised deterministically, so a killed run resumed gives the same shard bytes.
 """
 
 from __future__ import annotations

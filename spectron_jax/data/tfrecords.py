@@ -5,8 +5,8 @@ Files `DIR/<split>.tfrecord-<i:05d>-of-<n:05d>` hold Examples with the features
     id          bytes       utterance id
     transcript  bytes       UTF-8 text, as given by the corpus
     speaker     bytes       speaker id ('' when the corpus has none)
-    duration    float       seconds of (16 kHz) audio featurised
-    num_frames  int64       frames T of log_mel (= 1 + samples // hop)
+    duration    float       seconds of (16 kHz) audio featurised (of a split piece: T * hop / 16000)
+    num_frames  int64       frames T of log_mel (= 1 + samples // hop; a piece's own count)
     log_mel     float_list  T * 128 float32 values, row-major [T, 128] (features.SPECTRON_FEATURES)
       or
     log_mel_f16 bytes       T * 128 little-endian IEEE float16 values, row-major [T, 128]
