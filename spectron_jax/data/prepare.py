@@ -60,6 +60,15 @@ from typing import Any, Callable, Sequence
 
 from spectron_jax import cli, filesystem
 from spectron_jax.data import audio_input, features, sources, splitting
+from spectron_jax.data.prepare_report import (  # noqa: F401
+    INDEX_DIR,
+    REPORT_EXAMPLES_PER_REASON,
+    build_report,
+    earlier_splits,
+    skip_dict,
+    summarise_skips,
+    totals,
+)
 from spectron_jax.data.tfrecords import (  # noqa: F401
     FRAME_DTYPES,
     count_records,
@@ -74,8 +83,6 @@ from spectron_jax.data import tfds_source  # imports TF / TFDS only when used
 FORMATS = ("librispeech", "librilight", "manifest", "embedded", "tfds")
 FORMAT_VERSION = 2  # 2: float16 storage and splitting at pauses
 DEFAULT_EXAMPLES_PER_SHARD = 256
-INDEX_DIR = "shard_index"
-REPORT_EXAMPLES_PER_REASON = 20
 
 
 def __getattr__(name: str):
@@ -184,10 +191,6 @@ def finished_shard(output_dir: str, job: ShardJob) -> dict | None:
         return None
 
 
-def _skip_dict(skip: sources.Skip) -> dict:
-    return {"id": skip.id, "source": skip.source, "split": skip.split, "reason": skip.reason, "detail": skip.detail}
-
-
 def featurise_file(source: sources.SourceFile, options: PrepareOptions):
     """Yields (segment, duration s, [frames, mel] log-mel) or (segment, None, Skip) for each segment."""
     if tfds_source.is_tfds_path(source.path):  # a range of a TFDS split, see tfds_source
@@ -245,7 +248,7 @@ def write_shard(
             for source in job.files:
                 for segment, duration, result in featurise_file(source, options):
                     if duration is None:
-                        skips.append(_skip_dict(result))
+                        skips.append(skip_dict(result))
                         continue
                     pieces = splitting.split_utterance(
                         segment, result, options.split, options.spec, source.source, source.split
@@ -254,7 +257,7 @@ def write_shard(
                     long["split"] += was_split
                     for piece in pieces:
                         if isinstance(piece, sources.Skip):
-                            skips.append(_skip_dict(piece))
+                            skips.append(skip_dict(piece))
                             long["dropped"] += piece.reason == "too_long"
                             continue
                         piece_segment, frames = piece
@@ -349,107 +352,6 @@ def run_jobs(jobs: Sequence[ShardJob], output_dir: str, options: PrepareOptions,
         bar.close()
 
 
-def _summarise_skips(skips: list[dict]) -> dict:
-    by_reason: dict[str, int] = {}
-    examples: dict[str, list] = {}
-    for skip in skips:
-        by_reason[skip["reason"]] = by_reason.get(skip["reason"], 0) + 1
-        kept = examples.setdefault(skip["reason"], [])
-        if len(kept) < REPORT_EXAMPLES_PER_REASON:
-            kept.append({k: skip[k] for k in ("id", "source", "detail")})
-    return {"total": len(skips), "by_reason": dict(sorted(by_reason.items())), "examples": examples}
-
-
-def _empty_split() -> dict:
-    long = {"split": 0, "pieces": 0, "dropped": 0, "dropped_seconds": 0.0}
-    return {"utterances": 0, "seconds": 0.0, "frames": 0, "shards": [], "dtypes": set(), "long": long}
-
-
-def build_report(records: list[dict], listing_skips: list[sources.Skip], meta: dict) -> dict:
-    """report.json: {format, input, features, splits: {split: {...}}, totals, [skipped_without_split]}.
-
-    Each split: utterances (examples written), hours, frames, frame_dtype (storage: float16 /
-    float32, a list when its shards differ), long_utterances {split: utterances longer than the window,
-    pieces: examples written from them, dropped: stretches dropped as too long (also in skipped),
-    dropped_hours}, skipped {total, by_reason, examples}, num_shards and shards [{file, examples, bytes}].
-    """
-    splits: dict[str, dict] = {}
-    skips_by_split: dict[str | None, list[dict]] = {}
-    for skip in listing_skips:
-        skips_by_split.setdefault(skip.split, []).append(_skip_dict(skip))
-    for record in records:
-        entry = splits.setdefault(record["split"], _empty_split())
-        entry["dtypes"].add(record.get("frame_dtype", "float32"))  # records of format 1 stored float32
-        for key, value in record.get("long_utterances", {}).items():
-            entry["long"][key] += value
-        entry["utterances"] += record["examples"]
-        entry["seconds"] += record["seconds"]
-        entry["frames"] += record["frames"]
-        entry["shards"].append({"file": record["shard"], "examples": record["examples"], "bytes": record["bytes"]})
-        skips_by_split.setdefault(record["split"], []).extend(record["skipped"])
-    report_splits = {}
-    for split in sorted(set(splits) | {s for s in skips_by_split if s is not None}):
-        entry = splits.get(split, _empty_split())
-        dtypes = sorted(entry["dtypes"])
-        long = dict(entry["long"])
-        long["dropped_hours"] = round(long.pop("dropped_seconds") / 3600, 6)
-        report_splits[split] = {
-            "utterances": entry["utterances"],
-            "hours": round(entry["seconds"] / 3600, 6),
-            "frames": entry["frames"],
-            "frame_dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-            "long_utterances": long,
-            "skipped": _summarise_skips(skips_by_split.get(split, [])),
-            "num_shards": len(entry["shards"]),
-            "shards": sorted(entry["shards"], key=lambda s: s["file"]),
-        }
-    report = dict(meta)
-    report["splits"] = report_splits
-    if skips_by_split.get(None):
-        report["skipped_without_split"] = _summarise_skips(skips_by_split[None])
-    report["totals"] = _totals(report)
-    return report
-
-
-def _totals(report: dict) -> dict:
-    splits = report["splits"].values()
-    return {
-        "utterances": sum(s["utterances"] for s in splits),
-        "hours": round(sum(s["hours"] for s in splits), 6),
-        "skipped": sum(s["skipped"]["total"] for s in splits)
-        + report.get("skipped_without_split", {}).get("total", 0),
-    }
-
-
-def _earlier_splits(output_dir: str, options: PrepareOptions, prepared: set[str]) -> tuple[dict, list[dict]]:
-    """What report.json holds for splits this run does not prepare, if made with the same features.
-
-    Returns:
-      ({split: report entry}, [the index records of those splits' shards that are still complete]),
-      so that a run of some splits (`--splits=validation`) keeps the others in report.json and
-      stats.json instead of replacing them.
-    """
-    try:
-        old = json.loads(filesystem.read_text(filesystem.join(output_dir, "report.json")))
-    except (OSError, ValueError):
-        return {}, []
-    if not isinstance(old, dict) or old.get("features") != options.spec.to_dict():
-        return {}, []
-    kept, records = {}, []
-    for split, entry in (old.get("splits") or {}).items():
-        if split in prepared or not isinstance(entry, dict):
-            continue
-        kept[split] = entry
-        for shard in entry.get("shards", []):
-            try:
-                record = json.loads(filesystem.read_text(_index_path(output_dir, shard["file"])))
-                if filesystem.size(filesystem.join(output_dir, shard["file"])) == record["bytes"]:
-                    records.append(record)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-    return kept, records
-
-
 def _remove_stale(output_dir: str, jobs: Sequence[ShardJob]) -> list[str]:
     """Deletes shards of the prepared splits that this run did not plan, and leftover temp files."""
     current = {j.name for j in jobs}
@@ -495,9 +397,10 @@ def prepare(
     records = [done[job.name] for job in jobs]
     removed = _remove_stale(output_dir, jobs)
     report = build_report(records, listing.skips, {**options.to_dict(), **(meta or {})})
-    kept, kept_records = _earlier_splits(output_dir, options, set(report["splits"]) | {j.split for j in jobs})
+    prepared = set(report["splits"]) | {j.split for j in jobs}
+    kept, kept_records = earlier_splits(output_dir, options.spec.to_dict(), prepared)
     report["splits"] = dict(sorted({**report["splits"], **kept}.items()))
-    report["totals"] = _totals(report)
+    report["totals"] = totals(report)
     report["run"] = {
         "shards_written": len(pending),
         "shards_resumed": len(jobs) - len(pending),
@@ -575,7 +478,9 @@ def _check_args(args) -> None:
     if not args.max_utterance_seconds >= 0:
         raise cli.UsageError(f"--max_utterance_seconds must be >= 0, got {args.max_utterance_seconds}")
     if not args.min_pause_seconds > 0 or not args.pause_db > 0:
-        raise cli.UsageError(f"--min_pause_seconds and --pause_db must be > 0, got {args.min_pause_seconds}, {args.pause_db}")
+        raise cli.UsageError(
+            f"--min_pause_seconds and --pause_db must be > 0, got {args.min_pause_seconds} and {args.pause_db}"
+        )
     if not args.max_segment_seconds > 0:
         raise cli.UsageError(f"--max_segment_seconds must be > 0, got {args.max_segment_seconds}")
     if args.split is not None and not sources.is_valid_split(args.split):
@@ -613,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         listing.sources = [s for s in listing.sources if s.split in wanted]
         listing.skips = [s for s in listing.skips if s.split in wanted or s.split is None]
     if not listing.sources:
-        reasons = _summarise_skips([_skip_dict(s) for s in listing.skips])["by_reason"]
+        reasons = summarise_skips([skip_dict(s) for s in listing.skips])["by_reason"]
         detail = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "no utterances"
         where = f" in splits {args.splits}" if args.splits else ""
         raise cli.InputError(f"{args.input}: nothing usable{where} ({detail})")

@@ -171,7 +171,8 @@ def split_utterance(
         piece_id = sources.segment_id(segment.id, start, end)
         seconds = (piece.end - piece.start) * seconds_per_frame
         if not piece.kept:
-            detail = f"{seconds:.2f} s without a pause of {config.min_pause_seconds} s; {len(text.split())} words dropped"
+            words = len(text.split())
+            detail = f"{seconds:.2f} s without a pause of {config.min_pause_seconds} s; {words} words dropped"
             out.append(sources.Skip(piece_id, source, split, "too_long", detail))
         elif not text:
             out.append(sources.Skip(piece_id, source, split, "empty_transcript", "no words left for this piece"))
