@@ -178,6 +178,8 @@ def test_killed_prepare_resumes_to_the_same_shards(resumable, repo_root):
     assert _shard_bytes(out) == reference
     run = _report(out)["run"]
     assert run["shards_written"] + run["shards_resumed"] == 4 and not list(out.glob(".tmp-*"))
+    if process.returncode == -signal.SIGKILL:  # killed after its first shard (not when it had finished first)
+        assert run["shards_resumed"] >= 1
 
 
 # ------------------------------------------------------------------------------------------ gs:// input
