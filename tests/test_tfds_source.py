@@ -113,7 +113,8 @@ def test_mocked_librispeech(tmp_path):
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         expected = list(tfds.as_numpy(tfds.load("librispeech", split="dev_clean", data_dir=str(tmp_path))))
         assert prepare.main(["--format=tfds", "--input=librispeech", f"--tfds_data_dir={tmp_path}",
-                             "--tfds_splits=dev_clean", f"--output_dir={tmp_path / 'out'}", "--num_workers=1"]) == 0
+                             "--tfds_splits=dev_clean", f"--output_dir={tmp_path / 'out'}", "--num_workers=1",
+                             "--frame_dtype=float32"]) == 0
     shards = read_shards(tmp_path / "out", "validation")
     assert len(shards) == 4
     for example in expected:
@@ -231,6 +232,7 @@ def test_mocked_float_and_int16_audio_at_other_rates(tmp_path, config):
         assert prepare.main([
             "--format=tfds", f"--input=tone_speech/{config}", f"--tfds_data_dir={tmp_path}", "--tfds_audio_key=audio",
             "--tfds_text_key=sentence", "--tfds_splits=train", f"--output_dir={tmp_path / 'out'}", "--num_workers=1",
+            "--frame_dtype=float32",
         ]) == 0
     shards = read_shards(tmp_path / "out", "train")
     assert sorted(shards) == ["train-00000000", "train-00000001"]

@@ -2,22 +2,28 @@
 
     python -m spectron_jax.data.prepare --format=librispeech|librilight|manifest|embedded \\
         --input=PATH --output_dir=DIR [--num_shards=N] [--num_workers=N] [--splits=train,validation] \\
-        [--split=NAME] [--stats] [--min_seconds=S] \\
-        [--transcripts=TSV --segmentation=vad|fixed --max_segment_seconds=20 --write_segments=TSV]
+        [--split=NAME] [--stats] [--min_seconds=S] [--frame_dtype=float16|float32] \\
+        [--max_utterance_seconds=13 --min_pause_seconds=0.2 --pause_db=35] \\
+        [--transcripts=TSV --segmentation=vad|fixed --max_segment_seconds=13 --write_segments=TSV]
     python -m spectron_jax.data.prepare --format=tfds --input=NAME[/CONFIG][:VERSION] --tfds_data_dir=DIR \\
         [--tfds_splits=train_clean100,dev_clean] [--tfds_split_map=train=train,dev=validation,test=test] \\
         [--tfds_audio_key=speech --tfds_text_key=text --tfds_speaker_key=speaker_id --tfds_id_key=id] --output_dir=DIR
 
 The file formats are described in `spectron_jax.data.sources`, the TFDS one in `spectron_jax.data.tfds_source`.
+Inputs and outputs may be local or `gs://` (`spectron_jax.filesystem`).
 
 Output (a contract: the seqio tasks read it):
 
 - `DIR/<split>.tfrecord-<i:05d>-of-<n:05d>`: TFRecord files of `tf.train.Example`s in the schema of
-  `spectron_jax.data.tfrecords` (id, transcript, speaker, duration, num_frames, log_mel [T, 128]).
-- `DIR/report.json`: per split the utterances written, hours, frames, skipped utterances by reason
-  (with up to 20 examples each) and the shards with their example counts; see `build_report`.
-- `DIR/stats.json` (with `--stats`): per-bin mean/std of the train split's frames
-  (`features.FeatureStats`); of all prepared splits when there is no train split.
+  `spectron_jax.data.tfrecords` (id, transcript, speaker, duration, num_frames, log-mel [T, 128] stored
+  as float16 by default, `--frame_dtype=float32` to keep float32; readers accept both).
+- `DIR/report.json`: the options, and per split the examples written, hours, frames, storage dtype,
+  long utterances split / dropped, skipped utterances by reason (with up to 20 examples each) and the
+  shards with their example counts; see `build_report`. A run of some splits (`--splits=...`) keeps
+  the entries earlier runs wrote for the others.
+- `DIR/stats.json` (with `--stats`): per-bin mean/std of the train split's stored frames
+  (`features.FeatureStats`), including train shards of earlier runs; of all splits when there is no
+  train split.
 - `DIR/shard_index/<shard>.json`: one record per finished shard (its job's fingerprint, example and
   byte counts, skips, statistics sums), what makes re-runs resumable.
 
@@ -29,9 +35,14 @@ fingerprint (inputs, their sizes and mtimes, feature numbers) and TFRecord count
 finished is rewritten and a crash never leaves a truncated file under a shard name. After a successful
 run, shards of the same split with another shard count and stale temporary files are removed.
 
-Bad utterances (missing, empty, corrupt, zero-sample or NaN audio, empty transcript, duplicate id,
-malformed manifest line, too short) are skipped and counted by reason, never fatal. An input with
-nothing usable is a one-line error.
+Utterances longer than the training window (`--max_utterance_seconds`, DEFAULT 13 s) are split at
+pauses into pieces with their share of the transcript, and what cannot be split is dropped and counted
+(`too_long`), never cropped: `spectron_jax.data.splitting`.
+
+Bad utterances (missing, empty, corrupt, truncated, zero-sample or NaN audio, empty transcript,
+duplicate id, malformed or non-UTF-8 manifest row or transcript line, too short, too long without a
+pause) are skipped and counted by reason, never fatal. An input with nothing usable is a one-line error.
+Records are serialised deterministically, so a killed run resumed gives the same shard bytes.
 """
 
 from __future__ import annotations
@@ -48,15 +59,30 @@ from typing import Any, Callable, Sequence
 
 
 from spectron_jax import cli, filesystem
-from spectron_jax.data import features, sources
-from spectron_jax.data.tfrecords import count_records, encode_example, parse_example, shard_name, tfrecord_features  # noqa: F401
+from spectron_jax.data import audio_input, features, sources, splitting
+from spectron_jax.data.prepare_report import (  # noqa: F401
+    INDEX_DIR,
+    REPORT_EXAMPLES_PER_REASON,
+    build_report,
+    earlier_splits,
+    skip_dict,
+    summarise_skips,
+    totals,
+)
+from spectron_jax.data.tfrecords import (  # noqa: F401
+    FRAME_DTYPES,
+    count_records,
+    encode_example,
+    parse_example,
+    shard_name,
+    stored_frames,
+    tfrecord_features,
+)
 from spectron_jax.data import tfds_source  # imports TF / TFDS only when used
 
 FORMATS = ("librispeech", "librilight", "manifest", "embedded", "tfds")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: float16 storage and splitting at pauses
 DEFAULT_EXAMPLES_PER_SHARD = 256
-INDEX_DIR = "shard_index"
-REPORT_EXAMPLES_PER_REASON = 20
 
 
 def __getattr__(name: str):
@@ -72,6 +98,21 @@ class PrepareOptions:
 
     spec: features.FeatureSpec = features.SPECTRON_FEATURES
     min_seconds: float = 0.0  # shorter utterances are skipped ('too_short'). DEFAULT, keeps all.
+    frame_dtype: str = "float16"  # storage of the frames (tfrecords.FRAME_DTYPES). DEFAULT.
+    split: splitting.SplitConfig = splitting.SplitConfig()  # long utterances, see `splitting`
+
+    def __post_init__(self):
+        if self.frame_dtype not in FRAME_DTYPES:
+            raise ValueError(f"PrepareOptions.frame_dtype must be one of {FRAME_DTYPES}, got {self.frame_dtype!r}")
+
+    def to_dict(self) -> dict:
+        """The options as report.json and the shard fingerprints record them."""
+        return {
+            "features": self.spec.to_dict(),
+            "min_seconds": self.min_seconds,
+            "frame_dtype": self.frame_dtype,
+            "split": dataclasses.asdict(self.split),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +135,15 @@ class ShardJob:
 
 
 def _file_state(path: str) -> list:
+    if tfds_source.is_tfds_path(path):
+        return [None, None]
     try:
+        if filesystem.is_remote(path):
+            st = filesystem.path(path).stat()
+            return [int(st.length), st.mtime]
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
-    except OSError:
+    except (OSError, ValueError):
         return [None, None]
 
 
@@ -115,8 +161,7 @@ def plan_shards(listing: sources.Listing, options: PrepareOptions, num_shards: i
             dealt = tuple(files[index::count])
             payload = {
                 "version": FORMAT_VERSION,
-                "features": options.spec.to_dict(),
-                "min_seconds": options.min_seconds,
+                **options.to_dict(),
                 "files": [
                     [f.path, f.source, _file_state(f.path), [dataclasses.astuple(s) for s in f.segments]] for f in dealt
                 ],
@@ -146,10 +191,6 @@ def finished_shard(output_dir: str, job: ShardJob) -> dict | None:
         return None
 
 
-def _skip_dict(skip: sources.Skip) -> dict:
-    return {"id": skip.id, "source": skip.source, "split": skip.split, "reason": skip.reason, "detail": skip.detail}
-
-
 def featurise_file(source: sources.SourceFile, options: PrepareOptions):
     """Yields (segment, duration s, [frames, mel] log-mel) or (segment, None, Skip) for each segment."""
     if tfds_source.is_tfds_path(source.path):  # a range of a TFDS split, see tfds_source
@@ -157,7 +198,7 @@ def featurise_file(source: sources.SourceFile, options: PrepareOptions):
         return
     spec = options.spec
     try:
-        wave = features.load_audio(source.path, spec)
+        wave = audio_input.load_audio(source.path, spec)
     except features.AudioError as e:
         for seg in source.segments:
             yield seg, None, sources.Skip(seg.id, source.source, source.split, e.reason, e.detail)
@@ -187,7 +228,11 @@ def featurise_file(source: sources.SourceFile, options: PrepareOptions):
 def write_shard(
     job: ShardJob, output_dir: str, options: PrepareOptions, progress: Callable[[int], None] | None = None
 ) -> dict:
-    """Featurises the job's files into its shard (temp name, then rename) and writes its index record."""
+    """Featurises the job's files into its shard (temp name, then rename) and writes its index record.
+
+    Utterances longer than `options.split` allows are written as their pieces (`splitting`); the record
+    counts them (`long_utterances`: utterances split, pieces written, stretches dropped).
+    """
     import tensorflow as tf
 
     final = filesystem.join(output_dir, job.name)
@@ -196,18 +241,37 @@ def write_shard(
     tmp = os.path.join(staging, f".tmp-{job.name}-{os.getpid()}")
     stats = features.StatsAccumulator(options.spec)
     skips, examples, seconds, frames_total = [], 0, 0.0, 0
+    long = {"split": 0, "pieces": 0, "dropped": 0, "dropped_seconds": 0.0}
+    seconds_per_frame = options.spec.hop / options.spec.sample_rate
     try:
         with tf.io.TFRecordWriter(tmp) as writer:
             for source in job.files:
                 for segment, duration, result in featurise_file(source, options):
                     if duration is None:
-                        skips.append(_skip_dict(result))
+                        skips.append(skip_dict(result))
                         continue
-                    writer.write(encode_example(segment, duration, result))
-                    stats.add(result)
-                    examples += 1
-                    seconds += duration
-                    frames_total += result.shape[0]
+                    pieces = splitting.split_utterance(
+                        segment, result, options.split, options.spec, source.source, source.split
+                    )
+                    was_split = len(pieces) > 1 or isinstance(pieces[0], sources.Skip) or pieces[0][0] is not segment
+                    long["split"] += was_split
+                    for piece in pieces:
+                        if isinstance(piece, sources.Skip):
+                            skips.append(skip_dict(piece))
+                            long["dropped"] += piece.reason == "too_long"
+                            continue
+                        piece_segment, frames = piece
+                        if piece_segment is not segment:
+                            long["pieces"] += 1
+                            duration = frames.shape[0] * seconds_per_frame
+                        writer.write(encode_example(piece_segment, duration, frames, options.frame_dtype))
+                        stats.add(stored_frames(frames, options.frame_dtype))
+                        examples += 1
+                        seconds += duration
+                        frames_total += frames.shape[0]
+                    if was_split:
+                        kept = sum(p[1].shape[0] for p in pieces if not isinstance(p, sources.Skip))
+                        long["dropped_seconds"] += (result.shape[0] - kept) * seconds_per_frame
                 if progress is not None:
                     progress(len(source.segments))
         if filesystem.is_remote(final):
@@ -227,6 +291,8 @@ def write_shard(
         "bytes": filesystem.size(final),
         "seconds": seconds,
         "frames": frames_total,
+        "frame_dtype": options.frame_dtype,
+        "long_utterances": long,
         "skipped": skips,
         "stats": stats.to_dict(),
     }
@@ -286,57 +352,6 @@ def run_jobs(jobs: Sequence[ShardJob], output_dir: str, options: PrepareOptions,
         bar.close()
 
 
-def _summarise_skips(skips: list[dict]) -> dict:
-    by_reason: dict[str, int] = {}
-    examples: dict[str, list] = {}
-    for skip in skips:
-        by_reason[skip["reason"]] = by_reason.get(skip["reason"], 0) + 1
-        kept = examples.setdefault(skip["reason"], [])
-        if len(kept) < REPORT_EXAMPLES_PER_REASON:
-            kept.append({k: skip[k] for k in ("id", "source", "detail")})
-    return {"total": len(skips), "by_reason": dict(sorted(by_reason.items())), "examples": examples}
-
-
-def build_report(records: list[dict], listing_skips: list[sources.Skip], meta: dict) -> dict:
-    """report.json: {format, input, features, splits: {split: {...}}, totals, [skipped_without_split]}.
-
-    Each split: utterances, hours, frames, skipped {total, by_reason, examples}, num_shards and
-    shards [{file, examples, bytes}].
-    """
-    splits: dict[str, dict] = {}
-    skips_by_split: dict[str | None, list[dict]] = {}
-    for skip in listing_skips:
-        skips_by_split.setdefault(skip.split, []).append(_skip_dict(skip))
-    for record in records:
-        entry = splits.setdefault(record["split"], {"utterances": 0, "seconds": 0.0, "frames": 0, "shards": []})
-        entry["utterances"] += record["examples"]
-        entry["seconds"] += record["seconds"]
-        entry["frames"] += record["frames"]
-        entry["shards"].append({"file": record["shard"], "examples": record["examples"], "bytes": record["bytes"]})
-        skips_by_split.setdefault(record["split"], []).extend(record["skipped"])
-    report_splits = {}
-    for split in sorted(set(splits) | {s for s in skips_by_split if s is not None}):
-        entry = splits.get(split, {"utterances": 0, "seconds": 0.0, "frames": 0, "shards": []})
-        report_splits[split] = {
-            "utterances": entry["utterances"],
-            "hours": round(entry["seconds"] / 3600, 6),
-            "frames": entry["frames"],
-            "skipped": _summarise_skips(skips_by_split.get(split, [])),
-            "num_shards": len(entry["shards"]),
-            "shards": sorted(entry["shards"], key=lambda s: s["file"]),
-        }
-    report = dict(meta)
-    report["splits"] = report_splits
-    report["totals"] = {
-        "utterances": sum(s["utterances"] for s in report_splits.values()),
-        "hours": round(sum(s["hours"] for s in report_splits.values()), 6),
-        "skipped": sum(s["skipped"]["total"] for s in report_splits.values()) + len(skips_by_split.get(None, [])),
-    }
-    if skips_by_split.get(None):
-        report["skipped_without_split"] = _summarise_skips(skips_by_split[None])
-    return report
-
-
 def _remove_stale(output_dir: str, jobs: Sequence[ShardJob]) -> list[str]:
     """Deletes shards of the prepared splits that this run did not plan, and leftover temp files."""
     current = {j.name for j in jobs}
@@ -365,9 +380,13 @@ def prepare(
 ) -> dict:
     """Writes the shards of `listing` (resuming finished ones), report.json and maybe stats.json.
 
+    Splits that an earlier run wrote into the same folder and this run does not prepare keep their
+    report.json entries, and their shards count towards stats.json (train's, or every split's when
+    there is no train split), as long as the features are the same.
+
     Returns:
       The report (also written to `output_dir/report.json`); its `run` entry says how many shards
-      were written and how many were already complete.
+      were written, how many were already complete and which earlier splits were kept.
     """
     filesystem.makedirs(filesystem.join(output_dir, INDEX_DIR))
     jobs = plan_shards(listing, options, num_shards)
@@ -377,15 +396,20 @@ def prepare(
         done[record["shard"]] = record
     records = [done[job.name] for job in jobs]
     removed = _remove_stale(output_dir, jobs)
-    report_meta = {"features": options.spec.to_dict(), "min_seconds": options.min_seconds, **(meta or {})}
-    report = build_report(records, listing.skips, report_meta)
+    report = build_report(records, listing.skips, {**options.to_dict(), **(meta or {})})
+    prepared = set(report["splits"]) | {j.split for j in jobs}
+    kept, kept_records = earlier_splits(output_dir, options.spec.to_dict(), prepared)
+    report["splits"] = dict(sorted({**report["splits"], **kept}.items()))
+    report["totals"] = totals(report)
     report["run"] = {
         "shards_written": len(pending),
         "shards_resumed": len(jobs) - len(pending),
         "stale_removed": removed,
+        "splits_kept": sorted(kept),
     }
     if stats:
-        chosen = [r for r in records if r["split"] == "train"] or records
+        every = records + kept_records
+        chosen = [r for r in every if r["split"] == "train"] or every
         acc = features.StatsAccumulator(options.spec)
         for record in chosen:
             acc.merge(features.StatsAccumulator.from_dict(record["stats"], options.spec))
@@ -428,9 +452,18 @@ def _parser() -> cli.ArgumentParser:
     )
     p.add_argument("--stats", action="store_true", help="also write stats.json (per-bin mean/std)")
     p.add_argument("--min_seconds", type=float, default=0.0, help="skip shorter utterances")
+    p.add_argument("--frame_dtype", default="float16", choices=FRAME_DTYPES, help="storage of the frames")
+    p.add_argument(
+        "--max_utterance_seconds",
+        type=float,
+        default=splitting.SplitConfig.max_seconds,
+        help="split longer utterances at pauses (0: keep them whole); see spectron_jax.data.splitting",
+    )
+    p.add_argument("--min_pause_seconds", type=float, default=splitting.SplitConfig.min_pause_seconds)
+    p.add_argument("--pause_db", type=float, default=splitting.SplitConfig.pause_db)
     p.add_argument("--transcripts", default=None, help="librilight: transcript TSV (see sources.read_librilight)")
     p.add_argument("--segmentation", default="vad", choices=("vad", "fixed"), help="librilight: how files are cut")
-    p.add_argument("--max_segment_seconds", type=float, default=20.0, help="librilight: longest segment")
+    p.add_argument("--max_segment_seconds", type=float, default=13.0, help="librilight: longest merged segment")
     p.add_argument("--write_segments", default=None, help="librilight: write the planned segments TSV and stop")
     tfds_source.add_flags(p)
     return p
@@ -442,15 +475,21 @@ def _check_args(args) -> None:
             raise cli.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not args.min_seconds >= 0:
         raise cli.UsageError(f"--min_seconds must be >= 0, got {args.min_seconds}")
+    if not args.max_utterance_seconds >= 0:
+        raise cli.UsageError(f"--max_utterance_seconds must be >= 0, got {args.max_utterance_seconds}")
+    if not args.min_pause_seconds > 0 or not args.pause_db > 0:
+        raise cli.UsageError(
+            f"--min_pause_seconds and --pause_db must be > 0, got {args.min_pause_seconds} and {args.pause_db}"
+        )
     if not args.max_segment_seconds > 0:
         raise cli.UsageError(f"--max_segment_seconds must be > 0, got {args.max_segment_seconds}")
     if args.split is not None and not sources.is_valid_split(args.split):
         raise cli.UsageError(f"--split must be letters, digits or '_', got '{args.split}'")
     if args.format == "librilight" and not args.transcripts and not args.write_segments:
         raise cli.UsageError("--format=librilight needs --transcripts=TSV (or --write_segments=TSV to list segments)")
-    if args.format != "tfds" and not os.path.exists(args.input):  # tfds: --input is a dataset name
+    if args.format != "tfds" and not filesystem.exists(args.input):  # tfds: --input is a dataset name
         raise cli.InputError(f"--input {args.input}: no such file or folder")
-    if args.transcripts and not os.path.isfile(args.transcripts):
+    if args.transcripts and not filesystem.is_file(args.transcripts):
         raise cli.InputError(f"--transcripts {args.transcripts}: no such file")
 
 
@@ -479,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         listing.sources = [s for s in listing.sources if s.split in wanted]
         listing.skips = [s for s in listing.skips if s.split in wanted or s.split is None]
     if not listing.sources:
-        reasons = _summarise_skips([_skip_dict(s) for s in listing.skips])["by_reason"]
+        reasons = summarise_skips([skip_dict(s) for s in listing.skips])["by_reason"]
         detail = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "no utterances"
         where = f" in splits {args.splits}" if args.splits else ""
         raise cli.InputError(f"{args.input}: nothing usable{where} ({detail})")
@@ -493,7 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = prepare(
             listing,
             args.output_dir,
-            PrepareOptions(min_seconds=args.min_seconds),
+            PrepareOptions(
+                min_seconds=args.min_seconds,
+                frame_dtype=args.frame_dtype,
+                split=splitting.SplitConfig(args.max_utterance_seconds or None, args.min_pause_seconds, args.pause_db),
+            ),
             args.num_shards,
             workers,
             args.stats,

@@ -91,14 +91,15 @@ def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL
 
     Args:
       features: `id`, `transcript`, `speaker` (tf.string []), `num_frames` (int64 []), `duration`
-        (float32 []) and `log_mel` (float32 [num_frames * num_mel_bins], row-major).
+        (float32 []) and `log_mel` (float32 [num_frames * num_mel_bins], row-major) or, in float16 shards,
+        `log_mel_f16` (its float16 bytes; cast to float32 here, see `tfrecords.log_mel_values`).
       num_mel_bins: mel bins per frame.
 
     Returns:
       `id`, `transcript`, `speaker` (tf.string []) and `log_mel` float32 [frames, num_mel_bins]; any key
       outside the TFRecord schema passes through.
     """
-    flat = features["log_mel"]
+    flat = tfrecords.log_mel_values(features) if "log_mel_f16" in features else features["log_mel"]
     num_frames = tf.cast(features["num_frames"], tf.int32)
     check = tf.debugging.assert_equal(
         tf.size(flat),

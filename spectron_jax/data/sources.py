@@ -19,6 +19,14 @@ Formats:
   row cuts a segment); the default split is `split=` or `train`.
 - `embedded`: the project's corpus, `manifest.tsv` with columns
   `id path transcript speaker passage split duration`.
+
+Inputs may be local or on an object store (`gs://...`, through `spectron_jax.filesystem`): a
+LibriSpeech or Libri-Light tree, a manifest, and the audio paths a manifest names (relative to its
+folder, absolute, or URLs).
+
+Text is UTF-8, read line by line: a line that is not valid UTF-8 (a `.trans.txt` line, a manifest
+row) is skipped on its own with reason `bad_encoding` and its id where the id itself decodes; the
+other lines of the file are used.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ import dataclasses
 import json
 import math
 import os
+import posixpath
 import re
 from typing import Iterable, Iterator
+
+from spectron_jax import filesystem
 
 LIBRISPEECH_SPLITS = (("train", "train"), ("dev", "validation"), ("test", "test"))
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -98,6 +109,9 @@ def librispeech_split(folder: str) -> str | None:
 
 
 def _relative(path: str, root: str) -> str:
+    if filesystem.is_remote(path):
+        prefix = root.rstrip("/") + "/"
+        return path[len(prefix) :] if path.startswith(prefix) else path
     try:
         rel = os.path.relpath(path, root)
     except ValueError:
@@ -105,13 +119,64 @@ def _relative(path: str, root: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def _walk_files(root: str, suffix: str) -> Iterator[str]:
-    """Files under `root` whose name ends with `suffix`, in sorted order."""
+def _join(folder: str, *names: str) -> str:
+    return filesystem.join(folder, *names) if filesystem.is_remote(folder) else os.path.join(folder, *names)
+
+
+def _dirname(path: str) -> str:
+    return path.rstrip("/").rpartition("/")[0] if filesystem.is_remote(path) else os.path.dirname(path)
+
+
+def _resolve(base: str, path: str) -> str:
+    """`path` as named in a manifest in folder `base`: a URL or absolute path as is, else under `base`."""
+    if filesystem.is_remote(path) or os.path.isabs(path):
+        return path
+    if filesystem.is_remote(base):
+        scheme, _, rest = base.partition("://")
+        bucket, _, folder = rest.partition("/")
+        return f"{scheme}://{bucket}/" + posixpath.normpath(posixpath.join(folder, path)).lstrip("/")
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _walk_files(root: str, suffix: str = "") -> Iterator[str]:
+    """Files under `root` (local or URL) whose name ends with `suffix`, in sorted order."""
+    if filesystem.is_remote(root):
+        scheme = root.partition("://")[0]
+        found = []
+        for folder, _, names in filesystem.path(root).walk():
+            folder = os.fspath(folder)  # fsspec's walk may drop the scheme
+            folder = folder if "://" in folder else f"{scheme}://{folder.lstrip('/')}"
+            found += [f"{folder.rstrip('/')}/{name}" for name in names if name.endswith(suffix)]
+        yield from sorted(found)
+        return
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
             if name.endswith(suffix):
                 yield os.path.join(folder, name)
+
+
+def _decoded_lines(data: bytes) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text or None when not UTF-8, problem) for each line of `data` (\n or \r\n ends)."""
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        raw = raw[:-1] if raw.endswith(b"\r") else raw
+        try:
+            yield number, raw.decode("utf-8"), ""
+        except UnicodeDecodeError as e:
+            yield number, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+
+
+def _readable_field(raw: str, index: int, sep: str | None = None) -> str:
+    """Field `index` of a line decoded with surrogateescape, '' when that field is not UTF-8 itself."""
+    fields = raw.split(sep)
+    if index >= len(fields):
+        return ""
+    field = fields[index].strip()
+    return "" if any("\udc80" <= c <= "\udcff" for c in field) else field
+
+
+def _raw_line(data: bytes, number: int) -> str:
+    return data.split(b"\n")[number - 1].decode("utf-8", errors="surrogateescape")
 
 
 def is_valid_split(split: str) -> bool:
@@ -121,22 +186,24 @@ def is_valid_split(split: str) -> bool:
 
 def read_librispeech(root: str, split: str | None = None) -> Listing:
     """Lists a LibriSpeech tree (see the module docstring)."""
-    if not os.path.isdir(root):
+    if not filesystem.is_dir(root):
         raise SourceError(f"{root}: not a folder (--format=librispeech wants a LibriSpeech tree)")
     listing = Listing()
-    transcripts = list(_walk_files(root, ".trans.txt"))
+    files = list(_walk_files(root))
+    present = set(files)
+    transcripts = [f for f in files if f.endswith(".trans.txt")]
     if not transcripts:
         raise SourceError(f"{root}: no LibriSpeech transcripts (<speaker>/<chapter>/<speaker>-<chapter>.trans.txt)")
     seen: set[str] = set()
     for trans in transcripts:
-        chapter_dir = os.path.dirname(trans)
+        chapter_dir = _dirname(trans)
         trans_name = _relative(trans, root)
-        rel_parts = _relative(chapter_dir, root).split(os.sep)
+        rel_parts = _relative(chapter_dir, root).replace(os.sep, "/").split("/")
         if split is not None:
             file_split = split
         else:
             # The folder above <speaker>/<chapter>, or the input folder itself.
-            folder = rel_parts[-3] if len(rel_parts) >= 3 else os.path.basename(os.path.abspath(root))
+            folder = rel_parts[-3] if len(rel_parts) >= 3 else filesystem.path(filesystem.absolute(root)).name
             file_split = librispeech_split(folder)
             if file_split is None:
                 raise SourceError(
@@ -144,20 +211,23 @@ def read_librispeech(root: str, split: str | None = None) -> Listing:
                     "pass --split"
                 )
         try:
-            with open(trans, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+            data = filesystem.read_bytes(trans)
+        except OSError as e:
             listing.skips.append(Skip("", trans_name, file_split, "unreadable_transcripts", str(e)))
             continue
-        for number, line in enumerate(lines, 1):
+        for number, line, problem in _decoded_lines(data):
+            if line is None:
+                utt_id = _readable_field(_raw_line(data, number), 0)
+                listing.skips.append(Skip(utt_id, trans_name, file_split, "bad_encoding", f"line {number}: {problem}"))
+                continue
             if not line.strip():
                 continue
             fields = line.strip().split(maxsplit=1)
             utt_id = fields[0]
             text = fields[1].strip() if len(fields) > 1 else ""
-            audio = os.path.join(chapter_dir, utt_id + ".flac")
-            if not os.path.exists(audio) and os.path.exists(os.path.join(chapter_dir, utt_id + ".wav")):
-                audio = os.path.join(chapter_dir, utt_id + ".wav")
+            audio = _join(chapter_dir, utt_id + ".flac")
+            if audio not in present and _join(chapter_dir, utt_id + ".wav") in present:
+                audio = _join(chapter_dir, utt_id + ".wav")
             source = _relative(audio, root)
             if not text:
                 listing.skips.append(Skip(utt_id, source, file_split, "empty_transcript", f"{trans_name}:{number}"))
@@ -180,52 +250,78 @@ def _float_or_none(value) -> float | None:
     return number
 
 
-def _read_table(path: str) -> tuple[list[str], Iterator[tuple[int, dict | None, str]]]:
-    """Rows of a TSV (header row) or JSONL manifest as (line number, row or None if malformed, detail)."""
-    if os.path.isdir(path):
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One manifest line: its number, its fields (None when unusable), and why it is unusable."""
+
+    number: int
+    fields: dict | None
+    reason: str = ""  # malformed_line / bad_encoding
+    detail: str = ""
+    id: str = ""  # the row's id where readable, for a skip
+
+
+def _read_table(path: str) -> tuple[list[str], Iterator[Row]]:
+    """Rows of a TSV (header row) or JSONL manifest (local or URL)."""
+    if filesystem.is_dir(path):
         raise SourceError(f"{path}: is a folder, not a manifest file (.tsv or .jsonl)")
-    if not os.path.isfile(path):
+    if not filesystem.is_file(path):
         raise SourceError(f"{path}: manifest not found")
     suffix = os.path.splitext(path)[1].lower()
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        data = filesystem.read_bytes(path)
+    except OSError as e:
         raise SourceError(f"{path}: cannot read manifest ({e})") from e
+    lines = list(_decoded_lines(data))
+    if lines and lines[-1][1] == "":
+        lines.pop()  # the final newline
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return [], _jsonl_rows(lines)
+        return [], _jsonl_rows(lines, data)
     if suffix in (".tsv", ".txt", ".csv") or not suffix:
-        body = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+        body = [(n, line, problem) for n, line, problem in lines if line is None or line.strip()]
         if not body:
             raise SourceError(f"{path}: manifest is empty")
+        if body[0][1] is None:
+            raise SourceError(f"{path}: header line {body[0][0]} is {body[0][2]}")
         header = [c.strip() for c in body[0][1].split("\t")]
-        return header, _tsv_rows(header, body[1:])
+        return header, _tsv_rows(header, body[1:], data)
     raise SourceError(f"{path}: unknown manifest type '{suffix}' (use .tsv or .jsonl)")
 
 
-def _tsv_rows(header: list[str], body: list[tuple[int, str]]) -> Iterator[tuple[int, dict | None, str]]:
-    for number, line in body:
+def _tsv_rows(header: list[str], body: list[tuple[int, str | None, str]], data: bytes) -> Iterator[Row]:
+    for number, line, problem in body:
+        if line is None:
+            raw = _raw_line(data, number)
+            row_id = _readable_field(raw, header.index("id"), "\t") if "id" in header else ""
+            yield Row(number, None, "bad_encoding", problem, row_id)
+            continue
         # Transcripts may hold quotes: no CSV quoting.
         fields = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))
         if len(fields) != len(header):
-            yield number, None, f"{len(fields)} fields, header has {len(header)}"
+            yield Row(number, None, "malformed_line", f"{len(fields)} fields, header has {len(header)}")
             continue
-        yield number, dict(zip(header, fields, strict=True)), ""
+        yield Row(number, dict(zip(header, fields, strict=True)))
 
 
-def _jsonl_rows(lines: list[str]) -> Iterator[tuple[int, dict | None, str]]:
-    for number, line in enumerate(lines, 1):
+def _jsonl_rows(lines: list[tuple[int, str | None, str]], data: bytes) -> Iterator[Row]:
+    for number, line, problem in lines:
+        if line is None:
+            raw = _raw_line(data, number)
+            found = re.search(r'"id"\s*:\s*"([^"]*)"', raw)
+            row_id = _readable_field(found.group(1), 0) if found else ""
+            yield Row(number, None, "bad_encoding", problem, row_id)
+            continue
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            yield number, None, f"invalid JSON ({e.msg})"
+            yield Row(number, None, "malformed_line", f"invalid JSON ({e.msg})")
             continue
         if not isinstance(row, dict):
-            yield number, None, "not a JSON object"
+            yield Row(number, None, "malformed_line", "not a JSON object")
             continue
-        yield number, {k: "" if v is None else str(v) for k, v in row.items()}, ""
+        yield Row(number, {k: "" if v is None else str(v) for k, v in row.items()})
 
 
 def _pick(row: dict, names: Iterable[str]) -> str | None:
@@ -249,17 +345,18 @@ def read_manifest(path: str, split: str | None = None, columns: tuple[str, ...] 
         if missing or not set(PATH_COLUMNS) & set(header) or not set(TEXT_COLUMNS) & set(header):
             want = ", ".join(columns) if columns else "path (or audio), transcript (or text)"
             raise SourceError(f"{path}: header must name the columns {want}; got {', '.join(header)}")
-    base = os.path.dirname(os.path.abspath(path))
+    base = _dirname(filesystem.absolute(path))
     listing = Listing()
     groups: dict[tuple[str, str], list[Segment]] = {}
     display: dict[str, str] = {}
     seen: set[str] = set()
     any_row = False
-    for number, row, problem in rows:
+    for line in rows:
         any_row = True
-        where = f"{os.path.basename(path)}:{number}"
+        number, row = line.number, line.fields
+        where = f"{posixpath.basename(path)}:{number}"
         if row is None:
-            listing.skips.append(Skip("", where, None, "malformed_line", problem))
+            listing.skips.append(Skip(line.id, where, None, line.reason, line.detail))
             continue
         audio = _pick(row, PATH_COLUMNS)
         text = _pick(row, TEXT_COLUMNS)
@@ -267,7 +364,7 @@ def read_manifest(path: str, split: str | None = None, columns: tuple[str, ...] 
             listing.skips.append(Skip(row.get("id", ""), where, None, "malformed_line", "no audio path or transcript"))
             continue
         row_split = (row.get("split") or "").strip() or split or "train"
-        full = audio if os.path.isabs(audio) else os.path.normpath(os.path.join(base, audio))
+        full = _resolve(base, audio)
         try:
             start = _float_or_none(row.get("start")) or 0.0
             end = _float_or_none(row.get("end"))
@@ -276,7 +373,7 @@ def read_manifest(path: str, split: str | None = None, columns: tuple[str, ...] 
             continue
         utt_id = (row.get("id") or "").strip()
         if not utt_id:
-            stem = os.path.splitext(os.path.basename(audio))[0]
+            stem = os.path.splitext(posixpath.basename(audio.replace(os.sep, "/")))[0]
             utt_id = segment_id(stem, start, end) if (start or end is not None) else stem
         if not is_valid_split(row_split):
             listing.skips.append(Skip(utt_id, audio, None, "bad_split", f"{where}: split '{row_split}'"))
@@ -303,8 +400,8 @@ def read_manifest(path: str, split: str | None = None, columns: tuple[str, ...] 
 
 def read_embedded(path: str, split: str | None = None) -> Listing:
     """Lists the embedded corpus: `path` is its folder (holding manifest.tsv) or the manifest itself."""
-    manifest = os.path.join(path, "manifest.tsv") if os.path.isdir(path) else path
-    if not os.path.isfile(manifest):
+    manifest = _join(path, "manifest.tsv") if filesystem.is_dir(path) else path
+    if not filesystem.is_file(manifest):
         raise SourceError(f"{manifest}: embedded corpus manifest not found")
     return read_manifest(manifest, split=split, columns=EMBEDDED_COLUMNS)
 
@@ -318,8 +415,10 @@ def merge_voice_activity(
     """Joins consecutive voice-activity intervals into segments of at most `max_seconds`.
 
     Intervals are sorted and clipped to [0, duration]. A segment spans from the start of its first
-    interval to the end of its last (the pauses between them included). An interval longer than
-    `max_seconds` on its own is cut into equal windows of at most `max_seconds`.
+    interval to the end of its last (the pauses between them included), so segments start and end
+    at the voice-activity boundaries. An interval longer than `max_seconds` on its own stays one
+    segment, never cut mid-speech: `prepare` splits it at the pauses it finds in the audio, or drops
+    and counts it (`spectron_jax.data.splitting`).
     """
     cleaned = []
     for start, end in sorted((float(a), float(b)) for a, b in intervals):
@@ -337,11 +436,6 @@ def merge_voice_activity(
         if current is not None:
             segments.append(current)
         current = (start, end)
-        if end - start > max_seconds:  # too long on its own: equal windows
-            pieces = math.ceil((end - start) / max_seconds)
-            step = (end - start) / pieces
-            segments.extend((start + k * step, start + (k + 1) * step) for k in range(pieces))
-            current = None
     if current is not None:
         segments.append(current)
     return segments
@@ -365,7 +459,7 @@ def _speaker_of(rel_path: str) -> str:
 
 
 def plan_librilight_segments(
-    root: str, segmentation: str = "vad", max_seconds: float = 20.0
+    root: str, segmentation: str = "vad", max_seconds: float = 13.0
 ) -> tuple[list[tuple[str, str, float, float]], list[Skip]]:
     """Cuts every `.flac` under a Libri-Light tree into segments.
 
@@ -373,14 +467,15 @@ def plan_librilight_segments(
       root: the tree (`<speaker>/<book>/<name>.flac` + `<name>.json`).
       segmentation: `vad` (merge voice-activity intervals, see `merge_voice_activity`) or `fixed`
         (consecutive windows over the whole file, see `fixed_windows`).
-      max_seconds: the longest segment; DEFAULT 20 s, not in the paper.
+      max_seconds: the longest merged segment; DEFAULT 13 s (the training window, 3 s prompt + 10 s
+        continuation), not in the paper.
 
     Returns:
       ([(segment id, file relative to root, start s, end s)], skips for files without usable VAD).
     """
-    import soundfile
+    from spectron_jax.data import audio_input
 
-    if not os.path.isdir(root):
+    if not filesystem.is_dir(root):
         raise SourceError(f"{root}: not a folder (--format=librilight wants a Libri-Light tree)")
     files = list(_walk_files(root, ".flac"))
     if not files:
@@ -391,7 +486,7 @@ def plan_librilight_segments(
         key = _librilight_key(rel)
         duration = None
         try:
-            duration = soundfile.info(audio).duration
+            duration = audio_input.duration_seconds(audio)
         except Exception as e:  # corrupt header: the worker will report it if a transcript names it.
             if segmentation == "fixed":
                 skips.append(Skip(key, rel, None, "unreadable", " ".join(str(e).split())))
@@ -401,11 +496,10 @@ def plan_librilight_segments(
         else:
             vad_path = os.path.splitext(audio)[0] + ".json"
             try:
-                with open(vad_path, encoding="utf-8") as f:
-                    intervals = json.load(f)["voice_activity"]
+                intervals = json.loads(filesystem.read_text(vad_path))["voice_activity"]
                 spans = merge_voice_activity(intervals, max_seconds, duration)
             except (OSError, ValueError, KeyError, TypeError) as e:
-                skips.append(Skip(key, rel, None, "no_voice_activity", f"{os.path.basename(vad_path)}: {e}"))
+                skips.append(Skip(key, rel, None, "no_voice_activity", f"{posixpath.basename(vad_path)}: {e}"))
                 continue
         planned.extend((segment_id(key, a, b), rel, a, b) for a, b in spans)
     return planned, skips
@@ -416,7 +510,7 @@ def read_librilight(
     transcripts: str,
     split: str | None = None,
     segmentation: str = "vad",
-    max_seconds: float = 20.0,
+    max_seconds: float = 13.0,
 ) -> Listing:
     """Lists Libri-Light segments that have a transcript.
 
@@ -438,10 +532,10 @@ def read_librilight(
         raise SourceError(
             f"{transcripts}: header must be 'id<TAB>transcript' or 'file<TAB>start<TAB>end<TAB>transcript'"
         )
-    if not os.path.isdir(root):
+    if not filesystem.is_dir(root):
         raise SourceError(f"{root}: not a folder (--format=librilight wants a Libri-Light tree)")
     listing = Listing()
-    where = os.path.basename(transcripts)
+    where = posixpath.basename(transcripts)
     by_file: dict[str, list[Segment]] = {}
     seen: set[str] = set()
 
@@ -455,9 +549,10 @@ def read_librilight(
             by_file.setdefault(rel, []).append(Segment(seg_id, text.strip(), _speaker_of(rel), start, end))
 
     if "file" in header:
-        for number, row, problem in rows:
+        for line in rows:
+            number, row = line.number, line.fields
             if row is None:
-                listing.skips.append(Skip("", f"{where}:{number}", split, "malformed_line", problem))
+                listing.skips.append(Skip(line.id, f"{where}:{number}", split, line.reason, line.detail))
                 continue
             rel = row["file"] if row["file"].endswith(".flac") else row["file"] + ".flac"
             try:
@@ -470,9 +565,10 @@ def read_librilight(
             add(segment_id(_librilight_key(rel), start, end), rel, start, end, row["transcript"], number)
     else:
         texts: dict[str, tuple[str, int]] = {}
-        for number, row, problem in rows:
+        for line in rows:
+            number, row = line.number, line.fields
             if row is None:
-                listing.skips.append(Skip("", f"{where}:{number}", split, "malformed_line", problem))
+                listing.skips.append(Skip(line.id, f"{where}:{number}", split, line.reason, line.detail))
                 continue
             texts.setdefault(row["id"].strip(), (row["transcript"], number))
         planned, skips = plan_librilight_segments(root, segmentation, max_seconds)
@@ -488,5 +584,5 @@ def read_librilight(
                 Skip(seg_id, f"{where}:{number}", split, "unknown_segment", "no planned segment has this id")
             )
     for rel, segments in sorted(by_file.items()):
-        listing.sources.append(SourceFile(os.path.join(root, rel), rel, split, tuple(segments)))
+        listing.sources.append(SourceFile(_join(root, rel), rel, split, tuple(segments)))
     return listing
