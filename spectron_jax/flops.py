@@ -8,10 +8,11 @@ matrix product the model does on a batch of fixed shapes (2 FLOPs each), from th
   Transformer-XL position projection or the relative-key table), conv-module pointwise and depthwise
   convs; the projection P; the pre-net, the decoder's attention projections and gated MLP, the output
   logits (tied: the embedding table), the post-net and the stop head. In training each costs its
-  forward F, a weight gradient F (when the weight is trained) and an input gradient F (when anything
-  upstream of its input is trained), i.e. 6F for a trained layer inside the network (MaxText's
-  "6 x parameter FLOPs per token"), 4F for a frozen one that gradients pass through, 2F for a frozen
-  one with nothing trained below it, and 4F for a trained first layer (its input is data).
+  forward F (2 FLOPs per multiply-add), a weight gradient F (when the weight is trained) and an input
+  gradient F (when anything upstream of its input is trained): 3F for a trained layer inside the
+  network (MaxText's "6 x parameters per token"), 2F for a frozen one that gradients pass through
+  ("4 x" instead of "6 x") and for a trained first layer (its input is data), F for a frozen one with
+  nothing trained below it.
 * activation products: attention scores and values (and the Conformer's relative-position logits),
   forward F and, when gradients flow through them, 2F backward: 3F. The decoder counts only the
   key/query pairs its prefix-LM mask lets through: the bidirectional prefix block (F x F), then the
