@@ -94,12 +94,25 @@ def test_cli_bad_topology_exits_2_with_one_line(repo_root):
 def test_table_formats_one_row_per_report():
     base = {"gin_files": ["gin/models/a.gin"], "topology": "v5e-16", "num_devices": 16,
             "mesh": {"data": 1, "fsdp": 16, "model": 1}, "batch_size": 64, "hbm_bytes": 16 * 2**30}
-    fits = dict(base, fits=True, total_bytes=3 * 2**30, argument_bytes=1, flops_total=2.5e15)
+    fits = dict(base, fits=True, total_bytes=3 * 2**30, argument_bytes=1, flops_total=2.5e15, remat="full",
+                analytic_flops_total=1.6e14, compile_seconds=61.4, host_peak_rss_bytes=3.5 * 2**30)
     oom = dict(base, topology="v5e-4", fits=False, total_bytes=40 * 2**30, error="RESOURCE_EXHAUSTED")
-    table = aot.format_table([fits, oom]).splitlines()
-    assert len(table) == 4 and all(line.count("|") == table[0].count("|") for line in table)
-    assert "| a.gin | v5e-16 | 16 | 1 x 16 x 1 | 64 | 3.00 | 16 | yes | 2500.0 |" == table[2]
+    failed = {"gin_files": ["b.gin"], "topology": "v4-64", "fits": None, "error": "exit 1: error: boom"}
+    table = aot.format_table([fits, oom, failed]).splitlines()
+    assert len(table) == 5 and all(line.count("|") == table[0].count("|") for line in table)
+    assert ("| a.gin | v5e-16 | 16 | 1 x 16 x 1 | 64 | full | 3.00 | 16 | yes | 2500.0 | 160.0 | 39.06 | 2.50 | 61 "
+            "| 3.5 |") == table[2]
     assert "40.00 (OOM)" in table[3] and "| no |" in table[3]
+    assert "error: exit 1: error: boom" in table[4]
+
+
+def test_remat_label_reads_a_policy_name_or_the_boolean():
+    from types import SimpleNamespace as NS
+
+    assert aot._remat_label(NS(encoder=NS(), decoder=NS(remat=False))) == "none"
+    assert aot._remat_label(NS(encoder=NS(remat=True), decoder=NS(remat=True))) == "full"
+    assert aot._remat_label(NS(encoder=NS(remat_policy="dots_saveable"), decoder=NS(remat_policy="full"))) == \
+        "encoder dots_saveable, decoder full"
 
 
 # ---- TPU compilation (libtpu) ------------------------------------------------------------------------
