@@ -155,17 +155,36 @@ def test_v5e_4_compile_reports_memory_and_flops_matching_the_cpu_cost_model():
 
 
 @needs_libtpu
-def test_oversized_model_is_reported_as_not_fitting_with_exit_0(repo_root):
+def test_oversized_model_is_reported_as_not_fitting_with_exit_0(repo_root, tmp_path):
     # A 40M-entry vocabulary: 5.1B embedding parameters, 20 GiB in float32 alone, on 16 GiB chips.
     # (A gigantic batch fails as well, but only after minutes of compilation.)
     bindings = [f"--gin.{b.replace(' = ', '=')}" for b in SMALL_SHAPES] + ["--gin.DecoderConfig.vocab_size=40000000"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    output = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "spectron_jax.aot", *[f"--gin_file={f}" for f in TINY],
-                           "--topology=v5e-4", "--batch_size=8", "--json", *bindings],
+                           "--topology=v5e-4", "--batch_size=8", f"--json_output={output}", *bindings],
                           cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(output.read_text())
     assert report["fits"] is False
     assert report["total_bytes"] > report["hbm_bytes"] >= report["oom_available_bytes"] > 0
     assert "RESOURCE_EXHAUSTED" in report["error"]
     assert "does not fit" in aot.format_report(report)
+    # The analytic count needs no compile: it is there (and dominated by the huge logits) even when XLA fails.
+    assert report["remat"] == "none" and report["host_peak_rss_bytes"] > 2**27 and report["compile_seconds"] > 0
+    logits = 2 * 8 * 16 * 128 * 40_000_000 * 3  # batch x text slots x the decoder width x vocabulary, x3
+    assert report["analytic_flops_breakdown"]["logits"] == logits
+
+
+@needs_libtpu
+@pytest.mark.slow  # a child process importing TensorFlow: ~12 s of CPU, over 30 s on a loaded host
+def test_a_table_row_in_its_own_process_reports_the_childs_error(tmp_path, repo_root, monkeypatch):
+    # The child fails at gin time (an unknown binding), before any compile: its one-line error becomes the row.
+    import argparse
+
+    monkeypatch.chdir(repo_root)
+    args = argparse.Namespace(num_slices=1, compute_dtype="bfloat16", gin_search_paths="",
+                              gin_bindings=["DecoderConfig.no_such_knob = 3"])
+    report = aot._row_in_subprocess(TINY, args, aot.topology_spec("v5e-4"), 8, str(tmp_path))
+    assert report["topology"] == "v5e-4" and report["fits"] is None
+    assert "exit 2" in report["error"] and "no_such_knob" in report["error"]
