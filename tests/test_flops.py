@@ -116,3 +116,18 @@ def test_one_mlp_layer_matches_xla_cost_analysis():
     grads = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x)  # forward, weight and input gradients
     xla = float(grads.cost_analysis()["flops"])
     assert count.training["decoder/mlp"] == pytest.approx(xla, rel=0.05)
+
+
+def test_w2v_bert_variant_counts_the_feature_projection_and_the_relative_key_table():
+    import dataclasses
+
+    encoder = dataclasses.replace(TINY.encoder, input_dim=160, frontend="feature_projection",
+                                  position_encoding="relative_key", left_relative_distance=6,
+                                  right_relative_distance=3)
+    config = dataclasses.replace(TINY, encoder=encoder, acoustic=dataclasses.replace(TINY.acoustic, num_mel=160))
+    count = flops.step_flops(config, **dict(SHAPES, prompt_len=10))  # no subsampling: 10 encoder frames
+    rows = 2 * 10
+    assert count.training["encoder/frontend"] == 2 * rows * 160 * 64 * 2  # first layer: no input gradient
+    # per layer: content + values (3x each) and the query x table product over 6 + 3 + 1 distances (3x)
+    assert count.training["encoder/attention"] == 2 * (2 * 2 * rows * 10 * 64 * 3 + 2 * rows * 10 * 64 * 3)
+    assert count.training["encoder/attention_projections"] == 2 * 4 * 2 * rows * 64 * 64 * 3
