@@ -162,7 +162,7 @@ def _wait_for(predicate, proc, timeout=240):
 def reference_run(workdir):
     model_dir = workdir["root"] / "reference"
     result = _run(workdir, model_dir, "--gin.TrainConfig.peak_flops_per_device=None",
-                  "--gin.TrainConfig.profile_steps=(2, 3)")
+                  "--gin.TrainConfig.profile_steps=(2, 3)", timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return model_dir, result
 
