@@ -23,7 +23,12 @@ A program that does not fit in HBM makes XLA fail with RESOURCE_EXHAUSTED; that 
 is missing (`pip install -e ".[tpu]"`) or the compile failed for another reason; exit 2: bad flags.
 
 `--table`: every `--gin_file` is one row (join files with '+' to compose a row), `--topology` takes a
-comma-separated list; the output is a markdown table (the README's "Scaling out" section).
+comma-separated list; the output is a markdown table (the README's "Scaling out" section). With more
+than one row each row is compiled by a fresh `python -m spectron_jax.aot` process, so its host peak RSS
+(`getrusage`, the whole process: imports, tracing, XLA) is that row's own and no compilation cache of
+one row inflates the next. Every report also carries the remat policy, the analytic FLOPs of the step
+(`flops.step_flops`: the useful work, beside XLA's count of what it compiled) and the compile seconds.
+`--json_output=PATH` writes the JSON report(s) to a file.
 `--serialize=PATH` writes the compiled executable (`jax.experimental.serialize_executable`) for reuse
 on the real topology with the same jax / libtpu versions.
 """
@@ -340,30 +345,49 @@ def format_report(report: dict) -> str:
         f"total {_gib(report['total_bytes'])} of {_gib(report['hbm_bytes'])} HBM: "
         + ("fits" if report["fits"] else "does not fit"),
         f"flops per step: {_tflops(report['flops_per_device'])} per device, {_tflops(report['flops_total'])} total "
-        f"(compiled in {report['compile_seconds']} s)",
+        f"(XLA's cost model; compiled in {report['compile_seconds']} s)",
     ]
+    if report.get("analytic_flops_total") is not None:
+        lines.append(f"analytic flops per step: {_tflops(report['analytic_flops_total'])} total, "
+                     f"{_tflops(report['analytic_flops_total'] / report['batch_size'])} per sample "
+                     f"(remat {report.get('remat', '?')})")
+    if report.get("host_peak_rss_bytes") is not None:
+        lines.append(f"host peak RSS: {_gib(report['host_peak_rss_bytes'])}")
     return "\n".join(lines)
 
 
-TABLE_HEADER = ("| config | topology | devices | mesh (data x fsdp x model) | global batch | per-device memory "
-                "(GiB) | HBM (GiB) | fits | TFLOP / step (total) |")
+TABLE_HEADER = ("| config | topology | devices | mesh (data x fsdp x model) | global batch | remat | per-device memory "
+                "(GiB) | HBM (GiB) | fits | TFLOP / step XLA (total) | TFLOP / step analytic | TFLOP / sample XLA "
+                "| TFLOP / sample analytic | compile (s) | host peak RSS (GiB) |")
+_TABLE_ALIGN = "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+
+
+def _number(value: Optional[float], scale: float, digits: int) -> str:
+    return "" if value is None else f"{value / scale:.{digits}f}"
 
 
 def format_table(reports: Sequence[dict]) -> str:
     """A markdown table with one row per report (errors shown in the memory column)."""
-    lines = [TABLE_HEADER, "| --- | --- | ---: | --- | ---: | ---: | ---: | --- | ---: |"]
+    lines = [TABLE_HEADER, _TABLE_ALIGN]
+    columns = TABLE_HEADER.count("|") - 1
     for r in reports:
         config = " + ".join(os.path.basename(f) for f in r["gin_files"])
         if "error" in r and r.get("fits") is None:
-            lines.append(f"| {config} | {r['topology']} | | | | error: {r['error'][:80]} | | | |")
+            cells = [config, r["topology"], "", "", "", "", f"error: {r['error'][:80]}"]
+            lines.append("| " + " | ".join(cells + [""] * (columns - len(cells))) + " |")
             continue
         mesh = " x ".join(str(v) for v in r["mesh"].values())
         memory = "?" if r.get("total_bytes") is None else f"{r['total_bytes'] / 2**30:.2f}"
         if r["fits"] is False and "argument_bytes" not in r:
             memory = f"{memory} (OOM)"
-        flops = "" if r.get("flops_total") is None else f"{r['flops_total'] / 1e12:.1f}"
-        lines.append(f"| {config} | {r['topology']} | {r['num_devices']} | {mesh} | {r['batch_size']} | {memory} | "
-                     f"{r['hbm_bytes'] / 2**30:.0f} | {'yes' if r['fits'] else 'no'} | {flops} |")
+        batch = r["batch_size"]
+        xla, analytic = r.get("flops_total"), r.get("analytic_flops_total")
+        cells = [config, r["topology"], str(r["num_devices"]), mesh, str(batch), r.get("remat", ""), memory,
+                 f"{r['hbm_bytes'] / 2**30:.0f}", "yes" if r["fits"] else "no", _number(xla, 1e12, 1),
+                 _number(analytic, 1e12, 1), _number(None if xla is None else xla / batch, 1e12, 2),
+                 _number(None if analytic is None else analytic / batch, 1e12, 2),
+                 _number(r.get("compile_seconds"), 1, 0), _number(r.get("host_peak_rss_bytes"), 2**30, 1)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -491,6 +515,8 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--table", action="store_true",
                         help="each --gin_file (files joined with '+') x each topology -> one markdown table row")
     parser.add_argument("--serialize", default=None, metavar="PATH", help="write the compiled executable here")
+    parser.add_argument("--json_output", default=None, metavar="PATH",
+                        help="also write the JSON report (a list with --table) to this file")
     return parser
 
 
@@ -517,10 +543,12 @@ def _validate(args) -> list[TopologySpec]:
             specs.append(topology_spec(name))
         except ValueError as e:
             raise cli.UsageError(f"--topology: {e}") from None
-    if args.serialize:
-        folder = os.path.dirname(os.path.abspath(args.serialize))
-        if not os.path.isdir(folder):
-            raise cli.UsageError(f"--serialize={args.serialize}: folder {folder} does not exist")
+    for flag in ("serialize", "json_output"):
+        path = getattr(args, flag)
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise cli.UsageError(f"--{flag}={path}: folder {folder} does not exist")
     return specs
 
 
@@ -528,10 +556,66 @@ def run_one(gin_files: Sequence[str], bindings: Sequence[str], search_paths: str
             num_slices: int = 1, batch_size: Optional[int] = None, compute_dtype: str = "bfloat16",
             serialize_path: Optional[str] = None) -> dict:
     """Parses the gin files, builds the topology's devices and compiles: the `aot_report` dict."""
+    from spectron_jax import flops
+
     configs = configs_from_gin(gin_files, bindings, search_paths, batch_size, compute_dtype, num_slices)
     devices = topology_devices(spec, num_slices)
     program = program_for_devices(configs, devices)
-    return aot_report(program, spec, num_slices, gin_files, configs.train.batch_size, serialize_path)
+    report = aot_report(program, spec, num_slices, gin_files, configs.train.batch_size, serialize_path)
+    analytic = flops.step_flops_for_converter(configs.model, configs.converter, configs.train.batch_size,
+                                              configs.train.optimizer.freeze)
+    report.update(remat=_remat_label(configs.model), analytic_flops_total=analytic.total,
+                  analytic_flops_breakdown=analytic.training, host_peak_rss_bytes=peak_rss_bytes())
+    return report
+
+
+def _remat_label(model_config: Any) -> str:
+    """The rematerialisation of the encoder and decoder stacks: a config's named `remat_policy` where it has
+    one, else its boolean `remat` ('full' / 'none'); one label when both stacks agree."""
+    def one(cfg: Any) -> str:
+        policy = getattr(cfg, "remat_policy", None)
+        if policy is not None:
+            return str(policy)
+        return "full" if getattr(cfg, "remat", False) else "none"
+
+    encoder, decoder = one(model_config.encoder), one(model_config.decoder)
+    return decoder if encoder == decoder else f"encoder {encoder}, decoder {decoder}"
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident set size in bytes (`getrusage`; None where unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports KiB
+
+
+def _row_in_subprocess(files: Sequence[str], args, spec: TopologySpec, batch_size: Optional[int],
+                       folder: str) -> dict:
+    """One table row compiled by a fresh `python -m spectron_jax.aot` (its own peak RSS, no shared caches)."""
+    import subprocess
+
+    output = os.path.join(folder, "report.json")
+    command = [sys.executable, "-m", "spectron_jax.aot", *[f"--gin_file={f}" for f in files],
+               f"--topology={spec.name}", f"--num_slices={args.num_slices}", f"--compute_dtype={args.compute_dtype}",
+               f"--json_output={output}"]
+    if args.gin_search_paths:
+        command.append(f"--gin_search_paths={args.gin_search_paths}")
+    if batch_size is not None:
+        command.append(f"--batch_size={batch_size}")
+    for binding in args.gin_bindings:
+        name, value = binding.split(" = ", 1)
+        command.append(f"--gin.{name}={value}")
+    proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode == 0 and os.path.exists(output):
+        with open(output, encoding="utf-8") as f:
+            return json.load(f)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    message = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "no output")
+    return {"gin_files": list(files), "topology": spec.name, "fits": None,
+            "error": " ".join(f"exit {proc.returncode}: {message}".split())[:400]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -543,15 +627,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not libtpu_available():
         raise cli.InputError(INSTALL_HINT)
     rows = [f.split("+") for f in args.gin_file] if args.table else [list(args.gin_file)]
+    isolate = len(rows) * len(specs) > 1  # a fresh process per row: its own peak RSS, caches freed between rows
     reports = []
     for files in rows:
         for spec in specs:
+            batch_size = args.batch_size
+            if args.per_chip_batch is not None:
+                batch_size = args.per_chip_batch * spec.chips * args.num_slices
             try:
-                batch_size = args.batch_size
-                if args.per_chip_batch is not None:
-                    batch_size = args.per_chip_batch * spec.chips * args.num_slices
-                report = run_one(files, args.gin_bindings, args.gin_search_paths, spec, args.num_slices,
-                                 batch_size, args.compute_dtype, args.serialize)
+                if isolate:
+                    import tempfile
+
+                    with tempfile.TemporaryDirectory(prefix="aot_row_") as folder:
+                        report = _row_in_subprocess(files, args, spec, batch_size, folder)
+                else:
+                    report = run_one(files, args.gin_bindings, args.gin_search_paths, spec, args.num_slices,
+                                     batch_size, args.compute_dtype, args.serialize)
             except cli.CLIError as e:
                 if not args.table:
                     raise
@@ -562,15 +653,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise cli.InputError(f"compiling {'+'.join(files)} for {spec.name} failed: {message}") from None
                 report = {"gin_files": files, "topology": spec.name, "fits": None, "error": message}
             reports.append(report)
-            if len(rows) * len(specs) > 1:  # a big program's compilation caches hold gigabytes
-                import gc
-
-                import jax
-
-                jax.clear_caches()
-                gc.collect()
             if args.table:  # progress: each row as soon as it is known
                 print(format_table([report]).splitlines()[-1], file=sys.stderr, flush=True)
+    if args.json_output:
+        with open(args.json_output, "w", encoding="utf-8") as f:
+            json.dump(reports if args.table else reports[0], f, sort_keys=True)
     if args.json:
         print(json.dumps(reports if args.table else reports[0], sort_keys=True))
     elif args.table:

@@ -112,6 +112,13 @@ class TrainConfig:
       accept_data_change: resume even though the checkpoint's data seed, shard index or shard count
         differ from this run's (the data then restarts at position 0 of the saved epoch). Without it
         such a resume is a one-line error.
+      profile_steps: (start, stop): a `jax.profiler` trace of steps start..stop (1-based, inclusive)
+        written by process 0 to MODEL_DIR/plugins/profile/<run>/ (TensorBoard's profile plugin); None:
+        no trace. DEFAULT None.
+      compilation_cache_dir: JAX's persistent compilation cache, so a restart on the same topology
+        loads the compiled step instead of recompiling. None: JAX's own setting where the environment
+        gives one (JAX_COMPILATION_CACHE_DIR), else `default_compilation_cache_dir()` (the user cache);
+        '' disables it; any other value is the folder (local or an object store). DEFAULT None.
     """
 
     batch_size: int = 8
@@ -135,11 +142,19 @@ class TrainConfig:
     distributed: DistributedConfig = DistributedConfig()
     accept_data_change: bool = False
     sharding_tolerance: float = 0.02
+    profile_steps: Optional[tuple] = None
+    compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self):
         for name in ("batch_size", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.profile_steps is not None:
+            steps = tuple(self.profile_steps)
+            if len(steps) != 2 or not all(isinstance(v, int) for v in steps) or not 1 <= steps[0] <= steps[1]:
+                raise ValueError(f"TrainConfig.profile_steps must be (start, stop) with 1 <= start <= stop, "
+                                 f"got {self.profile_steps!r}")
+            object.__setattr__(self, "profile_steps", steps)
         if self.eval_every_steps < 0 or self.eval_batches < 1:
             raise ValueError("TrainConfig.eval_every_steps must be >= 0 and eval_batches >= 1")
         object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
@@ -280,6 +295,92 @@ def _write_summary(model_dir: str, params, config_name: str) -> dict:
     return summary
 
 
+# ---- Compilation cache and profiler ---------------------------------------------------------------
+def default_compilation_cache_dir() -> str:
+    """$XDG_CACHE_HOME/spectron_jax/jax_compilation_cache (~/.cache/... without XDG_CACHE_HOME)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "spectron_jax", "jax_compilation_cache")
+
+
+def configure_compilation_cache(cache_dir: Optional[str], min_compile_seconds: Optional[float] = None) -> Optional[str]:
+    """Points JAX's persistent compilation cache at `cache_dir` (see `TrainConfig.compilation_cache_dir`).
+
+    None keeps JAX's setting when JAX_COMPILATION_CACHE_DIR is in the environment (an empty value: off) and
+    otherwise uses `default_compilation_cache_dir()`; '' disables the cache. `min_compile_seconds` (None:
+    JAX's default, 1 s) is the shortest compilation worth an entry. Returns the folder in use, or None.
+    Takes effect for the next compilation, also in a process that has compiled before.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if cache_dir is None:
+        if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+            return jax.config.values.get("jax_compilation_cache_dir") or None
+        cache_dir = default_compilation_cache_dir()
+    if min_compile_seconds is not None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    if cache_dir and not filesystem.is_remote(cache_dir):
+        os.makedirs(cache_dir, exist_ok=True)
+    if (jax.config.values.get("jax_compilation_cache_dir") or "") != cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir or None)
+        compilation_cache.reset_cache()  # JAX decides once per process whether (and where) it caches
+    return cache_dir or None
+
+
+class _Profiler:
+    """A `jax.profiler` trace of the steps in `TrainConfig.profile_steps`, on process 0 only (the step is
+    one SPMD program: one host's trace shows it; every host writing would also collide on a shared
+    MODEL_DIR when two processes share a host name). Call `before(step)` / `after(step, state)` around
+    each step (1-based) and `close()` at the end. On an object store the trace is written to a local
+    folder and copied into MODEL_DIR/plugins/profile/ when it stops."""
+
+    def __init__(self, steps: Optional[tuple], model_dir: str, enabled: bool):
+        self.steps, self.model_dir = steps, model_dir
+        self.enabled = enabled and steps is not None
+        self.local_dir: Optional[str] = None
+
+    def before(self, step: int):
+        """Starts the trace at the first step of the range; returns the step's trace annotation context."""
+        import contextlib
+
+        import jax
+
+        if self.enabled and self.local_dir is None and self.steps[0] <= step <= self.steps[1]:
+            if filesystem.is_remote(self.model_dir):
+                import tempfile
+                self.local_dir = tempfile.mkdtemp(prefix="spectron_profile_")
+            else:
+                self.local_dir = self.model_dir
+            jax.profiler.start_trace(self.local_dir)
+            print(f"profiling steps {step}-{self.steps[1]} into {self.model_dir}/plugins/profile", flush=True)
+        if self.local_dir is None:
+            return contextlib.nullcontext()
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def after(self, step: int, state) -> None:
+        if self.local_dir is not None and step >= self.steps[1]:
+            self._stop(state)
+
+    def close(self) -> None:
+        if self.local_dir is not None:
+            self._stop(None)
+
+    def _stop(self, state) -> None:
+        import jax
+
+        if state is not None:
+            jax.block_until_ready(state)  # the traced steps' device work belongs in the trace
+        jax.profiler.stop_trace()
+        local, self.local_dir, self.enabled = self.local_dir, None, False
+        if local != self.model_dir:
+            for folder, _, names in os.walk(local):
+                relative = os.path.relpath(folder, local)
+                for name in names:
+                    filesystem.copy(os.path.join(folder, name), filesystem.join(self.model_dir, relative, name))
+            import shutil
+            shutil.rmtree(local, ignore_errors=True)
+
+
 # ---- The run -----------------------------------------------------------------------------------
 def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig, model_config: Any,
           task_config: Any, converter: Any, write_config=None) -> dict:
@@ -291,10 +392,11 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     import jax
     import numpy as np
 
-    from spectron_jax import checkpoints, metrics as metrics_lib, partitioning, trainer
+    from spectron_jax import checkpoints, flops as flops_lib, metrics as metrics_lib, partitioning, trainer
     from spectron_jax.data import pipeline as pipeline_lib, tasks as tasks_lib
 
     stop = _StopSignal()  # first: a SIGTERM during restore or compilation is not lost
+    configure_compilation_cache(config.compilation_cache_dir)
     is_main = jax.process_index() == 0
     filesystem.makedirs(model_dir)
     mesh = partitioning.make_mesh(config.mesh)
@@ -392,8 +494,16 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     # XLA counts a loop body once: with accumulation the step runs the microbatch pass M times.
     flops_per_step = None if flops is None else flops * jax.device_count() * config.step.microbatches
     peak = config.peak_flops_per_device or metrics_lib.device_kind_peak(jax.devices()[0], compute_dtype)
-    if peak is None and flops_per_step is not None:
+    # The useful work of a step (flops.py), logged as analytic_* beside XLA's count of what it compiled.
+    analytic_flops = flops_lib.step_flops(model_config, batch_size=config.batch_size, prompt_len=converter.prompt_len,
+                                          text_len=converter.text_len, cont_len=converter.cont_len,
+                                          frozen=config.optimizer.freeze).total
+    if peak is None:
         peak = metrics_lib.measure_peak_flops(compute_dtype)
+    if is_main:
+        xla = "unknown" if flops_per_step is None else f"{flops_per_step / 1e12:.4g}"
+        print(f"TFLOP per step: analytic {analytic_flops / 1e12:.4g}, XLA {xla}", flush=True)
+    profiler = _Profiler(config.profile_steps, model_dir, enabled=is_main)
 
     writer = metrics_lib.MetricsWriter(model_dir, enabled=is_main)
     jsonl = _JsonlLog(filesystem.join(model_dir, METRICS_JSONL), enabled=is_main)
@@ -419,9 +529,11 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
             if config.nan_at_step is not None and step + 1 == config.nan_at_step:
                 host_batch = dict(host_batch, cont_frames=np.full_like(host_batch["cont_frames"], np.nan))
             batch = partitioning.global_batch_from_host(host_batch, mesh, rules)
-            state, step_metrics = compiled(state, batch)
+            with profiler.before(step + 1):
+                state, step_metrics = compiled(state, batch)
             last = _finite_floats(jax.device_get(step_metrics))
             step += 1
+            profiler.after(step, state)
             if not all(math.isfinite(last[k]) for k in ("loss", "grad_norm")):
                 ckpt.wait()
                 raise TrainingDiverged(
@@ -441,6 +553,10 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                         frames=last.get("num_frames"), flops_per_step=flops_per_step,
                         num_devices=jax.device_count(), peak_flops_per_device=peak)
                     scalars.update({k: v for k, v in rates.items() if v is not None})
+                    analytic = metrics_lib.throughput((now - window_start) / window_steps, flops_per_step=analytic_flops,
+                                                      num_devices=jax.device_count(), peak_flops_per_device=peak)
+                    scalars.update({f"analytic_{k}": analytic[k] for k in ("tflops_per_device", "mfu")
+                                    if analytic[k] is not None})
                     window_start, window_steps = now, 0
                 writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                 jsonl.flush()
@@ -463,6 +579,7 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                 window_start, window_steps = time.perf_counter(), 0
         return last
     finally:
+        profiler.close()
         stop.restore()
         ckpt.close()
         writer.flush()

@@ -7,6 +7,8 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# No persistent compilation cache unless a test asks for one (train's default would be the user's cache).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import pathlib  # noqa: E402
 

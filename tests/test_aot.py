@@ -94,12 +94,25 @@ def test_cli_bad_topology_exits_2_with_one_line(repo_root):
 def test_table_formats_one_row_per_report():
     base = {"gin_files": ["gin/models/a.gin"], "topology": "v5e-16", "num_devices": 16,
             "mesh": {"data": 1, "fsdp": 16, "model": 1}, "batch_size": 64, "hbm_bytes": 16 * 2**30}
-    fits = dict(base, fits=True, total_bytes=3 * 2**30, argument_bytes=1, flops_total=2.5e15)
+    fits = dict(base, fits=True, total_bytes=3 * 2**30, argument_bytes=1, flops_total=2.5e15, remat="full",
+                analytic_flops_total=1.6e14, compile_seconds=61.4, host_peak_rss_bytes=3.5 * 2**30)
     oom = dict(base, topology="v5e-4", fits=False, total_bytes=40 * 2**30, error="RESOURCE_EXHAUSTED")
-    table = aot.format_table([fits, oom]).splitlines()
-    assert len(table) == 4 and all(line.count("|") == table[0].count("|") for line in table)
-    assert "| a.gin | v5e-16 | 16 | 1 x 16 x 1 | 64 | 3.00 | 16 | yes | 2500.0 |" == table[2]
+    failed = {"gin_files": ["b.gin"], "topology": "v4-64", "fits": None, "error": "exit 1: error: boom"}
+    table = aot.format_table([fits, oom, failed]).splitlines()
+    assert len(table) == 5 and all(line.count("|") == table[0].count("|") for line in table)
+    assert ("| a.gin | v5e-16 | 16 | 1 x 16 x 1 | 64 | full | 3.00 | 16 | yes | 2500.0 | 160.0 | 39.06 | 2.50 | 61 "
+            "| 3.5 |") == table[2]
     assert "40.00 (OOM)" in table[3] and "| no |" in table[3]
+    assert "error: exit 1: error: boom" in table[4]
+
+
+def test_remat_label_reads_a_policy_name_or_the_boolean():
+    from types import SimpleNamespace as NS
+
+    assert aot._remat_label(NS(encoder=NS(), decoder=NS(remat=False))) == "none"
+    assert aot._remat_label(NS(encoder=NS(remat=True), decoder=NS(remat=True))) == "full"
+    assert aot._remat_label(NS(encoder=NS(remat_policy="dots_saveable"), decoder=NS(remat_policy="full"))) == \
+        "encoder dots_saveable, decoder full"
 
 
 # ---- TPU compilation (libtpu) ------------------------------------------------------------------------
@@ -142,17 +155,36 @@ def test_v5e_4_compile_reports_memory_and_flops_matching_the_cpu_cost_model():
 
 
 @needs_libtpu
-def test_oversized_model_is_reported_as_not_fitting_with_exit_0(repo_root):
+def test_oversized_model_is_reported_as_not_fitting_with_exit_0(repo_root, tmp_path):
     # A 40M-entry vocabulary: 5.1B embedding parameters, 20 GiB in float32 alone, on 16 GiB chips.
     # (A gigantic batch fails as well, but only after minutes of compilation.)
     bindings = [f"--gin.{b.replace(' = ', '=')}" for b in SMALL_SHAPES] + ["--gin.DecoderConfig.vocab_size=40000000"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    output = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "spectron_jax.aot", *[f"--gin_file={f}" for f in TINY],
-                           "--topology=v5e-4", "--batch_size=8", "--json", *bindings],
+                           "--topology=v5e-4", "--batch_size=8", f"--json_output={output}", *bindings],
                           cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(output.read_text())
     assert report["fits"] is False
     assert report["total_bytes"] > report["hbm_bytes"] >= report["oom_available_bytes"] > 0
     assert "RESOURCE_EXHAUSTED" in report["error"]
     assert "does not fit" in aot.format_report(report)
+    # The analytic count needs no compile: it is there (and dominated by the huge logits) even when XLA fails.
+    assert report["remat"] == "none" and report["host_peak_rss_bytes"] > 2**27 and report["compile_seconds"] > 0
+    logits = 2 * 8 * 16 * 128 * 40_000_000 * 3  # batch x text slots x the decoder width x vocabulary, x3
+    assert report["analytic_flops_breakdown"]["logits"] == logits
+
+
+@needs_libtpu
+@pytest.mark.slow  # a child process importing TensorFlow: ~12 s of CPU, over 30 s on a loaded host
+def test_a_table_row_in_its_own_process_reports_the_childs_error(tmp_path, repo_root, monkeypatch):
+    # The child fails at gin time (an unknown binding), before any compile: its one-line error becomes the row.
+    import argparse
+
+    monkeypatch.chdir(repo_root)
+    args = argparse.Namespace(num_slices=1, compute_dtype="bfloat16", gin_search_paths="",
+                              gin_bindings=["DecoderConfig.no_such_knob = 3"])
+    report = aot._row_in_subprocess(TINY, args, aot.topology_spec("v5e-4"), 8, str(tmp_path))
+    assert report["topology"] == "v5e-4" and report["fits"] is None
+    assert "exit 2" in report["error"] and "no_such_knob" in report["error"]

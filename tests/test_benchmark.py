@@ -48,7 +48,8 @@ def _numbers(tree, prefix=""):
 
 
 # Figures that exist only for tabulated accelerators (null on a CPU).
-DATASHEET_ONLY = {"peak.datasheet_flops_per_sec_per_device", "train.mfu_datasheet_peak"}
+DATASHEET_ONLY = {"peak.datasheet_flops_per_sec_per_device", "train.mfu_datasheet_peak",
+                  "train.analytic_mfu_datasheet_peak"}
 DECODE_BANDWIDTH_ONLY = ("bandwidth_bytes_per_sec", "step_floor_seconds", "speech_step_vs_floor",
                          "text_step_vs_floor")
 
@@ -59,7 +60,8 @@ def test_every_field_is_present_and_positive(report):
     for key in ("measured_flops_per_sec_per_device", "datasheet_flops_per_sec_per_device"):
         assert key in report["peak"]
     for key in ("step_seconds_median", "text_tokens_per_sec", "frames_per_sec", "flops_per_step",
-                "mfu_measured_peak", "mfu_datasheet_peak", "num_params", "compile_seconds", "loss"):
+                "mfu_measured_peak", "mfu_datasheet_peak", "num_params", "compile_seconds", "loss",
+                "analytic_flops_per_step", "analytic_mfu_measured_peak", "analytic_mfu_datasheet_peak"):
         assert key in report["train"]
     assert set(report["decode"]) == {"r4_b2"}  # one decoding configuration keeps the run short
     for dec in report["decode"].values():
@@ -89,6 +91,7 @@ def test_derived_figures_agree_with_their_inputs(report):
     assert train["frames_per_sec"] == pytest.approx(train["frames_per_step"] / step)
     peak = report["peak"]["measured_flops_per_sec_per_device"]
     assert train["mfu_measured_peak"] == pytest.approx(train["flops_per_step"] / (step * peak))
+    assert train["analytic_mfu_measured_peak"] == pytest.approx(train["analytic_flops_per_step"] / (step * peak))
     # a train step does forward + backward: at least 2 FLOPs per parameter per text slot, far more in all
     assert train["flops_per_step"] > 2 * train["num_params"] * train["batch_size"]
     for name, dec in report["decode"].items():

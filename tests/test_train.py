@@ -161,7 +161,8 @@ def _wait_for(predicate, proc, timeout=240):
 @pytest.fixture(scope="module")
 def reference_run(workdir):
     model_dir = workdir["root"] / "reference"
-    result = _run(workdir, model_dir, "--gin.TrainConfig.peak_flops_per_device=None")
+    result = _run(workdir, model_dir, "--gin.TrainConfig.peak_flops_per_device=None",
+                  "--gin.TrainConfig.profile_steps=(2, 3)", timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return model_dir, result
 
@@ -204,9 +205,13 @@ def test_tiny_run_lowers_every_loss_term_and_writes_its_outputs(reference_run):
             tags.update(v.tag for v in event.summary.value)
     wanted = {f"train/{t}" for t in LOSS_TERMS} | {"train/grad_norm", "train/learning_rate", "train/steps_per_sec",
                                                   "train/text_tokens_per_sec", "train/frames_per_sec",
-                                                  "train/tflops_per_device", "train/mfu", "eval/loss",
+                                                  "train/tflops_per_device", "train/mfu", "train/analytic_mfu",
+                                                  "train/analytic_tflops_per_device", "eval/loss",
                                                   "eval/spectrogram", "eval/continuation"}
     assert wanted <= tags, wanted - tags
+    # profile_steps=(2, 3): one jax.profiler trace where TensorBoard's profile plugin looks for it.
+    traces = list(model_dir.glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
 
 
 def test_kill9_and_restart_reproduces_the_uninterrupted_losses(workdir, reference_run):
@@ -571,3 +576,64 @@ def test_run_from_converted_gemma_decoder_starts_at_its_text_loss(workdir, embed
     reference = float(np.sum(nll * weights) / np.sum(weights))
     assert abs(reference - np.log(128)) > 1.0  # the LM is far from a uniform (random-init) model
     assert abs(start - reference) < 0.05 * reference, (start, reference)
+
+
+_CACHE_PROBE = """
+import json, sys
+import jax, jax.numpy as jnp
+from spectron_jax import train
+events = []
+jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+used = train.configure_compilation_cache(sys.argv[1], min_compile_seconds=0)
+jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((32, 32))).block_until_ready()
+with open(sys.argv[2], "w") as f:
+    json.dump({"used": used, "hits": events.count("/jax/compilation_cache/cache_hits")}, f)
+"""
+
+
+def test_compilation_cache_is_reused_by_a_second_process(tmp_path):
+    cache = tmp_path / "cache"
+    script = tmp_path / "probe.py"
+    script.write_text(_CACHE_PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+                "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    results = []
+    for run in range(2):
+        subprocess.run([sys.executable, str(script), str(cache), str(tmp_path / f"{run}.json")], env=env, check=True,
+                       capture_output=True, timeout=300)
+        results.append(json.loads((tmp_path / f"{run}.json").read_text()))
+        if run == 0:
+            entries = os.listdir(cache)
+            assert entries, "the first process wrote no cache entry"
+    # Every program the first process compiled (the jitted function, and jnp.ones' own) is an entry; the
+    # second process loads each of them instead of compiling, and adds nothing.
+    assert any(name.startswith("jit__lambda") for name in entries)
+    assert results[0] == {"used": str(cache), "hits": 0}
+    assert results[1] == {"used": str(cache), "hits": len(entries)}
+    assert sorted(os.listdir(cache)) == sorted(entries)
+
+
+def test_compilation_cache_default_and_off(tmp_path, monkeypatch):
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.values.get("jax_compilation_cache_dir")
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        expected = str(tmp_path / "spectron_jax" / "jax_compilation_cache")
+        assert train.configure_compilation_cache(None) == expected and os.path.isdir(expected)
+        assert jax.config.values.get("jax_compilation_cache_dir") == expected
+        assert train.configure_compilation_cache("") is None
+        assert not jax.config.values.get("jax_compilation_cache_dir")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # the environment's setting wins over the default
+        assert train.configure_compilation_cache(None) is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
+
+
+@pytest.mark.parametrize("steps", [(0, 2), (3, 2), (1,), (1.5, 2)])
+def test_bad_profile_steps_are_rejected(steps):
+    with pytest.raises(ValueError, match="profile_steps"):
+        train.TrainConfig(profile_steps=steps)
