@@ -2,7 +2,7 @@
 
     python -m spectron_jax.data.prepare --format=librispeech|librilight|manifest|embedded \\
         --input=PATH --output_dir=DIR [--num_shards=N] [--num_workers=N] [--splits=train,validation] \\
-        [--split=NAME] [--stats] [--min_seconds=S] \\
+        [--split=NAME] [--stats] [--min_seconds=S] [--prompt_features=w2v_bert_fbank --prompt_feature_seconds=3] \\
         [--transcripts=TSV --segmentation=vad|fixed --max_segment_seconds=20 --write_segments=TSV]
     python -m spectron_jax.data.prepare --format=tfds --input=NAME[/CONFIG][:VERSION] --tfds_data_dir=DIR \\
         [--tfds_splits=train_clean100,dev_clean] [--tfds_split_map=train=train,dev=validation,test=test] \\
@@ -13,7 +13,9 @@ The file formats are described in `spectron_jax.data.sources`, the TFDS one in `
 Output (a contract: the seqio tasks read it):
 
 - `DIR/<split>.tfrecord-<i:05d>-of-<n:05d>`: TFRecord files of `tf.train.Example`s in the schema of
-  `spectron_jax.data.tfrecords` (id, transcript, speaker, duration, num_frames, log_mel [T, 128]).
+  `spectron_jax.data.tfrecords` (id, transcript, speaker, duration, num_frames, log_mel [T, 128]; with
+  `--prompt_features=w2v_bert_fbank` also prompt_fbank, the w2v-BERT encoder's raw fbank of the first
+  `--prompt_feature_seconds`, see `spectron_jax.data.prompt_features`).
 - `DIR/report.json`: per split the utterances written, hours, frames, skipped utterances by reason
   (with up to 20 examples each) and the shards with their example counts; see `build_report`.
 - `DIR/stats.json` (with `--stats`): per-bin mean/std of the train split's frames
@@ -48,7 +50,7 @@ from typing import Any, Callable, Sequence
 
 
 from spectron_jax import cli, filesystem
-from spectron_jax.data import features, sources
+from spectron_jax.data import features, prompt_features, sources
 from spectron_jax.data.tfrecords import count_records, encode_example, parse_example, shard_name, tfrecord_features  # noqa: F401
 from spectron_jax.data import tfds_source  # imports TF / TFDS only when used
 
@@ -72,6 +74,7 @@ class PrepareOptions:
 
     spec: features.FeatureSpec = features.SPECTRON_FEATURES
     min_seconds: float = 0.0  # shorter utterances are skipped ('too_short'). DEFAULT, keeps all.
+    prompt: prompt_features.PromptFeatures | None = None  # extra encoder features stored (None: log-mel only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,7 @@ def plan_shards(listing: sources.Listing, options: PrepareOptions, num_shards: i
                 "version": FORMAT_VERSION,
                 "features": options.spec.to_dict(),
                 "min_seconds": options.min_seconds,
+                **({"prompt": dataclasses.asdict(options.prompt)} if options.prompt else {}),
                 "files": [
                     [f.path, f.source, _file_state(f.path), [dataclasses.astuple(s) for s in f.segments]] for f in dealt
                 ],
@@ -151,7 +155,7 @@ def _skip_dict(skip: sources.Skip) -> dict:
 
 
 def featurise_file(source: sources.SourceFile, options: PrepareOptions):
-    """Yields (segment, duration s, [frames, mel] log-mel) or (segment, None, Skip) for each segment."""
+    """Yields (segment, duration s, [frames, mel] log-mel, {extra shard features}) or (segment, None, Skip)."""
     if tfds_source.is_tfds_path(source.path):  # a range of a TFDS split, see tfds_source
         yield from tfds_source.featurise_range(source, options)
         return
@@ -178,10 +182,11 @@ def featurise_file(source: sources.SourceFile, options: PrepareOptions):
         else:
             try:
                 frames = features.log_mel(piece, spec)
+                extra = prompt_features.shard_features(piece, options.prompt)
             except Exception as e:  # never expected; one bad segment must not stop the shard
                 yield seg, None, sources.Skip(seg.id, source.source, source.split, "feature_error", str(e))
                 continue
-            yield seg, duration, frames
+            yield seg, duration, frames, extra
 
 
 def write_shard(
@@ -199,11 +204,11 @@ def write_shard(
     try:
         with tf.io.TFRecordWriter(tmp) as writer:
             for source in job.files:
-                for segment, duration, result in featurise_file(source, options):
+                for segment, duration, result, *extra in featurise_file(source, options):
                     if duration is None:
                         skips.append(_skip_dict(result))
                         continue
-                    writer.write(encode_example(segment, duration, result))
+                    writer.write(encode_example(segment, duration, result, *extra))
                     stats.add(result)
                     examples += 1
                     seconds += duration
@@ -378,6 +383,8 @@ def prepare(
     records = [done[job.name] for job in jobs]
     removed = _remove_stale(output_dir, jobs)
     report_meta = {"features": options.spec.to_dict(), "min_seconds": options.min_seconds, **(meta or {})}
+    if options.prompt is not None:
+        report_meta["prompt_features"] = dataclasses.asdict(options.prompt)
     report = build_report(records, listing.skips, report_meta)
     report["run"] = {
         "shards_written": len(pending),
@@ -428,6 +435,10 @@ def _parser() -> cli.ArgumentParser:
     )
     p.add_argument("--stats", action="store_true", help="also write stats.json (per-bin mean/std)")
     p.add_argument("--min_seconds", type=float, default=0.0, help="skip shorter utterances")
+    p.add_argument("--prompt_features", default="log_mel", choices=prompt_features.KINDS,
+                   help="encoder input stored besides log-mel: w2v_bert_fbank adds the w2v-BERT fbank of the prompt")
+    p.add_argument("--prompt_feature_seconds", type=float, default=3.0,
+                   help="seconds of audio whose prompt features are stored (the prompt window)")
     p.add_argument("--transcripts", default=None, help="librilight: transcript TSV (see sources.read_librilight)")
     p.add_argument("--segmentation", default="vad", choices=("vad", "fixed"), help="librilight: how files are cut")
     p.add_argument("--max_segment_seconds", type=float, default=20.0, help="librilight: longest segment")
@@ -442,6 +453,8 @@ def _check_args(args) -> None:
             raise cli.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not args.min_seconds >= 0:
         raise cli.UsageError(f"--min_seconds must be >= 0, got {args.min_seconds}")
+    if not args.prompt_feature_seconds > 0:
+        raise cli.UsageError(f"--prompt_feature_seconds must be > 0, got {args.prompt_feature_seconds}")
     if not args.max_segment_seconds > 0:
         raise cli.UsageError(f"--max_segment_seconds must be > 0, got {args.max_segment_seconds}")
     if args.split is not None and not sources.is_valid_split(args.split):
@@ -452,6 +465,12 @@ def _check_args(args) -> None:
         raise cli.InputError(f"--input {args.input}: no such file or folder")
     if args.transcripts and not os.path.isfile(args.transcripts):
         raise cli.InputError(f"--transcripts {args.transcripts}: no such file")
+
+
+def _prompt_option(args) -> prompt_features.PromptFeatures | None:
+    if args.prompt_features == "log_mel":
+        return None
+    return prompt_features.PromptFeatures(args.prompt_features, args.prompt_feature_seconds)
 
 
 def _write_segments(args) -> int:
@@ -493,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = prepare(
             listing,
             args.output_dir,
-            PrepareOptions(min_seconds=args.min_seconds),
+            PrepareOptions(min_seconds=args.min_seconds, prompt=_prompt_option(args)),
             args.num_shards,
             workers,
             args.stats,

@@ -33,6 +33,7 @@ from spectron_jax import filesystem
 from spectron_jax.data import converter as converter_lib
 from spectron_jax.data import features as features_lib
 from spectron_jax.data import preprocessors
+from spectron_jax.data import prompt_features as prompt_features_lib
 
 TASK_NAMES = ("spectron_embedded", "spectron_librispeech", "spectron_librilight")
 SPLITS = ("train", "validation", "test")
@@ -73,6 +74,9 @@ class TaskConfig:
     feature_spec: features_lib.FeatureSpec = features_lib.SPECTRON_FEATURES
     # Shuffle buffer of `Task.get_dataset` (the training input pipeline uses its own buffer).
     shuffle_buffer_size: int = 1000
+    # The encoder's input (`prompt_features.KINDS`): 'log_mel' (the prompt's own frames) or
+    # 'w2v_bert_fbank' (stacked fbank from shards prepared with --prompt_features=w2v_bert_fbank).
+    prompt_features: str = "log_mel"
 
     def __post_init__(self):
         if self.prompt_seconds <= 0:
@@ -83,6 +87,9 @@ class TaskConfig:
             raise ValueError(f"TaskConfig.max_continuation_seconds must be > 0 or None, got {self.max_continuation_seconds}")
         if self.max_continuation_seconds is not None and self.max_continuation_seconds < self.min_continuation_seconds:
             raise ValueError("TaskConfig.max_continuation_seconds is below min_continuation_seconds")
+        if self.prompt_features not in prompt_features_lib.KINDS:
+            raise ValueError(f"TaskConfig.prompt_features must be one of {prompt_features_lib.KINDS}, "
+                             f"got {self.prompt_features!r}")
 
     @property
     def prompt_frames(self) -> int:
@@ -192,10 +199,16 @@ def task_preprocessors(config: TaskConfig) -> list:
             trim_to_kept_audio=config.trim_transcript_to_audio,
         ),
     ]
+    fbank = config.prompt_features == "w2v_bert_fbank"
+    if fbank:  # the encoder reads the stored fbank of the prompt window, normalised, stacked last
+        chain.insert(3, functools.partial(
+            preprocessors.fbank_prompt, num_frames=prompt_features_lib.fbank_frames(config.prompt_seconds)))
     if config.spec_augment is not None:
         chain.append(
             functools.partial(preprocessors.spec_augment, config=config.spec_augment, splits=config.augment_splits)
         )
+    if fbank:
+        chain.append(preprocessors.stack_prompt)
     return chain
 
 

@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from spectron_jax import cli
-from spectron_jax.data import features, sources
+from spectron_jax.data import features, prompt_features, sources
 
 PREFIX = "tfds:"
 EXAMPLES_PER_RANGE = 256
@@ -284,7 +284,7 @@ def to_float_audio(samples: np.ndarray, audio_bits: int | None = None) -> np.nda
 
 
 def featurise_range(source: sources.SourceFile, options) -> Iterator[tuple]:
-    """`prepare.featurise_file` for a TFDS range: (segment, seconds, [frames, mel]) or (segment, None, Skip).
+    """`prepare.featurise_file` for a TFDS range: (segment, seconds, [frames, mel], extra) or (segment, None, Skip).
 
     Args:
       source: a SourceFile listed by `read_tfds`.
@@ -323,9 +323,10 @@ def featurise_range(source: sources.SourceFile, options) -> Iterator[tuple]:
                     yield skip("too_short", f"{duration:.2f} s")
                     continue
                 frames = features.log_mel(wave, spec)
+                extra = prompt_features.shard_features(wave, getattr(options, "prompt", None))
             except Exception as e:  # never expected; one bad example must not stop the shard
                 yield skip("feature_error", _one_line(e))
                 continue
-            yield segment, duration, frames
+            yield segment, duration, frames, extra
     for segment in wanted.values():  # the dataset changed since it was listed
         yield segment, None, sources.Skip(segment.id, source.source, source.split, "missing_example", "not in the range")

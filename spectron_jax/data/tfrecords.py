@@ -8,6 +8,8 @@ Files `DIR/<split>.tfrecord-<i:05d>-of-<n:05d>` hold Examples with the features
     duration    float       seconds of (16 kHz) audio featurised
     num_frames  int64       frames T of log_mel (= 1 + samples // hop)
     log_mel     float_list  T * 128 values, row-major [T, 128] (features.SPECTRON_FEATURES)
+    prompt_fbank float_list optional (prepare --prompt_features=w2v_bert_fbank): raw 80-bin fbank of the
+                            first seconds, row-major [F, 80] (spectron_jax.data.prompt_features)
 
 `prepare` writes them (`encode_example`); the seqio tasks read them (`tfrecord_features`). TensorFlow is
 imported inside the functions, so importing this module stays cheap.
@@ -36,6 +38,7 @@ def tfrecord_features() -> dict:
         "duration": tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
         "num_frames": tf.io.FixedLenFeature([], tf.int64),
         "log_mel": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
+        "prompt_fbank": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),  # may be absent
     }
 
 
@@ -70,10 +73,11 @@ def count_records(path: str) -> int:
     return count
 
 
-def encode_example(segment, duration: float, frames) -> bytes:
+def encode_example(segment, duration: float, frames, extra=None) -> bytes:
     """A serialized tf.train.Example of the schema above.
 
-    segment: has `.id`, `.transcript`, `.speaker` (a `sources.Segment`); frames: [T, mel] float32.
+    segment: has `.id`, `.transcript`, `.speaker` (a `sources.Segment`); frames: [T, mel] float32;
+    extra: optional {feature name: float array} of the schema's optional features (e.g. prompt_fbank).
     """
     import tensorflow as tf
 
@@ -88,6 +92,8 @@ def encode_example(segment, duration: float, frames) -> bytes:
         "num_frames": tf.train.Feature(int64_list=tf.train.Int64List(value=[frames.shape[0]])),
         "log_mel": tf.train.Feature(float_list=packed_float_list(tf, frames)),
     }
+    for name, values in (extra or {}).items():
+        feature[name] = tf.train.Feature(float_list=packed_float_list(tf, values))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
