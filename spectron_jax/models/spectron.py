@@ -96,7 +96,8 @@ class SpectronConfig:
                              f"got {self.prompt_features!r}")
         if self.prompt_features == "log_mel" and self.encoder.input_dim != self.acoustic.num_mel:
             raise ValueError(f"SpectronConfig: encoder.input_dim ({self.encoder.input_dim}) differs from "
-                             f"acoustic.num_mel ({self.acoustic.num_mel}); both are the mel bins of the features")
+                             f"acoustic.num_mel ({self.acoustic.num_mel}); both are the mel bins of the features "
+                             "(an encoder of stacked fbank needs SpectronConfig.prompt_features='w2v_bert_fbank')")
         wanted = prompt_features_lib.FBANK.stacked_dim
         if self.prompt_features == "w2v_bert_fbank" and self.encoder.input_dim != wanted:
             raise ValueError(f"SpectronConfig: prompt_features='w2v_bert_fbank' gives {wanted} values per frame, "
