@@ -106,8 +106,8 @@ def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL
 
     Returns:
       `id`, `transcript`, `speaker` (tf.string []), `log_mel` float32 [frames, num_mel_bins] and, when the
-      features hold it, `prompt_fbank` float32 [fbank_frames, 80] (0 frames in shards written without it);
-      any key outside the TFRecord schema passes through.
+      Task parses it (`tfrecords.prompt_fbank_feature`), `prompt_fbank` float32 [fbank_frames, 80] (0 frames
+      in shards written without it); any other key outside the TFRecord schema passes through.
     """
     flat = features["log_mel"]
     num_frames = tf.cast(features["num_frames"], tf.int32)

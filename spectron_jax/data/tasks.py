@@ -34,6 +34,7 @@ from spectron_jax.data import converter as converter_lib
 from spectron_jax.data import features as features_lib
 from spectron_jax.data import preprocessors
 from spectron_jax.data import prompt_features as prompt_features_lib
+from spectron_jax.data import tfrecords
 
 TASK_NAMES = ("spectron_embedded", "spectron_librispeech", "spectron_librilight")
 SPLITS = ("train", "validation", "test")
@@ -217,6 +218,13 @@ def shard_patterns(data_dir: str) -> dict[str, str]:
     return {split: filesystem.join(data_dir, SHARD_PATTERN.format(split=split)) for split in SPLITS}
 
 
+def feature_description(config: TaskConfig) -> dict:
+    """What the Task parses of each record: the shard schema, plus the stored fbank when the encoder reads it."""
+    if config.prompt_features == "w2v_bert_fbank":
+        return {**preprocessors.FEATURE_DESCRIPTION, **tfrecords.prompt_fbank_feature()}
+    return preprocessors.FEATURE_DESCRIPTION
+
+
 def register_task(
     name: str, data_dir: str, vocabulary: seqio.Vocabulary, config: TaskConfig = TaskConfig()
 ) -> seqio.Task:
@@ -226,7 +234,7 @@ def register_task(
         name,
         source=SplitTaggedTFExampleSource(
             split_to_filepattern=shard_patterns(data_dir),
-            feature_description=preprocessors.FEATURE_DESCRIPTION,
+            feature_description=feature_description(config),
             reader_cls=filesystem.tfrecord_reader(data_dir),
         ),
         preprocessors=task_preprocessors(config),

@@ -38,8 +38,15 @@ def tfrecord_features() -> dict:
         "duration": tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
         "num_frames": tf.io.FixedLenFeature([], tf.int64),
         "log_mel": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
-        "prompt_fbank": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),  # may be absent
     }
+
+
+def prompt_fbank_feature() -> dict:
+    """The optional `prompt_fbank` entry of the `feature_description` (absent in a record: 0 values), parsed
+    only by Tasks whose encoder reads it (imports TensorFlow)."""
+    import tensorflow as tf
+
+    return {"prompt_fbank": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True)}
 
 
 def parse_example(serialized, num_mel: int = features.SPECTRON_FEATURES.num_mel) -> dict:
