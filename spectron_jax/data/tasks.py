@@ -10,6 +10,7 @@ Each reads `DATA_DIR/<split>.tfrecord-NNNNN-of-NNNNN` (split in train / validati
 `python -m spectron_jax.data.prepare`) and yields, per utterance,
 
     prompt         float32 [prompt_frames, 128]  the first 3 s (240 frames), SpecAugmented on train
+                   or [149, 160] with TaskConfig.prompt_features='w2v_bert_fbank' (stacked fbank)
     continuation   float32 [cont_frames, 128]    the frames after the prompt, cropped
     text           int32   [tokens]              the whole transcript, tokenised (no bos / eos)
     text_segments  int32   [tokens]              with TaskConfig.phi_split: 1 prompt part, 2 the rest
