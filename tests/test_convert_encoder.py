@@ -72,6 +72,9 @@ def test_cli_converts_checks_and_writes_loadable_checkpoint(tmp_path):
     assert info["max_hidden_diff"] <= 1e-4
     gin_text = (out / "encoder.gin").read_text()
     assert "ConformerConfig.position_encoding = 'relative_key'" in gin_text
+    # and the features that encoder reads, for the model and the Task alike
+    assert "SpectronConfig.prompt_features = 'w2v_bert_fbank'" in gin_text
+    assert "TaskConfig.prompt_features = 'w2v_bert_fbank'" in gin_text
     # The written tree is what PretrainedInit.encoder_checkpoint reads: placed under 'encoder/'.
     from spectron_jax import checkpoints
 
