@@ -120,7 +120,7 @@ def _records(model_dir, split):
         return {r["step"]: r for r in map(json.loads, f) if r.get("split") == split}
 
 
-@pytest.mark.slow  # two conversions, prepare, a 2-step training run, export and infer: about a minute on 2 cores
+@pytest.mark.slow  # two conversions, prepare, a 2-step training run (a subprocess), export and infer
 def test_converted_gemma3_and_w2v_bert_train_export_and_infer(tmp_path, embedded_dir, capsys):
     from spectron_jax import export as export_cli
     from spectron_jax import infer
