@@ -466,7 +466,7 @@ def configs_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), sea
         mesh_config = dataclasses.replace(mesh_config, dcn=(-1, 1, 1, 1))
     task_config = gin_config.build("TaskConfig")
     converter = gin_config.build("SpectronFeatureConverter", with_segments=task_config.phi_split,
-                                 reduction_factor=model_config.reduction_factor)
+                                 reduction_factor=model_config.reduction_factor, prompt_dim=model_config.prompt_dim)
     steps = gin_config.query_macro("TRAIN_STEPS", 100000)
     return RunConfigs(model=model_config, train=train_config, mesh=mesh_config, converter=converter,
                       compute_dtype=dtype, train_steps=steps if isinstance(steps, int) and steps > 0 else 100000)

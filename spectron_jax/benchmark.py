@@ -219,7 +219,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
     dcfg = decoding.DecodeConfig(max_text_tokens=text_tokens, max_frames=frames, min_frames=frames,
                                  stop_threshold=1.0, seed=seed)
     rng = np.random.default_rng(seed)
-    prompt = jnp.asarray(rng.normal(-4.0, 2.0, (batch, prompt_len, mel)), jnp.float32)
+    prompt = jnp.asarray(rng.normal(-4.0, 2.0, (batch, prompt_len, config.prompt_dim)), jnp.float32)
     prompt_mask = jnp.ones((batch, prompt_len), jnp.int32)
     key = jax.random.key(seed)
 

@@ -123,7 +123,7 @@ def _generate(model: SpectronModel, config: DecodeConfig, params: Any, prompt_fr
     cfg = model.config
     r = cfg.reduction_factor
     batch = prompt_frames.shape[0]
-    num_mel = prompt_frames.shape[-1]
+    num_mel = cfg.acoustic.num_mel  # the prompt may hold other features (e.g. 160 stacked fbank values)
     T = config.max_text_tokens
     S = speech_steps(config, r)
     text_key, speech_key = jax.random.split(rng)

@@ -25,7 +25,7 @@ from etils import epath
 from spectron_jax import cli
 from spectron_jax import decoding
 from spectron_jax import vocoder as vocoder_lib
-from spectron_jax.data import features
+from spectron_jax.data import features, prompt_features
 
 MIN_PROMPT_SECONDS = 0.1  # shorter prompts are rejected (DEFAULT).
 SILENCE_PEAK = 1e-4  # a file whose largest |sample| is below this is silent (DEFAULT).
@@ -85,10 +85,18 @@ class Inferencer:
         frames = features.log_mel(np.asarray(wave, np.float32), self.spec)
         return frames[: features.frames_for_seconds(self.config.prompt_seconds, self.spec)]
 
+    def encoder_input(self, wave: np.ndarray) -> np.ndarray:
+        """[frames, encoder.input_dim]: what the model's encoder reads of the first `prompt_seconds` (the
+        log-mel frames, or stacked w2v-BERT fbank for `SpectronConfig.prompt_features='w2v_bert_fbank'`)."""
+        kind = self.bundle.model.config.prompt_features
+        if kind == "log_mel":
+            return self.prompt_frames(wave)
+        return prompt_features.encoder_input(wave, kind, self.config.prompt_seconds, self.spec)
+
     def _pad(self, rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         length = max(len(r) for r in rows)
         length = max(4, -(-length // 4) * 4)
-        frames = np.zeros((len(rows), length, self.spec.num_mel), np.float32)
+        frames = np.zeros((len(rows), length, rows[0].shape[-1]), np.float32)
         mask = np.zeros((len(rows), length), np.int32)
         for i, r in enumerate(rows):
             frames[i, :len(r)] = r
@@ -104,7 +112,8 @@ class Inferencer:
     def _run_batch(self, waveforms: Sequence[np.ndarray]) -> list[InferenceResult]:
         t0 = time.perf_counter()
         prompts = [self.prompt_frames(w) for w in waveforms]
-        frames, mask = self._pad(prompts)
+        log_mel_encoder = self.bundle.model.config.prompt_features == "log_mel"
+        frames, mask = self._pad(prompts if log_mel_encoder else [self.encoder_input(w) for w in waveforms])
         t1 = time.perf_counter()
         out = decoding.generate(self.bundle.model, self.bundle.params, frames, mask, self.config,
                                 jax.random.key(self.config.seed))
@@ -136,9 +145,9 @@ class Inferencer:
         for wave, text in zip(waveforms, transcripts):
             full = features.log_mel(np.asarray(wave, np.float32), self.spec)
             p = features.frames_for_seconds(self.config.prompt_seconds, self.spec)
-            prompt, cont = full[:p], full[p:]
+            cont = full[p:]
             cont_len = max(r, -(-len(cont) // r) * r)
-            prompt_frames, prompt_mask = self._pad([prompt])
+            prompt_frames, prompt_mask = self._pad([self.encoder_input(wave)])
             ids = [cfg.sos_id] + [int(t) for t in self.bundle.tokenizer.encode(text)]
             cont_frames = np.zeros((1, cont_len, self.spec.num_mel), np.float32)
             cont_frames[0, :len(cont)] = cont

@@ -411,7 +411,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     tasks_lib.register_tasks(data_dirs, vocab_path, task_config)
     shard = partitioning.data_shard_info(config.batch_size, mesh, rules)
     shapes = dict(prompt_len=converter.prompt_len, text_len=converter.text_len, cont_len=converter.cont_len,
-                  reduction_factor=model_config.reduction_factor, with_segments=converter.with_segments)
+                  reduction_factor=model_config.reduction_factor, with_segments=converter.with_segments,
+                  prompt_dim=converter.prompt_dim)
     train_input = pipeline_lib.make_pipeline(task_name, "train", config.batch_size, shard.index, shard.count,
                                              seed=config.data_seed, shuffle=True, repeat=True, **shapes)
 
@@ -716,8 +717,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = _build_train_config()
     model_config = gin_config.build("SpectronConfig")
     task_config = gin_config.build("TaskConfig")
+    if task_config.prompt_features != model_config.prompt_features:
+        raise cli.UsageError(f"TaskConfig.prompt_features={task_config.prompt_features!r} but the encoder reads "
+                             f"SpectronConfig.prompt_features={model_config.prompt_features!r}; bind both the same")
     converter = gin_config.build("SpectronFeatureConverter", with_segments=task_config.phi_split,
-                                 reduction_factor=model_config.reduction_factor)
+                                 reduction_factor=model_config.reduction_factor, prompt_dim=model_config.prompt_dim)
     _initialize_distributed(config.distributed)
     data_dir = config.data_dir
     if data_dir and not filesystem.is_dir(data_dir):

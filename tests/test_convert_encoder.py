@@ -72,6 +72,9 @@ def test_cli_converts_checks_and_writes_loadable_checkpoint(tmp_path):
     assert info["max_hidden_diff"] <= 1e-4
     gin_text = (out / "encoder.gin").read_text()
     assert "ConformerConfig.position_encoding = 'relative_key'" in gin_text
+    # and the features that encoder reads, for the model and the Task alike
+    assert "SpectronConfig.prompt_features = 'w2v_bert_fbank'" in gin_text
+    assert "TaskConfig.prompt_features = 'w2v_bert_fbank'" in gin_text
     # The written tree is what PretrainedInit.encoder_checkpoint reads: placed under 'encoder/'.
     from spectron_jax import checkpoints
 
@@ -102,3 +105,29 @@ def test_check_above_tolerance_fails_and_writes_nothing(tmp_path):
         convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'out'}",
                               "--check", "--tolerance=0"])
     assert not (tmp_path / "out").exists()
+
+
+def test_w2v_bert_gin_is_the_published_config_and_summary_counts_its_parameters(repo_root):
+    """gin/encoders/w2v_bert_600m.gin = what the importer derives from facebook/w2v-bert-2.0's config (the
+    Wav2Vec2BertConfig defaults), and `summary` counts transformers' parameters (built on the meta device)."""
+    import gin
+
+    from spectron_jax import gin_config, summary
+
+    published = transformers.Wav2Vec2BertConfig().to_dict()
+    expected = convert_encoder.config_from_hf(published)
+    gin.clear_config()
+    gin_config.parse_gin(gin_files=["models/tiny.gin", "encoders/w2v_bert_600m.gin"],
+                         gin_search_paths=str(repo_root / "gin"))
+    model_config = gin_config.build("SpectronConfig")
+    got = model_config.encoder
+    assert {f: getattr(got, f) for f in convert_encoder.GIN_FIELDS} == \
+           {f: getattr(expected, f) for f in convert_encoder.GIN_FIELDS}
+    assert model_config.prompt_features == gin_config.build("TaskConfig").prompt_features == "w2v_bert_fbank"
+    with torch.device("meta"):
+        reference = transformers.Wav2Vec2BertModel(transformers.Wav2Vec2BertConfig())
+    # masked_spec_embed (the pre-training mask vector, 1024 values) is not converted
+    total = sum(p.numel() for name, p in reference.named_parameters() if name != "masked_spec_embed")
+    assert summary.count_parameters(model_config)["encoder"] == total
+    assert abs(total / 1e6 - 580.5) < 0.1
+    gin.clear_config()

@@ -182,7 +182,11 @@ def test_every_gin_file_parses_and_builds(name):
         finalize = False
     gin_config.parse_gin(gin_files=files, finalize=finalize)
     config = gin_config.build("SpectronConfig")
-    assert config.encoder.input_dim == config.acoustic.num_mel == 128
+    assert config.acoustic.num_mel == 128  # the regression target
+    # the encoder reads the log-mel frames, or 160 stacked fbank values per frame (w2v-BERT's front-end)
+    assert config.encoder.input_dim == {"log_mel": 128, "w2v_bert_fbank": 160}[config.prompt_features]
+    if config.prompt_features == "w2v_bert_fbank":
+        assert gin_config.build("TaskConfig").prompt_features == config.prompt_features
     if folder == "encoders":
         encoder = gin_config.build("ConformerConfig")
         assert (encoder.num_layers, encoder.model_dim) == (24, 1024)

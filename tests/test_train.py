@@ -490,7 +490,7 @@ def test_run_files_parse_and_build(name):
     train.register_train_configurables()
     gin_config.parse_gin(gin_files=[f"runs/{name}"],
                          bindings=["MODEL_DIR = 'never/written'", "DATA_DIR = 'd'", "VOCAB_PATH = 'v.model'",
-                                   "PRETRAINED_LM = 'lm'"])
+                                   "PRETRAINED_LM = 'lm'", "PRETRAINED_ENCODER = 'encoder'"])
     config = train._build_train_config()
     model = gin_config.build("SpectronConfig")
     assert gin_config.query_macro("TRAIN_STEPS") > 0

@@ -227,6 +227,9 @@ def gin_bindings(config: ConformerConfig, source: str) -> str:
              "# Written by spectron_jax.convert.encoder; include it after the model's gin file."]
     for field in GIN_FIELDS:
         lines.append(f"ConformerConfig.{field} = {getattr(config, field)!r}")
+    lines += ["# Its input: stacked w2v-BERT fbank (shards from prepare --prompt_features=w2v_bert_fbank).",
+              "SpectronConfig.prompt_features = 'w2v_bert_fbank'",
+              "TaskConfig.prompt_features = 'w2v_bert_fbank'"]
     return "\n".join(lines) + "\n"
 
 

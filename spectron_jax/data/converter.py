@@ -9,7 +9,7 @@ Input, one example after the Task's preprocessors (`spectron_jax.data.preprocess
 
 Output, one row of the model batch (the contract `loss_fn` reads):
 
-    prompt_frames  float32 [prompt_len, 128]   zero-padded
+    prompt_frames  float32 [prompt_len, 128]   zero-padded (160 values per frame for a w2v-BERT encoder)
     prompt_mask    int32   [prompt_len]        1 = valid frame
     text_inputs    int32   [text_len]          sos y_1 .. y_N, then pad
     text_targets   int32   [text_len]          y_1 .. y_N eos, then pad
@@ -73,6 +73,8 @@ class SpectronFeatureConverter:
     # Emit `text_segments` (needs the phi split in the Task).
     with_segments: bool = False
     num_mel_bins: int = preprocessors.NUM_MEL_BINS
+    # Values per prompt frame (None: num_mel_bins); 160 for stacked w2v-BERT fbank (prompt_features).
+    prompt_dim: int | None = None
     bos_id: int = BOS_ID
     eos_id: int = EOS_ID
     pad_id: int = PAD_ID
@@ -88,8 +90,15 @@ class SpectronFeatureConverter:
             )
         if self.prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {self.prompt_len}")
+        if self.prompt_dim is not None and self.prompt_dim < 1:
+            raise ValueError(f"prompt_dim must be >= 1 or None, got {self.prompt_dim}")
         if self.text_len < 1:
             raise ValueError(f"text_len must be >= 1 (room for sos / eos), got {self.text_len}")
+
+    @property
+    def prompt_values(self) -> int:
+        """Values per prompt frame: `prompt_dim`, or the mel bins."""
+        return self.num_mel_bins if self.prompt_dim is None else int(self.prompt_dim)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -100,7 +109,7 @@ class SpectronFeatureConverter:
         """{key: (shape, dtype)} of a batch of `batch_size` rows."""
         mel = self.num_mel_bins
         spec = {
-            "prompt_frames": ((batch_size, self.prompt_len, mel), np.float32),
+            "prompt_frames": ((batch_size, self.prompt_len, self.prompt_values), np.float32),
             "prompt_mask": ((batch_size, self.prompt_len), np.int32),
             "text_inputs": ((batch_size, self.text_len), np.int32),
             "text_targets": ((batch_size, self.text_len), np.int32),
@@ -132,7 +141,7 @@ class SpectronFeatureConverter:
 
         row = {
             "prompt_frames": tf.ensure_shape(
-                _pad_rows(tf.cast(prompt, tf.float32), self.prompt_len), [self.prompt_len, self.num_mel_bins]
+                _pad_rows(tf.cast(prompt, tf.float32), self.prompt_len), [self.prompt_len, self.prompt_values]
             ),
             "prompt_mask": tf.sequence_mask(kept_prompt, self.prompt_len, tf.int32),
             "text_inputs": tf.ensure_shape(pad_text(tf.concat([bos, text], 0)), [self.text_len]),

@@ -264,6 +264,7 @@ def make_pipeline(
     cont_len: int = 800,
     reduction_factor: int = 1,
     with_segments: bool = False,
+    prompt_dim: int | None = None,
     shuffle_buffer_size: int | None = None,
     drop_remainder: bool = True,
     prefetch_batches: int = 2,
@@ -279,7 +280,7 @@ def make_pipeline(
       seed: seeds the file order and the record shuffle of every epoch.
       shuffle: shuffle files and records (training); False keeps the files' order.
       repeat: loop over epochs forever; False stops after one epoch.
-      prompt_len, text_len, cont_len, reduction_factor, with_segments: the batch shapes
+      prompt_len, text_len, cont_len, reduction_factor, with_segments, prompt_dim: the batch shapes
         (`SpectronFeatureConverter`); cont_len must be a multiple of reduction_factor.
       shuffle_buffer_size: records in the shuffle buffer (default: the Task's, 1000). Memory is about
         this many utterances' spectrograms.
@@ -304,6 +305,7 @@ def make_pipeline(
         cont_len=cont_len,
         reduction_factor=reduction_factor,
         with_segments=with_segments,
+        prompt_dim=prompt_dim,
         # the special ids follow the Task's tokenizer (ours: bos 3; Gemma's: bos 2)
         bos_id=int(task.output_features["text"].vocabulary.bos_id),
         eos_id=int(task.output_features["text"].vocabulary.eos_id),

@@ -3,6 +3,7 @@
     python -m spectron_jax.data.prepare --format=librispeech|librilight|manifest|embedded \\
         --input=PATH --output_dir=DIR [--num_shards=N] [--num_workers=N] [--splits=train,validation] \\
         [--split=NAME] [--stats] [--min_seconds=S] [--frame_dtype=float16|float32] \\
+        [--prompt_features=w2v_bert_fbank --prompt_feature_seconds=3] \\
         [--max_utterance_seconds=13 --min_pause_seconds=0.2 --pause_db=35] \\
         [--transcripts=TSV --segmentation=vad|fixed --max_segment_seconds=13 --write_segments=TSV]
     python -m spectron_jax.data.prepare --format=tfds --input=NAME[/CONFIG][:VERSION] --tfds_data_dir=DIR \\
@@ -16,7 +17,9 @@ Output (a contract: the seqio tasks read it):
 
 - `DIR/<split>.tfrecord-<i:05d>-of-<n:05d>`: TFRecord files of `tf.train.Example`s in the schema of
   `spectron_jax.data.tfrecords` (id, transcript, speaker, duration, num_frames, log-mel [T, 128] stored
-  as float16 by default, `--frame_dtype=float32` to keep float32; readers accept both).
+  as float16 by default, `--frame_dtype=float32` to keep float32; readers accept both); with
+  `--prompt_features=w2v_bert_fbank` also prompt_fbank, the w2v-BERT encoder's raw fbank of the first
+  `--prompt_feature_seconds` of each (split) utterance, see `spectron_jax.data.prompt_features`.
 - `DIR/report.json`: the options, and per split the examples written, hours, frames, storage dtype,
   long utterances split / dropped, skipped utterances by reason (with up to 20 examples each) and the
   shards with their example counts; see `build_report`. A run of some splits (`--splits=...`) keeps
@@ -59,7 +62,7 @@ from typing import Any, Callable, Sequence
 
 
 from spectron_jax import cli, filesystem
-from spectron_jax.data import audio_input, features, sources, splitting
+from spectron_jax.data import audio_input, features, prompt_features, sources, splitting
 from spectron_jax.data.prepare_report import (  # noqa: F401
     INDEX_DIR,
     REPORT_EXAMPLES_PER_REASON,
@@ -100,6 +103,7 @@ class PrepareOptions:
     min_seconds: float = 0.0  # shorter utterances are skipped ('too_short'). DEFAULT, keeps all.
     frame_dtype: str = "float16"  # storage of the frames (tfrecords.FRAME_DTYPES). DEFAULT.
     split: splitting.SplitConfig = splitting.SplitConfig()  # long utterances, see `splitting`
+    prompt: prompt_features.PromptFeatures | None = None  # extra encoder features stored (None: log-mel only)
 
     def __post_init__(self):
         if self.frame_dtype not in FRAME_DTYPES:
@@ -112,6 +116,7 @@ class PrepareOptions:
             "min_seconds": self.min_seconds,
             "frame_dtype": self.frame_dtype,
             "split": dataclasses.asdict(self.split),
+            **({"prompt_features": dataclasses.asdict(self.prompt)} if self.prompt else {}),
         }
 
 
@@ -192,7 +197,7 @@ def finished_shard(output_dir: str, job: ShardJob) -> dict | None:
 
 
 def featurise_file(source: sources.SourceFile, options: PrepareOptions):
-    """Yields (segment, duration s, [frames, mel] log-mel) or (segment, None, Skip) for each segment."""
+    """Yields (segment, duration s, [frames, mel] log-mel, [samples] its audio) or (segment, None, Skip)."""
     if tfds_source.is_tfds_path(source.path):  # a range of a TFDS split, see tfds_source
         yield from tfds_source.featurise_range(source, options)
         return
@@ -222,7 +227,7 @@ def featurise_file(source: sources.SourceFile, options: PrepareOptions):
             except Exception as e:  # never expected; one bad segment must not stop the shard
                 yield seg, None, sources.Skip(seg.id, source.source, source.split, "feature_error", str(e))
                 continue
-            yield seg, duration, frames
+            yield seg, duration, frames, piece
 
 
 def write_shard(
@@ -246,10 +251,11 @@ def write_shard(
     try:
         with tf.io.TFRecordWriter(tmp) as writer:
             for source in job.files:
-                for segment, duration, result in featurise_file(source, options):
+                for segment, duration, result, *audio in featurise_file(source, options):
                     if duration is None:
                         skips.append(skip_dict(result))
                         continue
+                    wave = audio[0]  # [samples] of the utterance: prompt features are taken per piece
                     pieces = splitting.split_utterance(
                         segment, result, options.split, options.spec, source.source, source.split
                     )
@@ -264,7 +270,9 @@ def write_shard(
                         if piece_segment is not segment:
                             long["pieces"] += 1
                             duration = frames.shape[0] * seconds_per_frame
-                        writer.write(encode_example(piece_segment, duration, frames, options.frame_dtype))
+                        offset = int(round((piece_segment.start - segment.start) * options.spec.sample_rate))
+                        extra = prompt_features.shard_features(wave[offset:], options.prompt)
+                        writer.write(encode_example(piece_segment, duration, frames, options.frame_dtype, extra))
                         stats.add(stored_frames(frames, options.frame_dtype))
                         examples += 1
                         seconds += duration
@@ -461,6 +469,10 @@ def _parser() -> cli.ArgumentParser:
     )
     p.add_argument("--min_pause_seconds", type=float, default=splitting.SplitConfig.min_pause_seconds)
     p.add_argument("--pause_db", type=float, default=splitting.SplitConfig.pause_db)
+    p.add_argument("--prompt_features", default="log_mel", choices=prompt_features.KINDS,
+                   help="encoder input stored besides log-mel: w2v_bert_fbank adds the w2v-BERT fbank of the prompt")
+    p.add_argument("--prompt_feature_seconds", type=float, default=3.0,
+                   help="seconds of audio whose prompt features are stored (the prompt window)")
     p.add_argument("--transcripts", default=None, help="librilight: transcript TSV (see sources.read_librilight)")
     p.add_argument("--segmentation", default="vad", choices=("vad", "fixed"), help="librilight: how files are cut")
     p.add_argument("--max_segment_seconds", type=float, default=13.0, help="librilight: longest merged segment")
@@ -481,6 +493,8 @@ def _check_args(args) -> None:
         raise cli.UsageError(
             f"--min_pause_seconds and --pause_db must be > 0, got {args.min_pause_seconds} and {args.pause_db}"
         )
+    if not args.prompt_feature_seconds > 0:
+        raise cli.UsageError(f"--prompt_feature_seconds must be > 0, got {args.prompt_feature_seconds}")
     if not args.max_segment_seconds > 0:
         raise cli.UsageError(f"--max_segment_seconds must be > 0, got {args.max_segment_seconds}")
     if args.split is not None and not sources.is_valid_split(args.split):
@@ -491,6 +505,12 @@ def _check_args(args) -> None:
         raise cli.InputError(f"--input {args.input}: no such file or folder")
     if args.transcripts and not filesystem.is_file(args.transcripts):
         raise cli.InputError(f"--transcripts {args.transcripts}: no such file")
+
+
+def _prompt_option(args) -> prompt_features.PromptFeatures | None:
+    if args.prompt_features == "log_mel":
+        return None
+    return prompt_features.PromptFeatures(args.prompt_features, args.prompt_feature_seconds)
 
 
 def _write_segments(args) -> int:
@@ -536,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 min_seconds=args.min_seconds,
                 frame_dtype=args.frame_dtype,
                 split=splitting.SplitConfig(args.max_utterance_seconds or None, args.min_pause_seconds, args.pause_db),
+                prompt=_prompt_option(args),
             ),
             args.num_shards,
             workers,

@@ -5,6 +5,13 @@ so the whole chain runs inside the tf.data graph. The order a Task applies them 
 
     parse_example -> filter_short -> split_prompt_continuation -> tokenize_transcript -> spec_augment
 
+and, for an encoder that reads w2v-BERT fbank (`TaskConfig.prompt_features`), `fbank_prompt` right
+after the split and `stack_prompt` at the end (so SpecAugment masks the 80-bin fbank, as in
+Park et al. 2019, not the stacked pairs):
+
+    after fbank_prompt              prompt: float32 [298, 80]  normalised fbank of the first 3 s
+    after stack_prompt              prompt: float32 [149, 160] pairs of frames, 50 per second
+
 and the example dict grows like this (frames at 80 per second, 128 mel bins):
 
     after parse_example             id, transcript, speaker: tf.string []
@@ -29,10 +36,13 @@ import seqio
 import tensorflow as tf
 
 from spectron_jax.data import features as features_lib
+from spectron_jax.data import prompt_features
 from spectron_jax.data import tfrecords
 
 # Mel bins per frame (the feature module owns the number: 128).
 NUM_MEL_BINS = features_lib.SPECTRON_FEATURES.num_mel
+
+FBANK = prompt_features.FBANK
 
 # Segment ids of `text_segments` (and of the batch's `text_segments`).
 PROMPT_SEGMENT = 1
@@ -96,8 +106,9 @@ def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL
       num_mel_bins: mel bins per frame.
 
     Returns:
-      `id`, `transcript`, `speaker` (tf.string []) and `log_mel` float32 [frames, num_mel_bins]; any key
-      outside the TFRecord schema passes through.
+      `id`, `transcript`, `speaker` (tf.string []), `log_mel` float32 [frames, num_mel_bins] and, when the
+      Task parses it (`tfrecords.prompt_fbank_feature`), `prompt_fbank` float32 [fbank_frames, 80] (0 frames
+      in shards written without it); any other key outside the TFRecord schema passes through.
     """
     flat = tfrecords.log_mel_values(features) if "log_mel_f16" in features else features["log_mel"]
     num_frames = tf.cast(features["num_frames"], tf.int32)
@@ -115,6 +126,8 @@ def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL
         speaker=features["speaker"],
         log_mel=log_mel,
     )
+    if prompt_features.FBANK_KEY in features:
+        out[prompt_features.FBANK_KEY] = tf.reshape(features[prompt_features.FBANK_KEY], [-1, FBANK.num_mel])
     return out
 
 
@@ -160,6 +173,55 @@ def split_prompt_continuation(
     end = None if max_continuation_frames is None else prompt_frames + max_continuation_frames
     out["continuation"] = log_mel[prompt_frames:end]
     out["total_frames"] = tf.shape(log_mel)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The w2v-BERT front-end: stored fbank -> normalised, stacked prompt
+# ----------------------------------------------------------------------------------------------------
+
+
+@seqio.map_over_dataset
+def fbank_prompt(features: Mapping[str, tf.Tensor], num_frames: int) -> dict:
+    """Replaces the log-mel `prompt` by the normalised fbank of the prompt window.
+
+    Args:
+      features: an utterance dict with `prompt_fbank` float32 [stored_frames, 80] (`parse_example`).
+      num_frames: fbank frames of the prompt window (`prompt_features.fbank_frames(prompt_seconds)`,
+        298 for 3 s); the shards must hold at least as many (else an InvalidArgumentError naming the flag).
+
+    Returns:
+      the dict without `prompt_fbank`, with `prompt` float32 [num_frames, 80]: each
+      bin minus its mean over those frames, over sqrt(sample variance (ddof 1) + 1e-7), as
+      `features.stack_fbank` and SeamlessM4T's feature extractor normalise.
+    """
+    fbank = features[prompt_features.FBANK_KEY]
+    # `filter_short` keeps only utterances longer than the prompt window, so all of it must be stored
+    check = tf.debugging.assert_greater_equal(
+        tf.shape(fbank)[0], num_frames,
+        message="TFRecord example holds too few prompt_fbank frames for the prompt window: re-run "
+                "spectron_jax.data.prepare with --prompt_features=w2v_bert_fbank (and --prompt_feature_seconds "
+                "at least the Task's prompt_seconds)")
+    with tf.control_dependencies([check]):
+        window = tf.cast(fbank[:num_frames], tf.float64)
+    count = tf.cast(tf.shape(window)[0], tf.float64)
+    mean = tf.reduce_mean(window, axis=0)
+    variance = tf.reduce_sum(tf.square(window - mean), axis=0) / tf.maximum(count - 1.0, 1.0)
+    normalised = tf.where(count > 1.0, (window - mean) / tf.sqrt(variance + 1e-7), tf.zeros_like(window))
+    out = {k: v for k, v in features.items() if k != prompt_features.FBANK_KEY}
+    out["prompt"] = tf.cast(normalised, tf.float32)
+    return out
+
+
+@seqio.map_over_dataset
+def stack_prompt(features: Mapping[str, tf.Tensor], stride: int = FBANK.stride) -> dict:
+    """`prompt` [frames, bins] -> [frames // stride, stride * bins]: row k is frames stride*k .. stride*k+stride-1
+    side by side (a trailing partial group is dropped, as `features.stack_fbank` does)."""
+    prompt = features["prompt"]
+    bins = prompt.shape[-1]
+    usable = tf.shape(prompt)[0] // stride * stride
+    out = dict(features)
+    out["prompt"] = tf.reshape(prompt[:usable], [-1, stride * bins])
     return out
 
 

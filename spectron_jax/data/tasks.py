@@ -10,6 +10,7 @@ Each reads `DATA_DIR/<split>.tfrecord-NNNNN-of-NNNNN` (split in train / validati
 `python -m spectron_jax.data.prepare`) and yields, per utterance,
 
     prompt         float32 [prompt_frames, 128]  the first 3 s (240 frames), SpecAugmented on train
+                   or [149, 160] with TaskConfig.prompt_features='w2v_bert_fbank' (stacked fbank)
     continuation   float32 [cont_frames, 128]    the frames after the prompt, cropped
     text           int32   [tokens]              the whole transcript, tokenised (no bos / eos)
     text_segments  int32   [tokens]              with TaskConfig.phi_split: 1 prompt part, 2 the rest
@@ -33,6 +34,8 @@ from spectron_jax import filesystem
 from spectron_jax.data import converter as converter_lib
 from spectron_jax.data import features as features_lib
 from spectron_jax.data import preprocessors
+from spectron_jax.data import prompt_features as prompt_features_lib
+from spectron_jax.data import tfrecords
 
 TASK_NAMES = ("spectron_embedded", "spectron_librispeech", "spectron_librilight")
 SPLITS = ("train", "validation", "test")
@@ -73,6 +76,9 @@ class TaskConfig:
     feature_spec: features_lib.FeatureSpec = features_lib.SPECTRON_FEATURES
     # Shuffle buffer of `Task.get_dataset` (the training input pipeline uses its own buffer).
     shuffle_buffer_size: int = 1000
+    # The encoder's input (`prompt_features.KINDS`): 'log_mel' (the prompt's own frames) or
+    # 'w2v_bert_fbank' (stacked fbank from shards prepared with --prompt_features=w2v_bert_fbank).
+    prompt_features: str = "log_mel"
 
     def __post_init__(self):
         if self.prompt_seconds <= 0:
@@ -83,6 +89,9 @@ class TaskConfig:
             raise ValueError(f"TaskConfig.max_continuation_seconds must be > 0 or None, got {self.max_continuation_seconds}")
         if self.max_continuation_seconds is not None and self.max_continuation_seconds < self.min_continuation_seconds:
             raise ValueError("TaskConfig.max_continuation_seconds is below min_continuation_seconds")
+        if self.prompt_features not in prompt_features_lib.KINDS:
+            raise ValueError(f"TaskConfig.prompt_features must be one of {prompt_features_lib.KINDS}, "
+                             f"got {self.prompt_features!r}")
 
     @property
     def prompt_frames(self) -> int:
@@ -192,16 +201,29 @@ def task_preprocessors(config: TaskConfig) -> list:
             trim_to_kept_audio=config.trim_transcript_to_audio,
         ),
     ]
+    fbank = config.prompt_features == "w2v_bert_fbank"
+    if fbank:  # the encoder reads the stored fbank of the prompt window, normalised, stacked last
+        chain.insert(3, functools.partial(
+            preprocessors.fbank_prompt, num_frames=prompt_features_lib.fbank_frames(config.prompt_seconds)))
     if config.spec_augment is not None:
         chain.append(
             functools.partial(preprocessors.spec_augment, config=config.spec_augment, splits=config.augment_splits)
         )
+    if fbank:
+        chain.append(preprocessors.stack_prompt)
     return chain
 
 
 def shard_patterns(data_dir: str) -> dict[str, str]:
     """{split: file pattern of its shards} under `data_dir`."""
     return {split: filesystem.join(data_dir, SHARD_PATTERN.format(split=split)) for split in SPLITS}
+
+
+def feature_description(config: TaskConfig) -> dict:
+    """What the Task parses of each record: the shard schema, plus the stored fbank when the encoder reads it."""
+    if config.prompt_features == "w2v_bert_fbank":
+        return {**preprocessors.FEATURE_DESCRIPTION, **tfrecords.prompt_fbank_feature()}
+    return preprocessors.FEATURE_DESCRIPTION
 
 
 def register_task(
@@ -213,7 +235,7 @@ def register_task(
         name,
         source=SplitTaggedTFExampleSource(
             split_to_filepattern=shard_patterns(data_dir),
-            feature_description=preprocessors.FEATURE_DESCRIPTION,
+            feature_description=feature_description(config),
             reader_cls=filesystem.tfrecord_reader(data_dir),
         ),
         preprocessors=task_preprocessors(config),

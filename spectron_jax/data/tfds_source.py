@@ -284,7 +284,8 @@ def to_float_audio(samples: np.ndarray, audio_bits: int | None = None) -> np.nda
 
 
 def featurise_range(source: sources.SourceFile, options) -> Iterator[tuple]:
-    """`prepare.featurise_file` for a TFDS range: (segment, seconds, [frames, mel]) or (segment, None, Skip).
+    """`prepare.featurise_file` for a TFDS range: (segment, seconds, [frames, mel], [samples] audio) or
+    (segment, None, Skip).
 
     Args:
       source: a SourceFile listed by `read_tfds`.
@@ -326,6 +327,6 @@ def featurise_range(source: sources.SourceFile, options) -> Iterator[tuple]:
             except Exception as e:  # never expected; one bad example must not stop the shard
                 yield skip("feature_error", _one_line(e))
                 continue
-            yield segment, duration, frames
+            yield segment, duration, frames, wave
     for segment in wanted.values():  # the dataset changed since it was listed
         yield segment, None, sources.Skip(segment.id, source.source, source.split, "missing_example", "not in the range")

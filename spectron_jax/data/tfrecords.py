@@ -17,6 +17,8 @@ bytes; float16 keeps 11 significant bits, so a value is within 2^-11 of itself r
 the log floor's -11.5).
 Readers accept both: `log_mel_values` gives float32 [T * 128] for either, so shards of both kinds can
 be mixed in one folder. `report.json` names each split's storage dtype.
+    prompt_fbank float_list optional (prepare --prompt_features=w2v_bert_fbank): raw 80-bin fbank of the
+                            first seconds, row-major [F, 80] float32 (spectron_jax.data.prompt_features)
 
 `prepare` writes them (`encode_example`); the seqio tasks read them (`tfrecord_features`). TensorFlow is
 imported inside the functions, so importing this module stays cheap.
@@ -63,6 +65,14 @@ def log_mel_values(parsed: dict):
     return tf.concat([parsed["log_mel"], tf.cast(half, tf.float32)], axis=0)
 
 
+def prompt_fbank_feature() -> dict:
+    """The optional `prompt_fbank` entry of the `feature_description` (absent in a record: 0 values), parsed
+    only by Tasks whose encoder reads it (imports TensorFlow)."""
+    import tensorflow as tf
+
+    return {"prompt_fbank": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True)}
+
+
 def parse_example(serialized, num_mel: int = features.SPECTRON_FEATURES.num_mel) -> dict:
     """Parses one serialized Example (a scalar tf.string) into tensors; log_mel is [num_frames, num_mel]."""
     import tensorflow as tf
@@ -100,11 +110,12 @@ def count_records(path: str) -> int:
     return count
 
 
-def encode_example(segment, duration: float, frames, frame_dtype: str = "float16") -> bytes:
+def encode_example(segment, duration: float, frames, frame_dtype: str = "float16", extra=None) -> bytes:
     """A serialized tf.train.Example of the schema above.
 
     segment: has `.id`, `.transcript`, `.speaker` (a `sources.Segment`); frames: [T, mel] float32;
     frame_dtype: their storage, `float16` (`log_mel_f16`) or `float32` (`log_mel`).
+    extra: optional {feature name: float array} of the schema's optional features (e.g. prompt_fbank).
     """
     import tensorflow as tf
 
@@ -125,6 +136,8 @@ def encode_example(segment, duration: float, frames, frame_dtype: str = "float16
         feature["log_mel"] = tf.train.Feature(float_list=packed_float_list(tf, frames))
     else:
         raise ValueError(f"frame_dtype must be one of {FRAME_DTYPES}, got {frame_dtype!r}")
+    for name, values in (extra or {}).items():
+        feature[name] = tf.train.Feature(float_list=packed_float_list(tf, values))
     # deterministic: map entries sorted by key, so a shard's bytes do not depend on the process's hash seed
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 

@@ -6,7 +6,9 @@ One decoder row holds three groups of fixed slots (ARCHITECTURE.md §1):
       bidirectional            causal                      causal
 
 * prefix: the Conformer encodes the prompt's log-mel frames `[batch, prompt_len, mel]` into
-  `[batch, F, enc]` (F = prompt_len / 4), and the linear projection P maps them to the LM width.
+  `[batch, F, enc]` (F = prompt_len / 4), and the linear projection P maps them to the LM width. With
+  `prompt_features='w2v_bert_fbank'` the prompt is stacked fbank `[batch, prompt_len, 160]` instead and
+  F is the encoder's own output length (= prompt_len for w2v-BERT's feature projection).
 * text: token embeddings of `text_inputs`; the logits there are trained towards `text_targets`.
 * speech: with reduction factor r the continuation `[batch, cont_len, mel]` is S = cont_len / r groups
   g_s of r frames. Step 0 reads the embedding of `eos` (the text→speech delimiter), step s ≥ 1 reads
@@ -28,11 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from spectron_jax.data import prompt_features as prompt_features_lib
 from spectron_jax.losses import LossWeights
 from spectron_jax.models import acoustic
 from spectron_jax.models.acoustic import AcousticConfig, PostNet, PreNet, StopHead
 from spectron_jax.models.attention import DecoderCache
-from spectron_jax.models.conformer import ConformerConfig, ConformerEncoder, subsampled_length
+from spectron_jax.models.conformer import ConformerConfig, ConformerEncoder
 from spectron_jax.models.decoder import Decoder, DecoderConfig
 from spectron_jax.models.sharding import constrain, logical_param
 
@@ -70,6 +73,9 @@ class SpectronConfig:
       sos_id, eos_id, pad_id: token ids of the tokenizer contract (sos = bos = 3, eos = 1, pad = 0).
       projection_bias: whether P has a bias. DEFAULT, not in the paper ("a linear layer").
       pretrained: optional checkpoints for the encoder and the LM (None: random init).
+      prompt_features: what the encoder reads (`spectron_jax.data.prompt_features.KINDS`): 'log_mel'
+        (the prompt's frames, encoder.input_dim = acoustic.num_mel) or 'w2v_bert_fbank' (stacked fbank,
+        encoder.input_dim = 160). The Task's `TaskConfig.prompt_features` must agree.
     """
 
     encoder: ConformerConfig = ConformerConfig()
@@ -82,11 +88,20 @@ class SpectronConfig:
     pad_id: int = 0
     projection_bias: bool = True
     pretrained: PretrainedInit = PretrainedInit()
+    prompt_features: str = "log_mel"
 
     def __post_init__(self):
-        if self.encoder.input_dim != self.acoustic.num_mel:
+        if self.prompt_features not in prompt_features_lib.KINDS:
+            raise ValueError(f"SpectronConfig.prompt_features must be one of {prompt_features_lib.KINDS}, "
+                             f"got {self.prompt_features!r}")
+        if self.prompt_features == "log_mel" and self.encoder.input_dim != self.acoustic.num_mel:
             raise ValueError(f"SpectronConfig: encoder.input_dim ({self.encoder.input_dim}) differs from "
-                             f"acoustic.num_mel ({self.acoustic.num_mel}); both are the mel bins of the features")
+                             f"acoustic.num_mel ({self.acoustic.num_mel}); both are the mel bins of the features "
+                             "(an encoder of stacked fbank needs SpectronConfig.prompt_features='w2v_bert_fbank')")
+        wanted = prompt_features_lib.FBANK.stacked_dim
+        if self.prompt_features == "w2v_bert_fbank" and self.encoder.input_dim != wanted:
+            raise ValueError(f"SpectronConfig: prompt_features='w2v_bert_fbank' gives {wanted} values per frame, "
+                             f"but encoder.input_dim is {self.encoder.input_dim}")
         if self.max_time_delta_order < 0:
             raise ValueError(f"SpectronConfig.max_time_delta_order must be >= 0, got {self.max_time_delta_order}")
         for name in ("sos_id", "eos_id", "pad_id"):
@@ -99,9 +114,14 @@ class SpectronConfig:
     def reduction_factor(self) -> int:
         return self.acoustic.reduction_factor
 
+    @property
+    def prompt_dim(self) -> int:
+        """Values per prompt frame the encoder reads (128 log-mel bins or 160 stacked fbank values)."""
+        return int(self.encoder.input_dim)
+
     def prefix_len(self, prompt_len: int) -> int:
-        """Prefix slots (encoder frames) for `prompt_len` prompt frames (240 -> 60)."""
-        return int(subsampled_length(prompt_len))
+        """Prefix slots (encoder frames) for `prompt_len` prompt frames (240 -> 60 with the ×4 subsampling)."""
+        return int(self.encoder.output_length(prompt_len))
 
     def speech_steps(self, cont_len: int) -> int:
         """Speech slots S for `cont_len` continuation frames (a multiple of r)."""
@@ -197,8 +217,8 @@ class Spectron(nnx.Module):
     # ---- pieces of the row ---------------------------------------------------------------------------
     def encode_prompt(self, prompt_frames: jax.Array, prompt_mask: jax.Array, *,
                       deterministic: bool) -> tuple[jax.Array, jax.Array]:
-        """Prompt log-mel [batch, prompt_len, mel] + mask [batch, prompt_len] -> prefix [batch, F, embed],
-        prefix_valid bool [batch, F] (F = prompt_len / 4, rounded up)."""
+        """Prompt features [batch, prompt_len, encoder.input_dim] + mask [batch, prompt_len] -> prefix
+        [batch, F, embed], prefix_valid bool [batch, F] (F = encoder.output_length(prompt_len))."""
         prompt_frames = jnp.where(jnp.asarray(prompt_mask)[..., None] > 0, prompt_frames, 0.0)  # padded: may be NaN
         encoded, encoded_mask = self.encoder(prompt_frames, prompt_mask, deterministic=deterministic)
         return self.projection(encoded), encoded_mask
