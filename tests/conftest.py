@@ -12,6 +12,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import pathlib  # noqa: E402
 
+import spectron_jax  # noqa: E402,F401  (first: TensorFlow's first import, by any test, is then quiet)
+
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent

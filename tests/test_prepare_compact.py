@@ -124,6 +124,19 @@ def _embedded_rows(embedded_dir, count):
     return rows[:count]
 
 
+def _prompt_fbanks(out, split: str) -> dict:
+    """{id: [frames, 80] prompt_fbank} of a split's shards, parsed from the raw Examples."""
+    import tensorflow as tf
+
+    found = {}
+    for path in sorted(out.glob(f"{split}.tfrecord-*")):
+        for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            example = tf.train.Example.FromString(record).features.feature
+            values = np.asarray(example["prompt_fbank"].float_list.value, np.float32)
+            found[example["id"].bytes_list.value[0].decode()] = values.reshape(-1, 80)
+    return found
+
+
 def test_long_utterance_is_split_at_pauses_into_pieces_that_fit(tmp_path, embedded_dir):
     if not (embedded_dir / "manifest.tsv").exists():
         pytest.skip("embedded corpus not built")
@@ -145,9 +158,10 @@ def test_long_utterance_is_split_at_pauses_into_pieces_that_fit(tmp_path, embedd
     )
     out = tmp_path / "out"
     args = ["--format=librispeech", f"--input={tmp_path / 'in'}", f"--output_dir={out}", "--num_workers=1"]
-    assert prepare.main(args + ["--frame_dtype=float32"]) == 0
+    assert prepare.main(args + ["--frame_dtype=float32", "--prompt_features=w2v_bert_fbank"]) == 0
     examples = read_shards(out, "train")
     pieces = sorted((e for k, e in examples.items() if k.startswith("5-6-0000-")), key=lambda e: e["id"])
+    fbanks = _prompt_fbanks(out, "train")
     assert len(pieces) >= 2 and "5-6-0000" not in examples
     whole = features.log_mel(long_wave)
     window = splitting.SplitConfig().max_frames(features.SPECTRON_FEATURES)
@@ -161,6 +175,10 @@ def test_long_utterance_is_split_at_pauses_into_pieces_that_fit(tmp_path, embedd
         start_ms = int(piece["id"].decode().split("-")[-2])
         assert abs(start_ms - position * 12.5) <= 0.5
         assert piece["duration"] == pytest.approx(frames.shape[0] / 80, abs=1e-6)
+        # the encoder's stored prompt features are those of the piece's own first 3 s
+        start = position * features.SPECTRON_FEATURES.hop
+        expected = features.kaldi_fbank(long_wave[start : start + 3 * SR], features.W2V_BERT_FBANK)
+        np.testing.assert_allclose(fbanks[piece["id"].decode()], expected, rtol=1e-5, atol=1e-4)
         position += frames.shape[0]
     assert position == whole.shape[0]  # nothing dropped
     # each cut lies in one of the inserted 0.5 s silences (the speech itself has shorter pauses, if any)
