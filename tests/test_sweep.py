@@ -210,6 +210,10 @@ def test_example_sweeps_expand():
     assert stems == ["paper", "no_text_ce", "no_delta_losses", "random_init_encoder", "random_init_lm",
                      "random_init_both"]
     assert all(p.gin_files[-1] == f"objectives/{p.name}.gin" for p in ablations)
+    tiny_ablations = sweep.expand(sweep.parse_sweep(str(REPO_ROOT / "gin/sweeps/tiny_ablations.sweep")), "runs/s")
+    assert [p.name for p in tiny_ablations] == ["paper", "no_text_ce", "no_delta_losses"]
+    assert all(p.gin_files == ("runs/tiny_cpu.gin", f"objectives/{p.name}.gin") and not p.bindings
+               for p in tiny_ablations)  # same steps, seed and data for every point
 
 
 def test_example_sweep_bindings_reach_the_training_configs():
@@ -221,7 +225,7 @@ def test_example_sweep_bindings_reach_the_training_configs():
     train.register_train_configurables()
     extra = [("DATA_DIR", "'gs://b/d'"), ("VOCAB_PATH", "'gs://b/v.model'")]
     try:
-        for name in ("tiny_lr_x_spec_weight", "ablations_350m"):
+        for name in ("tiny_lr_x_spec_weight", "ablations_350m", "tiny_ablations"):
             points = sweep.expand(sweep.parse_sweep(str(REPO_ROOT / f"gin/sweeps/{name}.sweep")), "gs://b/x", extra)
             for point in points:
                 bindings = [f"{k} = {v}" for k, v in point.bindings] + [f"MODEL_DIR = '{point.model_dir}'"]
@@ -232,10 +236,15 @@ def test_example_sweep_bindings_reach_the_training_configs():
                 if "OptimizerConfig.learning_rate" in point.swept:
                     assert train_config.optimizer.learning_rate == float(point.swept["OptimizerConfig.learning_rate"])
                     assert weights.spectrogram == float(point.swept["LossWeights.spectrogram"])
+                steps = 200 if name == "tiny_ablations" else 50000
                 if point.name == "no_text_ce":
-                    assert weights.text == 0.0
+                    assert weights.text == 0.0 and weights.freq_delta == 1.0
+                elif point.name == "no_delta_losses":
+                    assert weights.text == 1.0 and weights.freq_delta == weights.time_delta == 0.0
                 elif "gin_files" in point.swept:
-                    assert weights.text == 1.0 and gin_config.query_macro("TRAIN_STEPS") == 50000
+                    assert weights.text == 1.0 and weights.freq_delta == 1.0
+                if "gin_files" in point.swept:
+                    assert gin_config.query_macro("TRAIN_STEPS") == steps
     finally:
         gin.clear_config()
 
