@@ -14,17 +14,31 @@ point of the cartesian product runs
 with POINT_NAME made from its swept values (e.g. `learning_rate=1e-4_spectrogram=0.5`: filesystem-safe,
 unique, stable). When a point is run, its bindings are written to MODEL_DIR/sweep_point.json.
 
+Evaluation (launch/sweep_eval.py): with `--evaluate=SUITE --eval_data_dir=DIR [--eval_limit=N]
+[--eval_arg=FLAG ...]`, each point that trains is then exported (MODEL_DIR/export) and scored by
+`python -m spectron_jax.eval` (MODEL_DIR/eval/SUITE), and one comparison over the points is written to
+BASE_MODEL_DIR/SWEEP_NAME/eval_SUITE.md and .json. `--mode=evaluate` does only that, over points trained
+before: a point is exported unless MODEL_DIR/export/bundle.json exists (or always with --reexport), and
+an evaluation resumes the rows already written unless the point was just exported. Evaluation runs on
+this machine (with --python) whatever the runner; it reads gs:// folders through the package's
+file-system layer.
+
+    python launch/sweep.py --sweep=tiny_ablations --base_model_dir=runs/sweeps --runner=local \
+        --evaluate=continuation --eval_data_dir=data
+    python launch/sweep.py --sweep=tiny_ablations --base_model_dir=runs/sweeps --mode=evaluate \
+        --runner=local --evaluate=continuation --eval_data_dir=data --eval_limit=8
+
 Runners: `local` runs the points one after another on this machine; `tpu_vm` runs
 `launch/tpu_vm.sh train --wait ...` per point (its settings come from the environment: PROJECT, ZONE,
 TPU_NAME, BUCKET, ...; the base model dir must be gs://); `print` (or --dry_run with any runner)
-prints the commands and runs nothing. Needs only the standard library (gin, when installed, is used to
-check the syntax of each value).
+prints the commands and runs nothing. Printing needs only the standard library (gin, when installed, is
+used to check the syntax of each value); sweep_point.json and the table are written through
+`spectron_jax.filesystem` when the package is importable.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -32,7 +46,8 @@ import sys
 from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep_file import (LAUNCH_DIR, POINT_FILENAME, SWEEP_DIR, SWEEP_SUFFIX, Point, Sweep, SweepError,  # noqa: E402
+import sweep_eval  # noqa: E402
+from sweep_file import (LAUNCH_DIR, SWEEP_DIR, SWEEP_SUFFIX, Point, Sweep, SweepError,  # noqa: E402
                         BINDING_NAME, check_value, expand, parse_sweep)
 
 # ---- Shell quoting (for printed commands) ----------------------------------------------------------
@@ -57,24 +72,14 @@ def command_line(argv: Sequence[str]) -> str:
 
 
 # ---- Running -----------------------------------------------------------------------------------------
-def _write_record(model_dir: str, record: dict, dry_run: bool) -> None:
-    text = json.dumps(record, indent=2) + "\n"
-    target = f"{model_dir}/{POINT_FILENAME}"
-    if "://" in model_dir:
-        command = ["gcloud", "storage", "cp", "-", target]
-        if dry_run:
-            print(f"# {command_line(command)}  (sweep_point.json on stdin)")
-            return
-        try:
-            subprocess.run(command, input=text.encode("utf-8"), check=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise SweepError(f"cannot write {target}: {e}") from None
-        return
+def _write_record(point: Point, sweep: Sweep, command: Sequence[str], dry_run: bool) -> None:
+    """Writes MODEL_DIR/sweep_point.json (a dry run writes nothing; it notes a gs:// upload)."""
+    target, text = sweep_eval.record_text(point, sweep, command)
     if dry_run:
+        if "://" in target:
+            print(f"# writes {target}", flush=True)
         return
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, POINT_FILENAME), "w", encoding="utf-8") as f:
-        f.write(text)
+    sweep_eval.write_text(target, text)
 
 
 def point_command(point: Point, sweep: Sweep, runner: str, python: str, gin_search_paths: str) -> list[str]:
@@ -113,6 +118,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_search_paths", default="", help="passed to the training entry point")
     p.add_argument("--python", default=sys.executable, help="interpreter of the local runner")
     p.add_argument("--keep_going", action="store_true", help="local/tpu_vm: go on after a failed point")
+    p.add_argument("--mode", choices=("train", "evaluate"), default="train",
+                   help="train: train the points (and evaluate them with --evaluate); evaluate: only "
+                        "export and evaluate points trained before")
+    p.add_argument("--evaluate", choices=sweep_eval.SUITES, default=None,
+                   help="after training, export each point and run this spectron_jax.eval suite on it")
+    p.add_argument("--eval_data_dir", default=None, help="the suite's --data_dir (e.g. data)")
+    p.add_argument("--eval_limit", type=int, default=None, help="evaluate the first N examples only")
+    p.add_argument("--eval_arg", action="append", default=[], metavar="FLAG",
+                   help="a further spectron_jax.eval flag, e.g. --eval_arg=--asr=none (repeatable)")
+    p.add_argument("--reexport", action="store_true", help="evaluate mode: export even where an export exists")
     return p
 
 
@@ -151,27 +166,63 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SweepError(f"--only={sorted(unknown)[0]}: not a point of {sweep.path} "
                              f"(points: {', '.join(p.name for p in points)})", exit_code=2)
         points = [p for p in points if p.name in wanted or str(p.index) in wanted]
+    if args.mode == "evaluate" and not args.evaluate:
+        raise SweepError("--mode=evaluate needs --evaluate=SUITE", exit_code=2)
+    if args.evaluate and not args.eval_data_dir:
+        raise SweepError(f"--evaluate={args.evaluate} needs --eval_data_dir", exit_code=2)
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise SweepError(f"--eval_limit={args.eval_limit}: must be at least 1", exit_code=2)
+    for flag in args.eval_arg:
+        if not flag.startswith("--"):
+            raise SweepError(f"--eval_arg={flag}: expected a flag of spectron_jax.eval (--name=value)", exit_code=2)
     dry_run = args.dry_run or args.runner == "print"
     runner = "local" if args.runner == "print" else args.runner
     print(f"# sweep {sweep.name}: {len(points)} point(s) from {sweep.path}", flush=True)
     failures = []
-    for point in points:
-        command = point_command(point, sweep, runner, args.python, args.gin_search_paths)
-        print(f"# [{point.index}] {point.name}", flush=True)
+
+    def attempt(point: Point, command: list[str], what: str) -> bool:
+        """Runs `command` (prints it first); False when it fails and --keep_going allows going on."""
         print(command_line(command), flush=True)
-        _write_record(point.model_dir, point.record(sweep, command), dry_run)
         if dry_run:
-            continue
+            return True
         try:
             result = subprocess.run(command)  # in the caller's folder, like the printed command
         except OSError as e:
             raise SweepError(f"cannot run {command[0]}: {e}") from None
-        if result.returncode:
-            failures.append(point.name)
-            print(f"# [{point.index}] {point.name} failed with exit code {result.returncode}", flush=True)
-            if not args.keep_going:
-                raise SweepError(f"point {point.name} failed with exit code {result.returncode}; "
-                                 "stopping (use --keep_going to continue)", exit_code=max(result.returncode, 1))
+        if not result.returncode:
+            return True
+        failures.append(point.name)
+        print(f"# [{point.index}] {point.name}: {what} failed with exit code {result.returncode}", flush=True)
+        if not args.keep_going:
+            raise SweepError(f"point {point.name}: {what} failed with exit code {result.returncode}; "
+                             "stopping (use --keep_going to continue)", exit_code=max(result.returncode, 1))
+        return False
+
+    for point in points:
+        print(f"# [{point.index}] {point.name}", flush=True)
+        fresh = True
+        if args.mode == "train":
+            command = point_command(point, sweep, runner, args.python, args.gin_search_paths)
+            _write_record(point, sweep, command, dry_run)
+            if not attempt(point, command, "training"):
+                continue
+        elif not args.reexport and not dry_run and sweep_eval.has_export(point):
+            fresh = False
+            print(f"# {sweep_eval.export_dir(point)} holds an export; evaluating it (--reexport to export again)",
+                  flush=True)
+        if not args.evaluate:
+            continue
+        if fresh and not attempt(point, sweep_eval.export_command(point, args.python), "export"):
+            continue
+        attempt(point, sweep_eval.eval_command(point, args.python, args.evaluate, args.eval_data_dir,
+                                               args.eval_limit, args.eval_arg, fresh), "evaluation")
+    if args.evaluate:
+        markdown_path, json_path = sweep_eval.table_paths(sweep, base, args.evaluate)
+        if dry_run:
+            print(f"# table: {markdown_path} and {json_path}", flush=True)
+        else:
+            sweep_eval.write_table(sweep, points, base, args.evaluate)
+            print(f"# table: {markdown_path} and {json_path}", flush=True)
     if failures:
         raise SweepError(f"{len(failures)} point(s) failed: {', '.join(failures)}")
     return 0

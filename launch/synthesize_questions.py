@@ -11,6 +11,10 @@ al. 2013; e.g. `webquestions.examples.test.json`: a list of `{"utterance": ..., 
 It writes OUT/audio/<n>.wav (16 kHz mono 16-bit; espeak-ng speaks at 22.05 kHz, resampled here) and
 OUT/manifest.jsonl with `id`, `audio`, `question`, `answers`. Questions already spoken are kept, so a
 stopped run resumes. Needs the `espeak-ng` program (`apt-get install espeak-ng`).
+
+`--layout=llama_questions` writes the public LLaMA-Questions layout instead, OUT/<n>.wav next to
+OUT/llama_questions_300.tsv (`Questions`, `Answer`, `Wav Filename`, CRLF line endings; the first
+answer of each question), for running `--suite=llama_questions` on questions of one's own.
 """
 
 from __future__ import annotations
@@ -90,11 +94,15 @@ def main(argv=None) -> int:
     parser.add_argument("--voice", default="en-us")
     parser.add_argument("--speed", type=int, default=175, help="words per minute (espeak-ng -s)")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--layout", default="manifest", choices=("manifest", "llama_questions"),
+                        help="manifest: OUT/manifest.jsonl + OUT/audio/ (web_questions); llama_questions: "
+                             "OUT/N.wav + OUT/llama_questions_300.tsv")
     args = parser.parse_args(argv)
     if shutil.which("espeak-ng") is None:
         raise cli.InputError("espeak-ng not found on PATH (apt-get install espeak-ng)")
     pairs = read_questions(args.questions)[: args.limit]
-    audio_dir = os.path.join(args.output_dir, "audio")
+    llama = args.layout == "llama_questions"
+    audio_dir = args.output_dir if llama else os.path.join(args.output_dir, "audio")
     os.makedirs(audio_dir, exist_ok=True)
     rows, skipped = [], 0
     for number, (question, answers) in enumerate(tqdm(pairs, desc="speaking", unit="q", leave=False)):
@@ -108,10 +116,18 @@ def main(argv=None) -> int:
                 speak(question, target, args.voice, args.speed)
             except subprocess.CalledProcessError as e:
                 raise cli.InputError(f"--voice={args.voice}: espeak-ng failed: {e.stderr.decode(errors='replace').strip()}") from None
-        rows.append({"id": str(number), "audio": f"audio/{name}", "question": question, "answers": answers})
-    manifest = os.path.join(args.output_dir, "manifest.jsonl")
-    with open(manifest + ".partial", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        rows.append({"id": str(number), "audio": name if llama else f"audio/{name}", "question": question,
+                     "answers": answers})
+    if llama:
+        manifest = os.path.join(args.output_dir, "llama_questions_300.tsv")
+        lines = ["Questions\tAnswer\tWav Filename"] + [
+            "\t".join(" ".join(str(v).split()) for v in (r["question"], r["answers"][0], r["audio"])) for r in rows]
+        text = "".join(line + "\r\n" for line in lines)
+    else:
+        manifest = os.path.join(args.output_dir, "manifest.jsonl")
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with open(manifest + ".partial", "w", encoding="utf-8", newline="") as f:
+        f.write(text)
     os.replace(manifest + ".partial", manifest)
     print(f"spoke {len(rows)} questions ({skipped} without question or answers skipped) -> {manifest}")
     return 0

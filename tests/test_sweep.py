@@ -210,6 +210,10 @@ def test_example_sweeps_expand():
     assert stems == ["paper", "no_text_ce", "no_delta_losses", "random_init_encoder", "random_init_lm",
                      "random_init_both"]
     assert all(p.gin_files[-1] == f"objectives/{p.name}.gin" for p in ablations)
+    tiny_ablations = sweep.expand(sweep.parse_sweep(str(REPO_ROOT / "gin/sweeps/tiny_ablations.sweep")), "runs/s")
+    assert [p.name for p in tiny_ablations] == ["paper", "no_text_ce", "no_delta_losses"]
+    assert all(p.gin_files == ("runs/tiny_cpu.gin", f"objectives/{p.name}.gin") and not p.bindings
+               for p in tiny_ablations)  # same steps, seed and data for every point
 
 
 def test_example_sweep_bindings_reach_the_training_configs():
@@ -221,7 +225,7 @@ def test_example_sweep_bindings_reach_the_training_configs():
     train.register_train_configurables()
     extra = [("DATA_DIR", "'gs://b/d'"), ("VOCAB_PATH", "'gs://b/v.model'")]
     try:
-        for name in ("tiny_lr_x_spec_weight", "ablations_350m"):
+        for name in ("tiny_lr_x_spec_weight", "ablations_350m", "tiny_ablations"):
             points = sweep.expand(sweep.parse_sweep(str(REPO_ROOT / f"gin/sweeps/{name}.sweep")), "gs://b/x", extra)
             for point in points:
                 bindings = [f"{k} = {v}" for k, v in point.bindings] + [f"MODEL_DIR = '{point.model_dir}'"]
@@ -232,10 +236,15 @@ def test_example_sweep_bindings_reach_the_training_configs():
                 if "OptimizerConfig.learning_rate" in point.swept:
                     assert train_config.optimizer.learning_rate == float(point.swept["OptimizerConfig.learning_rate"])
                     assert weights.spectrogram == float(point.swept["LossWeights.spectrogram"])
+                steps = 200 if name == "tiny_ablations" else 50000
                 if point.name == "no_text_ce":
-                    assert weights.text == 0.0
+                    assert weights.text == 0.0 and weights.freq_delta == 1.0
+                elif point.name == "no_delta_losses":
+                    assert weights.text == 1.0 and weights.freq_delta == weights.time_delta == 0.0
                 elif "gin_files" in point.swept:
-                    assert weights.text == 1.0 and gin_config.query_macro("TRAIN_STEPS") == 50000
+                    assert weights.text == 1.0 and weights.freq_delta == 1.0
+                if "gin_files" in point.swept:
+                    assert gin_config.query_macro("TRAIN_STEPS") == steps
     finally:
         gin.clear_config()
 
@@ -245,6 +254,190 @@ def test_shell_quote_round_trips():
                 "back\\slash", "--gin.T=(1, -1, 1)"]:
         assert shlex.split(sweep.shell_quote(arg)) == [arg]
     assert sweep.shell_quote("--gin.MODEL_DIR='gs://b/r'") == "--gin.MODEL_DIR=\"'gs://b/r'\""
+
+
+# ---- sweep.py: evaluating the points -----------------------------------------------------------------
+# A stand-in interpreter for the three entry points a sweep runs. `train` writes a metrics.jsonl whose last
+# validation record is a function of the point's swept values (and fails for one point), `export` writes a
+# bundle.json naming its run, `eval` writes a metrics.json computed from that run's validation record, so
+# the table can be checked against values derived here independently of sweep.py.
+FAKE_ENTRY_POINTS = r'''
+import json, os, pathlib, sys
+args = sys.argv[1:]
+if any("gs://" in a for a in args):
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    from etils import epath
+else:
+    epath = pathlib
+with open(LOG, "a") as f:
+    f.write(json.dumps(args) + "\n")
+flags = dict(a[2:].split("=", 1) for a in args[2:] if "=" in a)
+module = args[1]
+if module == "spectron_jax.train":
+    lr, w = float(flags["gin.OptimizerConfig.learning_rate"]), float(flags["gin.LossWeights.spectrogram"])
+    if (lr, w) == (3e-4, 0.5):
+        sys.exit(3)
+    run = epath.Path(flags["gin.MODEL_DIR"].strip("'"))
+    run.mkdir(parents=True, exist_ok=True)
+    records = [{"step": 0, "split": "validation", "ce_text": 99.0},
+               {"step": 5, "split": "train", "ce_text": 98.0},
+               {"step": 5, "split": "validation", "ce_text": lr * 1000, "spec_frames": w, "spec_freq_delta": w / 4,
+                "spec_time_delta": w / 8, "loss": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"cut')
+elif module == "spectron_jax.export":
+    out = epath.Path(flags["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bundle.json").write_text(json.dumps({"run": flags["model_dir"]}))
+elif module == "spectron_jax.eval":
+    run = json.loads((epath.Path(flags["export_dir"]) / "bundle.json").read_text())["run"]
+    lines = (epath.Path(run) / "metrics.jsonl").read_text().splitlines()[:-1]
+    last = [json.loads(l) for l in lines if json.loads(l)["split"] == "validation"][-1]
+    out = epath.Path(flags["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"num_examples": int(flags.get("limit", 9)), "l1_free_running": 2 * last["spec_frames"],
+               "asr_log_ppl": last["ce_text"] + 1}
+    (out / "metrics.json").write_text(json.dumps({"suite": flags["suite"], "metrics": metrics,
+                                                  "skipped": {"count": 1}, "scorers": {"asr": "stand-in"}}))
+'''
+
+
+def _fake_python(tmp_path):
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nLOG = {str(log)!r}\n{FAKE_ENTRY_POINTS}")
+    fake.chmod(0o755)
+    return fake, log
+
+
+def _calls(log):
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return [(c[1].rsplit(".", 1)[-1], c) for c in calls]
+
+
+def _sweep_run(args, env=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT, env=full_env)
+
+
+def _table_row(markdown, label):
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {label}"))
+    return [cell.strip() for cell in row.strip("|").split("|")][2:]  # after the label and the paper's column
+
+
+def test_print_runner_shows_export_and_eval_after_each_training(tmp_path, gin_file):
+    path = _write(tmp_path, _grid_text(gin_file))
+    base = tmp_path / "runs"
+    out = _sweep_run([f"--sweep={path}", f"--base_model_dir={base}", "--runner=print", "--python=py",
+                      "--evaluate=continuation", "--eval_data_dir=data", "--eval_limit=3", "--eval_arg=--asr=none"])
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line) for line in out.stdout.splitlines() if line and not line.startswith("#")]
+    assert [c[2] for c in commands] == ["spectron_jax.train", "spectron_jax.export", "spectron_jax.eval"] * 4
+    for i, name in enumerate(["learning_rate=1e-4_spectrogram=0.5", "learning_rate=1e-4_spectrogram=2.0",
+                              "learning_rate=3e-4_spectrogram=0.5", "learning_rate=3e-4_spectrogram=2.0"]):
+        run = f"{base}/grid/{name}"
+        train, export, evaluate = commands[3 * i: 3 * i + 3]
+        assert train[-1] == f"--gin.MODEL_DIR='{run}'"
+        assert export[3:] == [f"--model_dir={run}", f"--output_dir={run}/export"]
+        assert evaluate[3:] == [f"--export_dir={run}/export", "--suite=continuation", "--data_dir=data",
+                                f"--output_dir={run}/eval/continuation", "--limit=3", "--asr=none", "--noresume"]
+    assert f"# table: {base}/grid/eval_continuation.md and {base}/grid/eval_continuation.json" in out.stdout
+    assert not base.exists()
+    bad = _sweep_run([f"--sweep={path}", "--base_model_dir=x", "--mode=evaluate"])
+    assert bad.returncode == 2 and "needs --evaluate" in bad.stderr
+    bad = _sweep_run([f"--sweep={path}", "--base_model_dir=x", "--evaluate=continuation"])
+    assert bad.returncode == 2 and "needs --eval_data_dir" in bad.stderr
+
+
+def test_local_runner_evaluates_points_and_writes_one_table(tmp_path, gin_file):
+    fake, log = _fake_python(tmp_path)
+    path = _write(tmp_path, _grid_text(gin_file))
+    base = tmp_path / "runs"
+    common = [f"--sweep={path}", f"--base_model_dir={base}", "--runner=local", f"--python={fake}",
+              "--evaluate=continuation", "--eval_data_dir=data"]
+    out = _sweep_run(common + ["--keep_going", "--eval_limit=4"])
+    assert out.returncode == 1 and "1 point(s) failed: learning_rate=3e-4_spectrogram=0.5" in out.stderr
+    calls = _calls(log)
+    assert [kind for kind, _ in calls] == ["train", "export", "eval"] * 2 + ["train"] + ["train", "export", "eval"]
+    swept = list(itertools.product([1e-4, 3e-4], [0.5, 2.0]))
+    names = [f"learning_rate={lr}_spectrogram={w}" for lr, w in itertools.product(["1e-4", "3e-4"], ["0.5", "2.0"])]
+    payload = json.loads((base / "grid" / "eval_continuation.json").read_text())
+    markdown = (base / "grid" / "eval_continuation.md").read_text()
+    assert [p["name"] for p in payload["points"]] == names
+    for point, (lr, w) in zip(payload["points"], swept):
+        if (lr, w) == (3e-4, 0.5):
+            assert point["metrics"] is None and point["validation"] == {}
+            continue
+        assert point["metrics"] == {"num_examples": 4, "l1_free_running": pytest.approx(2 * w),
+                                    "asr_log_ppl": pytest.approx(lr * 1000 + 1)}
+        assert point["validation_step"] == 5  # the last validation record, past a truncated line
+        assert point["validation"] == pytest.approx({"ce_text": lr * 1000, "spec_frames": w,
+                                                     "spec_freq_delta": w / 4, "spec_time_delta": w / 8})
+        assert point["skipped"] == 1 and point["scorers"] == {"asr": "stand-in"}
+    assert _table_row(markdown, "examples scored") == ["4 (1)", "4 (1)", "not evaluated", "4 (1)"]
+    assert _table_row(markdown, "log-mel L1 to the true continuation, free-running") == \
+        [f"{2 * w:.3f}" if (lr, w) != (3e-4, 0.5) else "n/a" for lr, w in swept]
+    assert _table_row(markdown, "validation text CE") == \
+        [f"{lr * 1000:.3f}" if (lr, w) != (3e-4, 0.5) else "n/a" for lr, w in swept]
+
+    # Evaluate mode over the trained points: the exports are reused and the evaluations resume ...
+    good = ["--only=0", "--only=1", "--only=3"]
+    out = _sweep_run(common + ["--mode=evaluate"] + good)
+    assert out.returncode == 0, out.stderr
+    calls = _calls(log)
+    assert [kind for kind, _ in calls] == ["eval"] * 3 and all("--noresume" not in c for _, c in calls)
+    assert all("--limit=4" not in c for _, c in calls)
+    again = json.loads((base / "grid" / "eval_continuation.json").read_text())
+    assert [p["metrics"]["num_examples"] for p in again["points"]] == [9, 9, 9]
+    # ... unless asked to export again, which starts the evaluation over.
+    out = _sweep_run(common + ["--mode=evaluate", "--only=3", "--reexport"])
+    assert out.returncode == 0, out.stderr
+    calls = _calls(log)
+    assert [kind for kind, _ in calls] == ["export", "eval"] and calls[1][1][-1] == "--noresume"
+
+    # launch/eval_table.py --sweep_dir rebuilds the same table from the folder alone.
+    (base / "grid" / "eval_continuation.json").unlink()
+    out = subprocess.run([sys.executable, str(LAUNCH / "eval_table.py"), f"--sweep_dir={base}/grid"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    rebuilt = json.loads((base / "grid" / "eval_continuation.json").read_text())
+    assert [p["name"] for p in rebuilt["points"]] == [p["name"] for p in payload["points"]]
+    assert [p["metrics"] for p in rebuilt["points"]] == [again["points"][0]["metrics"], again["points"][1]["metrics"],
+                                                          None, again["points"][2]["metrics"]]
+
+
+def test_sweep_records_and_table_on_gcs(tmp_path, gin_file, gcs_emulator, monkeypatch):
+    """sweep_point.json and the table go through the file-system layer to gs://; the run's files are put
+    there beforehand and the entry points only log their calls (each gcsfs start-up costs seconds)."""
+    env = {k: v for k, v in gcs_emulator.items() if k != "bucket"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from spectron_jax import filesystem
+
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    base = f"gs://{gcs_emulator['bucket']}/sweep-test"
+    run = f"{base}/grid/learning_rate=1e-4_spectrogram=2.0"
+    filesystem.write_text(f"{run}/metrics.jsonl", json.dumps({"step": 7, "split": "validation", "ce_text": 2.5}) + "\n")
+    filesystem.write_text(f"{run}/eval/continuation/metrics.json", json.dumps(
+        {"suite": "continuation", "metrics": {"num_examples": 3, "l1_free_running": 4.0}, "skipped": {"count": 0}}))
+    path = _write(tmp_path, _grid_text(gin_file))
+    out = _sweep_run([f"--sweep={path}", f"--base_model_dir={base}", "--runner=local", f"--python={fake}",
+                      "--only=1", "--evaluate=continuation", "--eval_data_dir=data"], env=env)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)[1] for line in log.read_text().splitlines()] == \
+        ["spectron_jax.train", "spectron_jax.export", "spectron_jax.eval"]
+    record = json.loads(filesystem.read_text(f"{run}/sweep_point.json"))
+    assert record["swept"] == {"OptimizerConfig.learning_rate": "1e-4", "LossWeights.spectrogram": "2.0"}
+    payload = json.loads(filesystem.read_text(f"{base}/grid/eval_continuation.json"))
+    assert [p["name"] for p in payload["points"]] == ["learning_rate=1e-4_spectrogram=2.0"]
+    assert payload["points"][0]["metrics"]["l1_free_running"] == 4.0
+    assert payload["points"][0]["validation"] == {"ce_text": 2.5}
+    markdown = filesystem.read_text(f"{base}/grid/eval_continuation.md")
+    assert _table_row(markdown, "log-mel L1 to the true continuation, free-running") == ["4.000"]
 
 
 # ---- shell launchers ---------------------------------------------------------------------------------
