@@ -65,6 +65,7 @@ def test_layouts_have_the_expected_paths_and_stacked_shapes(reference):
     assert q.get_metadata()["out_sharding"] == ("layers", "embed", "heads", "head_dim")
 
 
+@pytest.mark.slow  # two compiles of the whole model's loss and gradients: ~25 s on 2 cores
 def test_scanned_spectron_gives_the_same_loss_and_gradients(reference):
     """The whole model's loss: per-layer, no remat vs scanned with the same weights (encoder 'full',
     decoder 'save_proj'); every remat policy is compared stack by stack below."""
