@@ -557,6 +557,7 @@ def run_one(gin_files: Sequence[str], bindings: Sequence[str], search_paths: str
             serialize_path: Optional[str] = None) -> dict:
     """Parses the gin files, builds the topology's devices and compiles: the `aot_report` dict."""
     from spectron_jax import flops
+    from spectron_jax.models import scanning
 
     configs = configs_from_gin(gin_files, bindings, search_paths, batch_size, compute_dtype, num_slices)
     devices = topology_devices(spec, num_slices)
@@ -564,22 +565,9 @@ def run_one(gin_files: Sequence[str], bindings: Sequence[str], search_paths: str
     report = aot_report(program, spec, num_slices, gin_files, configs.train.batch_size, serialize_path)
     analytic = flops.step_flops_for_converter(configs.model, configs.converter, configs.train.batch_size,
                                               configs.train.optimizer.freeze)
-    report.update(remat=_remat_label(configs.model), analytic_flops_total=analytic.total,
+    report.update(remat=scanning.remat_label(configs.model), analytic_flops_total=analytic.total,
                   analytic_flops_breakdown=analytic.training, host_peak_rss_bytes=peak_rss_bytes())
     return report
-
-
-def _remat_label(model_config: Any) -> str:
-    """The rematerialisation of the encoder and decoder stacks: a config's named `remat_policy` where it has
-    one, else its boolean `remat` ('full' / 'none'); one label when both stacks agree."""
-    def one(cfg: Any) -> str:
-        policy = getattr(cfg, "remat_policy", None)
-        if policy is not None:
-            return str(policy)
-        return "full" if getattr(cfg, "remat", False) else "none"
-
-    encoder, decoder = one(model_config.encoder), one(model_config.decoder)
-    return decoder if encoder == decoder else f"encoder {encoder}, decoder {decoder}"
 
 
 def peak_rss_bytes() -> Optional[int]:

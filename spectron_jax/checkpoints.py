@@ -16,6 +16,9 @@ the new shardings (`jax.ShapeDtypeStruct(..., sharding=...)`) and orbax reads ea
 
 `PartialInit` copies parameters from another checkpoint (a training MODEL_DIR, a step folder, or an
 `export` folder) into a freshly initialised state by path pattern, reading only the matched arrays.
+A per-layer checkpoint (what the converters write) loads into a model with scanned layers: paths and
+`include` patterns are matched in the per-layer layout and the result is stacked
+(`models/layer_stacking.py`).
 
 `export` writes what evaluation needs and nothing else:
 
@@ -40,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spectron_jax import filesystem
+from spectron_jax.models import layer_stacking
 
 logger = logging.getLogger(__name__)
 
@@ -322,13 +326,38 @@ def component_init(checkpoint: str, component: str) -> PartialInit:
     return PartialInit(checkpoint, include=".*", target_prefix=component + "/")
 
 
+def _is_scanned_path(path: str) -> bool:
+    return any(part.startswith(layer_stacking.SCANNED_PREFIX) for part in path.split("/"))
+
+
 def apply_partial_init(params: Mapping[str, Any], inits: Sequence[PartialInit]) -> tuple[dict, list[str]]:
-    """`params` with the arrays of every `PartialInit` (in order) swapped in; returns the copied paths."""
+    """`params` with the arrays of every `PartialInit` (in order) swapped in; returns the copied paths.
+
+    When `params` has scanned stacks and a checkpoint has per-layer ones, the checkpoint is matched
+    against the per-layer view of `params` (the copied paths are reported in that layout) and the
+    result is stacked back and placed like the original arrays. A scanned checkpoint loads into a
+    scanned model of the same period; into a per-layer model it is refused.
+    """
     flat = flatten_paths(params)
+    periods = layer_stacking.scan_periods(params)
     copied: list[str] = []
     for init in inits:
-        loaded, paths = load_partial_params(init, unflatten_paths(flat))
-        flat.update(loaded)
+        source_scanned = any(_is_scanned_path(path) for path in source_param_paths(init.checkpoint))
+        if source_scanned and not periods:
+            raise ValueError(f"{init.checkpoint}: holds scanned layer stacks but the model has per-layer ones; "
+                             "set scan_layers = True or convert it with layer_stacking.unstack_layers")
+        if periods and not source_scanned:
+            view = flatten_paths(layer_stacking.unstack_layers(unflatten_paths(flat)))
+            loaded, paths = load_partial_params(init, unflatten_paths(view))
+            view.update(loaded)
+            for path, value in flatten_paths(layer_stacking.stack_layers(unflatten_paths(view), periods)).items():
+                if _is_scanned_path(path):
+                    sharding = getattr(flat[path], "sharding", None)
+                    value = value if sharding is None else jax.device_put(value, sharding)
+                flat[path] = value
+        else:
+            loaded, paths = load_partial_params(init, unflatten_paths(flat))
+            flat.update(loaded)
         copied += paths
         logger.info("initialised %d parameters from %s", len(paths), init.checkpoint)
     return unflatten_paths(flat), copied

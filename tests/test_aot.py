@@ -106,15 +106,6 @@ def test_table_formats_one_row_per_report():
     assert "error: exit 1: error: boom" in table[4]
 
 
-def test_remat_label_reads_a_policy_name_or_the_boolean():
-    from types import SimpleNamespace as NS
-
-    assert aot._remat_label(NS(encoder=NS(), decoder=NS(remat=False))) == "none"
-    assert aot._remat_label(NS(encoder=NS(remat=True), decoder=NS(remat=True))) == "full"
-    assert aot._remat_label(NS(encoder=NS(remat_policy="dots_saveable"), decoder=NS(remat_policy="full"))) == \
-        "encoder dots_saveable, decoder full"
-
-
 # ---- TPU compilation (libtpu) ------------------------------------------------------------------------
 def _shard_bytes(abstract) -> int:
     """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (computed from the shardings)."""

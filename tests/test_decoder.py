@@ -513,7 +513,7 @@ def test_remat_gives_the_same_gradients():
         loss = lambda m: jnp.sum(m(x, valid, is_prefix, deterministic=True)[0] ** 2)  # noqa: E731
         return nnx.state(nnx.jit(nnx.grad(loss))(model), nnx.Param).to_pure_dict()
 
-    plain, remat = grads(TINY), grads(dataclasses.replace(TINY, remat=True))
+    plain, remat = grads(TINY), grads(dataclasses.replace(TINY, remat_policy="full"))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 

@@ -52,7 +52,7 @@ PARAMS_SUBDIR = "params"
 GIN_FILENAME = "decoder.gin"
 TOKENIZER_FILENAME = "tokenizer.model"
 INFO_FILENAME = "convert.json"
-# DecoderConfig fields an imported checkpoint fixes (the rest, dtype / remat / dropout, stay run knobs).
+# DecoderConfig fields an imported checkpoint fixes (the rest, dtype / remat_policy / scan_layers / dropout, stay run knobs).
 ARCHITECTURE_FIELDS = (
     "vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "block",
     "activation", "rope_base", "rope_fraction", "local_rope_base", "tie_embeddings", "scale_tied_logits",

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from spectron_jax.models.sharding import constrain, logical_param
+from spectron_jax.models.scanning import K_PROJ, OUT_PROJ, Q_PROJ, V_PROJ, checkpoint_name
 
 # A large negative (not -inf) so that a query with no visible key gets a finite, uniform softmax.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -172,16 +173,20 @@ class LayerCache:
 class DecoderCache:
     """The decoder's KV cache: per-layer keys/values plus shared per-slot bookkeeping.
 
-    layers: one `LayerCache` per decoder layer.
+    layers: one `LayerCache` per unscanned decoder layer (all layers, or a scanned decoder's remainder).
     positions: int32 [batch, max_len], the rotary position of each written slot.
     valid: bool [batch, max_len], True where a slot holds a real (non-padded) key.
     end_index: int32 [], the number of slots written so far (the same for every row).
+    scanned: for a scanned decoder of period P, P `LayerCache`s with k / v stacked on the layer axis,
+      [num_periods, batch, max_len, kv_heads, head_dim]: `scanned[j]` row `p` is layer `p * P + j`.
+      Empty without scanning.
     """
 
     layers: tuple
     positions: jax.Array
     valid: jax.Array
     end_index: jax.Array
+    scanned: tuple = ()
 
     @property
     def max_len(self) -> int:
@@ -193,15 +198,27 @@ class DecoderCache:
 
 
 def init_cache(batch: int, max_len: int, *, num_layers: int, num_kv_heads: int, head_dim: int,
-               dtype="float32") -> DecoderCache:
-    """An empty cache: zero keys/values, no valid slots, end_index 0."""
+               dtype="float32", scan_period: int = 0) -> DecoderCache:
+    """An empty cache: zero keys/values, no valid slots, end_index 0.
+
+    scan_period: 0 for a per-layer decoder; P > 0 for a scanned one (`DecoderConfig.scan_period`):
+    `num_layers // P` periods stacked in `scanned`, the `num_layers % P` others in `layers`.
+    """
     shape = (batch, max_len, num_kv_heads, head_dim)
-    layers = tuple(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)) for _ in range(num_layers))
+
+    def layer_cache(lead=()):
+        return LayerCache(k=jnp.zeros(lead + shape, dtype), v=jnp.zeros(lead + shape, dtype))
+
+    scanned = ()
+    if scan_period:
+        num_periods, num_layers = divmod(num_layers, scan_period)
+        scanned = tuple(layer_cache((num_periods,)) for _ in range(scan_period)) if num_periods else ()
     return DecoderCache(
-        layers=layers,
+        layers=tuple(layer_cache() for _ in range(num_layers)),
         positions=jnp.zeros((batch, max_len), jnp.int32),
         valid=jnp.zeros((batch, max_len), bool),
         end_index=jnp.zeros((), jnp.int32),
+        scanned=scanned,
     )
 
 
@@ -283,9 +300,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x = x.astype(dtype)
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dtype))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dtype))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dtype))
+        q = checkpoint_name(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dtype)), Q_PROJ)
+        k = checkpoint_name(jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dtype)), K_PROJ)
+        v = checkpoint_name(jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dtype)), V_PROJ)
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -314,5 +331,5 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
         out = out.reshape(batch, length, cfg.num_heads, cfg.head_dim)
-        out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dtype))
+        out = checkpoint_name(jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dtype)), OUT_PROJ)
         return out, new_cache

@@ -20,10 +20,13 @@ input is 160 stacked fbank values per 20 ms, ``features.w2v_bert_features``); ``
 'relative_key'`` uses a learned table of clipped key - query distances; ``causal_conv`` pads the
 depthwise conv on the left only; ``conv_bias=False`` drops the conv module's biases.
 
-The blocks are a plain Python list, unrolled under ``jax.jit``. For the 24-layer production encoder,
-compile time can be cut by scanning: build the blocks with ``nnx.vmap`` over a split ``rngs`` (stacked
-parameters, with a leading 'layers' axis added to the logical names) and apply them with ``nnx.scan``
-over that axis, carrying ``x`` and closing over ``mask``; the per-block code does not change.
+The blocks are a per-layer list (``blocks/<i>``) unrolled under ``jax.jit`` by default. With
+``scan_layers`` they are built once under ``nnx.vmap`` (parameters ``scanned_blocks/0/...`` stacked on
+a leading 'layers' axis; every block keeps its own dropout stream and batch-norm statistics) and run
+with ``nnx.scan`` carrying ``x``, which keeps tracing and compile time independent of the depth
+(``scanning.py``; ``layer_stacking.py`` converts checkpoints between the layouts). ``remat_policy``
+rematerialises each block: 'none' (default), 'full', 'dots_saveable' or 'save_proj' (keeps the
+q / k / v / output projections, the FFN in / out and the conv module's pointwise in / out).
 
 The paper says only "a 600M-parameter USM Conformer"; layer count, width, heads and subsampling are
 DEFAULTs (see ``conformer_600m_config``).
@@ -39,6 +42,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spectron_jax.models.relative_attention import RelativePositionSelfAttention
+from spectron_jax.models.scanning import (
+    LAYERS_AXIS,
+    MLP_IN,
+    MLP_OUT,
+    check_remat_policy,
+    checkpoint_name,
+    maybe_remat,
+    stacked_init,
+)
 from spectron_jax.models.sharding import constrain, logical_param
 
 CONV_NORMS = ("layer", "group", "batch")
@@ -78,6 +90,8 @@ class ConformerConfig:
     conv_bias: bool = True  # biases on the conv module's two pointwise linears and its depthwise conv.
     dtype: Any = "float32"  # compute dtype of matmuls and convs (norms and softmax run in float32).
     param_dtype: Any = "float32"  # storage dtype of the parameters.
+    scan_layers: bool = False  # build the blocks under nnx.vmap and run them with nnx.scan.
+    remat_policy: str = "none"  # 'none' | 'full' | 'dots_saveable' | 'save_proj' (see scanning.py).
 
     def __post_init__(self):
         positive = ("input_dim", "model_dim", "num_layers", "num_heads", "conv_kernel_size",
@@ -85,6 +99,7 @@ class ConformerConfig:
         for name in ("left_relative_distance", "right_relative_distance"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ConformerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        check_remat_policy("ConformerConfig.remat_policy", self.remat_policy)
         if self.frontend not in FRONTENDS:
             raise ValueError(f"ConformerConfig.frontend must be one of {FRONTENDS}, got {self.frontend!r}")
         if self.position_encoding not in POSITION_ENCODINGS:
@@ -349,8 +364,9 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         """``[batch, frames, embed] -> [batch, frames, embed]`` (residual included)."""
-        y = self.dropout(jax.nn.swish(self.hidden(self.norm(x))), deterministic=deterministic)
-        y = self.dropout(self.output(y), deterministic=deterministic)
+        hidden = checkpoint_name(self.hidden(self.norm(x)), MLP_IN)
+        y = self.dropout(jax.nn.swish(hidden), deterministic=deterministic)
+        y = self.dropout(checkpoint_name(self.output(y), MLP_OUT), deterministic=deterministic)
         return x + 0.5 * y.astype(x.dtype)
 
 
@@ -405,12 +421,12 @@ class ConvModule(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
         """``x [batch, frames, embed]``, ``mask [batch, frames]`` bool -> ``[batch, frames, embed]``."""
-        value, gate = jnp.split(self.pointwise_in(self.norm(x)), 2, axis=-1)
+        value, gate = jnp.split(checkpoint_name(self.pointwise_in(self.norm(x)), MLP_IN), 2, axis=-1)
         y = _apply_mask(value * jax.nn.sigmoid(gate), mask)
         bias = None if self.depthwise_bias is None else self.depthwise_bias[...]
         y = depthwise_conv1d(y, self.depthwise_kernel[...], bias, causal=self.causal)
         y = jax.nn.swish(self.conv_norm(y, mask, deterministic=deterministic)).astype(self.dtype)
-        y = self.dropout(self.pointwise_out(y), deterministic=deterministic)
+        y = self.dropout(checkpoint_name(self.pointwise_out(y), MLP_OUT), deterministic=deterministic)
         return x + y.astype(x.dtype)
 
 
@@ -456,7 +472,12 @@ class ConformerEncoder(nnx.Module):
         else:
             self.feature_projection = FeatureProjection(config, rngs=rngs)
         self.input_dropout = nnx.Dropout(config.residual_dropout, rngs=rngs)
-        self.blocks = nnx.List([ConformerBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+        if config.scan_layers:
+            # A period of one block, as a list: paths 'scanned_blocks/0/...' (see layer_stacking.py).
+            self.scanned_blocks = stacked_init(lambda r: nnx.List([ConformerBlock(config, rngs=r)]),
+                                               config.num_layers, rngs)
+        else:
+            self.blocks = nnx.List([ConformerBlock(config, rngs=rngs) for _ in range(config.num_layers)])
 
     def __call__(self, features: jax.Array, mask: jax.Array, *, deterministic: bool) -> tuple[jax.Array, jax.Array]:
         """Encodes a batch of (padded) log-mel frames.
@@ -486,6 +507,20 @@ class ConformerEncoder(nnx.Module):
         x, mask = frontend(features, mask)
         x = self.input_dropout(x, deterministic=deterministic).astype(jnp.float32)
         x = constrain(x, ("batch", "frames", "embed"))
-        for block in self.blocks:
-            x = constrain(block(x, mask, deterministic=deterministic), ("batch", "frames", "embed"))
+
+        def apply(block, x, mask):
+            return constrain(block(x, mask, deterministic=deterministic), ("batch", "frames", "embed"))
+
+        run = maybe_remat(apply, self.config.remat_policy, scanned=self.config.scan_layers)
+        if self.config.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            def body(blocks, x):
+                for block in blocks:
+                    x = run(block, x, mask)
+                return x
+
+            x = body(self.scanned_blocks, x)
+        else:
+            for block in self.blocks:
+                x = run(block, x, mask)
         return _apply_mask(x, mask), mask

@@ -16,6 +16,14 @@ With `post_norms` (Gemma 2/3 checkpoints) the attention and MLP outputs are norm
 they are added. The MLP is gated: SwiGLU (default) or GeGLU.
 
 Masking, rotary positions and the cache layout are described in `attention.py`.
+
+Layers are a per-layer list (`layers/<i>`) by default. With `scan_layers` the stack is built under
+`nnx.vmap` and run with `nnx.scan` (see `scanning.py`): the scanned unit is one period of
+`attention_pattern` (one block for a uniform stack, six for Gemma 3's 5 local + 1 global), its
+parameters are `scanned_layers/<j>/...` with a leading `[num_layers // period]` axis, and the
+`num_layers % period` layers left over (Gemma 3 1B: 26 = 4 x 6 + 2) stay unscanned in
+`remainder_layers/<k>` (layer `num_periods * period + k`). The KV cache follows the same split.
+`remat_policy` (none / full / dots_saveable / save_proj) rematerialises each block, scanned or not.
 """
 
 from __future__ import annotations
@@ -37,6 +45,15 @@ from spectron_jax.models.attention import (
     init_cache,
     running_positions,
     visibility_mask,
+)
+from spectron_jax.models.scanning import (
+    MLP_IN,
+    MLP_OUT,
+    check_remat_policy,
+    checkpoint_name,
+    maybe_remat,
+    scan_period_split,
+    stacked_init,
 )
 from spectron_jax.models.sharding import constrain, logical_param
 
@@ -87,7 +104,8 @@ class DecoderConfig:
     attn_logit_softcap: Optional[float] = None
     query_pre_attn_scalar: Optional[float] = None  # queries times this**-0.5; None: head_dim
     dropout: float = 0.0  # residual dropout on attention and MLP outputs. DEFAULT, not in the paper
-    remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+    remat_policy: str = "none"  # 'none' | 'full' | 'dots_saveable' | 'save_proj' (see scanning.py)
+    scan_layers: bool = False  # build the blocks under nnx.vmap and run them with nnx.scan
     dtype: str = "float32"  # computation dtype ('bfloat16' on TPU)
     param_dtype: str = "float32"
 
@@ -108,6 +126,7 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.dropout must be in [0, 1), got {self.dropout}")
         pattern = tuple(self.attention_pattern)
         object.__setattr__(self, "attention_pattern", pattern)  # lists (e.g. from gin) become tuples
+        check_remat_policy("DecoderConfig.remat_policy", self.remat_policy)
         if not pattern or any(kind not in ATTENTION_KINDS for kind in pattern):
             raise ValueError(f"DecoderConfig.attention_pattern entries must be in {ATTENTION_KINDS}, got {pattern}")
         if "local" in pattern and (self.sliding_window is None or self.sliding_window < 1):
@@ -116,6 +135,11 @@ class DecoderConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"DecoderConfig.{name} must be positive or None, got {value}")
+
+    @property
+    def scan_period(self) -> int:
+        """Layers per scanned unit (one period of `attention_pattern`); 0 when `scan_layers` is off."""
+        return len(self.attention_pattern) if self.scan_layers else 0
 
     def layer_kind(self, layer: int) -> str:
         """'global' or 'local' for layer `layer` (the pattern repeats over the layers)."""
@@ -213,11 +237,11 @@ class GatedMLP(nnx.Module):
         """x [batch, length, embed] -> [batch, length, embed]."""
         dtype = jnp.dtype(self.dtype)
         x = x.astype(dtype)
-        gate = jnp.einsum("bld,dm->blm", x, self.gate[...].astype(dtype))
-        up = jnp.einsum("bld,dm->blm", x, self.up[...].astype(dtype))
+        gate = checkpoint_name(jnp.einsum("bld,dm->blm", x, self.gate[...].astype(dtype)), MLP_IN)
+        up = checkpoint_name(jnp.einsum("bld,dm->blm", x, self.up[...].astype(dtype)), MLP_IN)
         act = jax.nn.silu(gate) if self.activation == "swiglu" else jax.nn.gelu(gate, approximate=True)
         hidden = constrain(act * up, ("batch", "length", "mlp"))
-        return jnp.einsum("blm,md->bld", hidden, self.down[...].astype(dtype))
+        return checkpoint_name(jnp.einsum("blm,md->bld", hidden, self.down[...].astype(dtype)), MLP_OUT)
 
 
 class DecoderBlock(nnx.Module):
@@ -273,7 +297,16 @@ class Decoder(nnx.Module):
             cfg.vocab_size, cfg.model_dim, tie=cfg.tie_embeddings, scale_by_sqrt_dim=cfg.embed_scale_by_sqrt_dim,
             scale_tied_logits=cfg.scale_tied_logits, final_logit_softcap=cfg.final_logit_softcap,
             init_std=cfg.embed_init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderBlock(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            period = cfg.scan_period
+            num_periods, remainder = scan_period_split(cfg.num_layers, period)
+            self.scanned_layers = stacked_init(
+                lambda r: nnx.List([DecoderBlock(cfg, j, rngs=r) for j in range(period)]), num_periods, rngs,
+            ) if num_periods else None
+            first = num_periods * period
+            self.remainder_layers = nnx.List([DecoderBlock(cfg, first + k, rngs=rngs) for k in range(remainder)])
+        else:
+            self.layers = nnx.List([DecoderBlock(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.model_dim, eps=cfg.norm_eps, add_one=cfg.rmsnorm_add_one,
                                   param_dtype=cfg.param_dtype)
 
@@ -289,7 +322,8 @@ class Decoder(nnx.Module):
         """An empty KV cache for `batch` rows of `max_len` slots (dtype default: the computation dtype)."""
         cfg = self.cfg
         return init_cache(batch, max_len, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                          head_dim=cfg.head_dim, dtype=cfg.dtype if dtype is None else dtype)
+                          head_dim=cfg.head_dim, dtype=cfg.dtype if dtype is None else dtype,
+                          scan_period=cfg.scan_period)
 
     def __call__(
         self,
@@ -348,22 +382,61 @@ class Decoder(nnx.Module):
         masks = {w: visibility_mask(query_slots, positions, key_slots, key_positions, key_valid, key_is_prefix, w)
                  for w in windows}
 
-        def run_block(block, x, mask, layer_cache, rngs):
-            return block(x, positions, mask, deterministic=deterministic, cache=layer_cache,
-                         write_index=write_index, rngs=rngs)
+        def run_block(block, x, mask, layer_cache, rngs, scanned):
+            def apply(block, x, mask, layer_cache, rngs):
+                return block(x, positions, mask, deterministic=deterministic, cache=layer_cache,
+                             write_index=write_index, rngs=rngs)
 
-        if cfg.remat:
-            run_block = nnx.remat(run_block)
+            return maybe_remat(apply, cfg.remat_policy, scanned=scanned)(block, x, mask, layer_cache, rngs)
 
+        def layer_mask(layer):
+            return masks[cfg.attention_config(layer).window]
+
+        new_scanned = ()
+        if cfg.scan_layers:
+            x, new_scanned = self._run_scanned(x, cache, rngs, deterministic, run_block, layer_mask)
+            blocks = list(self.remainder_layers)
+            first = cfg.num_layers - len(blocks)
+        else:
+            blocks, first = list(self.layers), 0
         new_layers = []
-        for i, block in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layers[i]
-            x, new_layer_cache = run_block(block, x, masks[cfg.attention_config(i).window], layer_cache, rngs)
+        for k, block in enumerate(blocks):
+            layer_cache = None if cache is None else cache.layers[k]
+            x, new_layer_cache = run_block(block, x, layer_mask(first + k), layer_cache, rngs, False)
             new_layers.append(new_layer_cache)
 
         hidden = self.final_norm(x)
         new_cache = None
         if cache is not None:
             new_cache = DecoderCache(layers=tuple(new_layers), positions=key_positions, valid=key_valid,
-                                     end_index=write_index + length)
+                                     end_index=write_index + length, scanned=new_scanned)
         return hidden, new_cache
+
+    def _run_scanned(self, x, cache, rngs, deterministic, run_block, layer_mask):
+        """Runs `scanned_layers` with `nnx.scan`: x is the carry; per-period caches and dropout keys are scanned.
+
+        Returns (x [batch, length, embed], the period caches: a tuple of `LayerCache`s [periods, ...] or ()).
+        """
+        cfg = self.cfg
+        if self.scanned_layers is None:
+            return x, ()
+        period = cfg.scan_period
+        num_periods, _ = scan_period_split(cfg.num_layers, period)
+        caches = None if cache is None else tuple(cache.scanned)
+        keys = None
+        if rngs is not None and not deterministic and cfg.dropout > 0:
+            keys = jax.random.split(rngs.dropout(), num_periods)
+
+        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def body(blocks, x, layer_caches, key):
+            step_rngs = None if key is None else nnx.Rngs(dropout=key)
+            new = []
+            for j, block in enumerate(blocks):
+                layer_cache = None if layer_caches is None else layer_caches[j]
+                x, new_cache = run_block(block, x, layer_mask(j), layer_cache, step_rngs, True)
+                new.append(new_cache)
+            return x, (None if layer_caches is None else tuple(new))
+
+        x, new_caches = body(self.scanned_layers, x, caches, keys)
+        return x, (() if new_caches is None else new_caches)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spectron_jax.models.scanning import K_PROJ, OUT_PROJ, Q_PROJ, V_PROJ, checkpoint_name
 from spectron_jax.models.sharding import logical_param
 
 # Added to the logits of padded keys. Finite, so a row whose keys are all padding gives a uniform
@@ -162,7 +163,7 @@ class RelativePositionSelfAttention(nnx.Module):
         query = jnp.einsum("btd,dnh->btnh", x, self._cast(self.query_kernel)) + self._cast(self.query_bias)
         key = jnp.einsum("btd,dnh->btnh", x, self._cast(self.key_kernel)) + self._cast(self.key_bias)
         value = jnp.einsum("btd,dnh->btnh", x, self._cast(self.value_kernel)) + self._cast(self.value_bias)
-        return query, key, value
+        return checkpoint_name(query, Q_PROJ), checkpoint_name(key, K_PROJ), checkpoint_name(value, V_PROJ)
 
     def relative_logits(self, query: jax.Array, key: jax.Array, key_mask: jax.Array) -> jax.Array:
         """Masked, scaled relative-position logits (Transformer-XL or relative_key).
@@ -219,4 +220,4 @@ class RelativePositionSelfAttention(nnx.Module):
         probabilities = self.attention_dropout(probabilities, deterministic=deterministic)
         context = jnp.einsum("bnts,bsnh->btnh", probabilities.astype(self.dtype), value)
         output = jnp.einsum("btnh,nhd->btd", context, self._cast(self.output_kernel))
-        return output + self._cast(self.output_bias)
+        return checkpoint_name(output + self._cast(self.output_bias), OUT_PROJ)

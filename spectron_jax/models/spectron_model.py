@@ -105,13 +105,17 @@ class SpectronModel:
         return nnx.merge(self.graphdef, params, self._fresh_rng_state(rng), state)
 
     def _fresh_rng_state(self, rng: Optional[jax.Array]) -> nnx.State:
-        """New random-stream variables: stream i gets key fold_in(rng, i) and count 0."""
+        """New random-stream variables: stream i gets key fold_in(rng, i) and count 0.
+
+        A stream of a scanned stack holds one key per layer ([layers]): split from fold_in(rng, i).
+        """
         rng = jax.random.key(0) if rng is None else rng
         leaves, treedef = jax.tree.flatten(self._abstract[2])
         fresh = []
         for i, leaf in enumerate(leaves):
             if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-                fresh.append(jax.random.fold_in(rng, i))
+                key = jax.random.fold_in(rng, i)
+                fresh.append(jax.random.split(key, leaf.shape) if leaf.shape else key)
             else:
                 fresh.append(jnp.zeros(leaf.shape, leaf.dtype))
         return jax.tree.unflatten(treedef, fresh)
@@ -201,7 +205,7 @@ class SpectronModel:
         """An empty KV cache for `batch` rows of `max_len` slots (see `cache_len`)."""
         cfg = self.config.decoder
         return init_cache(batch, max_len, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                          head_dim=cfg.head_dim, dtype=cfg.dtype)
+                          head_dim=cfg.head_dim, dtype=cfg.dtype, scan_period=cfg.scan_period)
 
     def encode_prompt(self, params: nnx.State, prompt_frames: jax.Array, prompt_mask: jax.Array,
                       state: Optional[nnx.State] = None) -> tuple[jax.Array, jax.Array]:
