@@ -123,6 +123,10 @@ class SplitTaggedTFExampleSource(seqio.TFExampleDataSource):
         tag = tf.constant(split, tf.string)
         return dataset.map(lambda ex: {**ex, "split": tag}, num_parallel_calls=tf.data.AUTOTUNE)
 
+    def parse_serialized(self, serialized: tf.Tensor, split: str) -> dict:
+        """One serialized record (tf.string []) as `get_dataset` yields it: parsed and split-tagged."""
+        return {**self.parse_fn(serialized), "split": tf.constant(split, tf.string)}
+
 
 def load_vocabulary(vocab_path: str) -> seqio.SentencePieceVocabulary:
     """Loads a SentencePiece model and checks the ids the batches rely on.
