@@ -177,3 +177,22 @@ def test_pipeline_restores_late_in_an_epoch_exactly_after_a_bounded_read(corpus,
     spanned = (length - state["position"]) + resumed.state()["position"]
     assert state["position"] > 36
     assert resumed.read_counts["records_read"] - spanned <= 6 + 24
+
+
+def test_a_user_task_gets_seqio_output_feature_validation(corpus):
+    """A Task registered by hand runs through seqio's own output-feature checks, as with get_dataset."""
+    import seqio
+
+    base = seqio.get_mixture_or_task(TASK)
+    features = dict(base.output_features, prompt=seqio.ContinuousFeature(dtype=tf.float32, rank=3))
+    seqio.TaskRegistry.remove("user_task")
+    seqio.TaskRegistry.add("user_task", source=base.source, preprocessors=base.preprocessors,
+                           output_features=features)
+    with pytest.raises(ValueError, match="incorrect rank for feature 'prompt'"):
+        next(pipeline.make_pipeline("user_task", "train", batch_size=2, seed=0, **SHAPES))
+    seqio.TaskRegistry.remove("user_task")
+    text = seqio.TextLineDataSource({"train": str(corpus / "train.tfrecord-00000-of-00004")})
+    seqio.TaskRegistry.add("user_task", source=text, preprocessors=[], output_features=base.output_features)
+    with pytest.raises(ValueError, match="reads uncompressed TFRecord shards"):
+        pipeline.make_pipeline("user_task", "train", batch_size=2, seed=0, **SHAPES)
+    seqio.TaskRegistry.remove("user_task")
