@@ -188,6 +188,9 @@ class SpectronInput:
         records = tf.data.Dataset.from_generator(
             generate, args=(epoch, start),
             output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)))
+        # the generator reads a window in one go: reading the next while this one is consumed keeps
+        # training from waiting at every window boundary (memory: up to two windows of records)
+        records = records.prefetch(self.shuffle_buffer_size)
         parse = self._parse
         records = records.map(lambda data, i: {**parse(data), _EPOCH: epoch, _POSITION: i})
         examples = self.task.preprocess_precache(records)
@@ -339,8 +342,9 @@ def make_pipeline(
       repeat: loop over epochs forever; False stops after one epoch.
       prompt_len, text_len, cont_len, reduction_factor, with_segments: the batch shapes
         (`SpectronFeatureConverter`); cont_len must be a multiple of reduction_factor.
-      shuffle_buffer_size: records in a shuffle window (default: the Task's, 1000). Memory is about
-        this many serialized utterances; a restore reads at most this many records.
+      shuffle_buffer_size: records in a shuffle window (default: the Task's, 1000). Memory is up to
+        twice this many serialized utterances (one window read ahead); a restore reads at most one
+        window of records.
       cycle_length: files read at once, round-robin (DEFAULT 16, seqio's interleave default).
       drop_remainder: drop a short final batch (repeat=False only); False pads it with empty rows.
       prefetch_batches: batches tf.data prepares ahead.
