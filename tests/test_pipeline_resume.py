@@ -196,3 +196,15 @@ def test_a_user_task_gets_seqio_output_feature_validation(corpus):
     with pytest.raises(ValueError, match="reads uncompressed TFRecord shards"):
         pipeline.make_pipeline("user_task", "train", batch_size=2, seed=0, **SHAPES)
     seqio.TaskRegistry.remove("user_task")
+
+
+def test_a_checkpoint_of_another_record_order_is_a_data_change():
+    import types
+
+    from spectron_jax import train
+
+    shard = types.SimpleNamespace(index=0, count=1)
+    now = pipeline.ORDER_VERSION
+    assert train._data_change({"seed": 0, "input_order": now}, 0, shard, 0, now) == ""
+    assert train._data_change({"seed": 0}, 0, shard, 0, now) == f"input record order version 1 -> {now}"
+    assert train._data_change({"seed": 0}, 0, shard, 0, None) == ""  # another process count restarts anyway

@@ -63,6 +63,9 @@ _log = logging.getLogger(__name__)
 _EPOCH = preprocessors.EPOCH_FEATURE  # SpecAugment seeds from it
 _POSITION = "_input_position"
 _EMPTY_EPOCH = "spectron-input: an epoch kept no example"  # the marker row's assertion message
+# The version of the record order a position refers to (saved with checkpoints): 1 was tf.data's
+# interleave + shuffle buffer, 2 the computed order of `epoch_order`.
+ORDER_VERSION = 2
 
 
 class SpectronInput:
@@ -178,6 +181,7 @@ class SpectronInput:
     # The tf.data graph
     # ------------------------------------------------------------------------------------------------
 
+    @tf.autograph.experimental.do_not_convert
     def _epoch_rows(self, epoch: tf.Tensor, start: tf.Tensor) -> tf.data.Dataset:
         """(row, stats, tags) of `epoch` from position `start` on; with repeat, checked non-empty."""
         order = self.order
