@@ -71,7 +71,8 @@ class TaskConfig:
     augment_splits: tuple[str, ...] = ("train",)
     # The features the shards hold (80 frames per second, 128 mel bins).
     feature_spec: features_lib.FeatureSpec = features_lib.SPECTRON_FEATURES
-    # Shuffle buffer of `Task.get_dataset` (the training input pipeline uses its own buffer).
+    # Shuffle buffer of `Task.get_dataset`; the training input's default shuffle window (records).
+    # DEFAULT, not in the paper.
     shuffle_buffer_size: int = 1000
 
     def __post_init__(self):
