@@ -109,8 +109,8 @@ class TrainConfig:
       sharding_tolerance: on a mesh of more than one device, the largest fraction of the parameters
         and optimizer state that may sit in fully replicated large arrays (> 2^20 elements); more is a
         one-line error at start (MaxText's idea and default, 0.02).
-      accept_data_change: resume even though the checkpoint's data seed, shard index or shard count
-        differ from this run's (the data then restarts at position 0 of the saved epoch). Without it
+      accept_data_change: resume even though the checkpoint's data seed, shard index, shard count or
+        input record order version (`pipeline.ORDER_VERSION`) differ from this run's (the data then restarts at position 0 of the saved epoch). Without it
         such a resume is a one-line error.
       profile_steps: (start, stop): a `jax.profiler` trace of steps start..stop (1-based, inclusive)
         written by process 0 to MODEL_DIR/plugins/profile/<run>/ (TensorBoard's profile plugin); None:
@@ -263,11 +263,16 @@ class _JsonlLog:
         self.flush()
 
 
-def _data_change(meta: dict, seed: int, shard, process_index: int) -> str:
-    """What differs between a checkpoint's data stream (its `meta`) and this run's ('' when nothing)."""
+def _data_change(meta: dict, seed: int, shard, process_index: int, order_version: int | None = None) -> str:
+    """What differs between a checkpoint's data stream (its `meta`) and this run's ('' when nothing).
+
+    A checkpoint without `input_order` counted its position in the first record order (version 1).
+    """
     changes = []
     if "seed" in meta and int(meta["seed"]) != seed:
         changes.append(f"data_seed {meta['seed']} -> {seed}")
+    if order_version is not None and "seed" in meta and int(meta.get("input_order", 1)) != order_version:
+        changes.append(f"input record order version {meta.get('input_order', 1)} -> {order_version}")
     if "num_shards" in meta and int(meta["num_shards"]) != shard.count:
         changes.append(f"data shard count {meta['num_shards']} -> {shard.count}")
     saved_index = meta.get("shard_index")
@@ -431,7 +436,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
         count = int(meta.get("process_count", jax.process_count()))
         # A new process count is an expected change (handled below); a new seed or sharding is not.
         data_changed = _data_change(meta if count == jax.process_count() else {"seed": meta.get("seed", config.data_seed)},
-                                    config.data_seed, shard, jax.process_index())
+                                    config.data_seed, shard, jax.process_index(),
+                                    pipeline_lib.ORDER_VERSION if count == jax.process_count() else None)
         if data_changed and not config.accept_data_change:
             raise cli.InputError(f"{ckpt.directory}/{latest}: the checkpoint's data stream differs from this run's "
                                  f"({data_changed}); set --gin.TrainConfig.accept_data_change=True to resume anyway "
@@ -517,7 +523,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     def save(step: int) -> None:
         host_states = checkpoints.gather_input_states(train_input.state())
         full = dict(state, input=checkpoints.input_state_arrays(host_states))
-        ckpt.save(step, full, {"seed": config.data_seed, "num_shards": shard.count, "shard_index": shard_indices})
+        ckpt.save(step, full, {"seed": config.data_seed, "num_shards": shard.count, "shard_index": shard_indices,
+                               "input_order": pipeline_lib.ORDER_VERSION})
 
     step = int(jax.device_get(state["step"]))
     last: dict = {}

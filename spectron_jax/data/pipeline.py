@@ -3,20 +3,27 @@
 `make_pipeline` returns a `SpectronInput`, an iterator of NumPy batch dicts in the model's batch
 contract (`spectron_jax.data.converter`), holding this host's rows: global_batch / num_shards of them.
 
-Order. Epoch e of host h is a fixed stream: the host's files (seqio.ShardInfo(h, num_shards)) in an
-order shuffled with a seed derived from (seed, e), their records interleaved deterministically, and the
-records shuffled with a fixed buffer under the same seed. The stream is tagged with each record's
-position in it *before* any preprocessing, then preprocessed (length filter, split, tokenisation,
-SpecAugment seeded by (SpecAugmentConfig.seed, epoch, example id)), converted and batched. Epochs follow each other without a
-gap: a batch may hold the last examples of epoch e and the first of e + 1.
+Order. Epoch e of host h is a fixed stream of records computed from the shards' record counts
+(`spectron_jax.data.epoch_order`): the host's files in an order drawn from (seed, e), read
+`cycle_length` at a time round-robin, cut into windows of `shuffle_buffer_size` records, each window
+permuted with a generator seeded by (seed, e, window). The stream is tagged with each record's position
+in it *before* any preprocessing, then run through the Task's preprocessors and seqio's output-feature
+validation (as `seqio.Task.get_dataset` does: a Task a user registers behaves the same), converted and
+batched; SpecAugment is seeded by (SpecAugmentConfig.seed, epoch, example id). Epochs follow each other
+without a gap: a batch may hold the last examples of epoch e and the first of e + 1.
 
 Resume. `state()` is {epoch, position, ...} of plain ints: position = records of the current epoch's
-stream consumed by the batches returned so far. `restore(state)` rebuilds the stream of that epoch and
-skips `position` records, before preprocessing, so what comes next is exactly what an uninterrupted
-iterator would have returned (SpecAugment included: its masks depend on the example's id and epoch, not on
-its place in the stream). The cost of a restore is reading and parsing at most one epoch's worth of this
-host's records (no preprocessing); tf.data's own iterator checkpoints were not used because they
-serialise the shuffle buffer (hundreds of MB of spectrograms) instead of two integers.
+stream consumed by the batches returned so far. `restore(state)` starts the stream of that epoch at
+`position`, so what comes next is exactly what an uninterrupted iterator would have returned. The cost
+does not grow with the position: the reader opens the files of the current interleave group at offsets
+given by arithmetic on the record counts (passing earlier records by their length headers only) and
+reads at most one window of record payloads before the first record it returns. tf.data's own iterator
+checkpoints were not used: they serialise the shuffle buffer (hundreds of MB of spectrograms) instead
+of two integers, and `gs://` shards are read by Python, which tf.data cannot checkpoint.
+
+Why not an index-based random-access source (ArrayRecord + Grain): it needs a second shard format and
+a dependency, and a window shuffle over a few files gives batches drawn across files as the tf.data
+shuffle buffer did; the position arithmetic gives the same O(1) resume over the existing TFRecords.
 
 Multi-host contract. Every process calls
     make_pipeline(..., batch_size=GLOBAL_BATCH, shard_index=jax.process_index(),
@@ -32,8 +39,10 @@ should use repeat=False with drop_remainder=False and pad with empty batches on 
 end early. A change of process count cannot resume exactly (each process's stream changes); start
 the new processes at position 0 of the saved epoch instead.
 
-With repeat=True, a split whose every record fails the length filter is an error at the first batch
-(rather than an iterator that waits forever); `prepare`'s report gives the utterances per split.
+With repeat=True, an epoch read from its start that keeps no example after the length filter is an
+error (rather than an iterator that waits forever). The check costs nothing extra: every epoch ends in
+a marker row that carries it, and no dataset is read twice; `prepare`'s report gives the utterances per
+split.
 """
 
 from __future__ import annotations
@@ -46,13 +55,17 @@ import seqio
 import tensorflow as tf
 
 from spectron_jax.data import converter as converter_lib
+from spectron_jax.data import epoch_order
 from spectron_jax.data import preprocessors
 
 _log = logging.getLogger(__name__)
 
 _EPOCH = preprocessors.EPOCH_FEATURE  # SpecAugment seeds from it
 _POSITION = "_input_position"
-_EPOCH_SEED_STRIDE = 1_000_003  # epoch seed = seed * stride + epoch
+_EMPTY_EPOCH = "spectron-input: an epoch kept no example"  # the marker row's assertion message
+# The version of the record order a position refers to (saved with checkpoints): 1 was tf.data's
+# interleave + shuffle buffer, 2 the computed order of `epoch_order`.
+ORDER_VERSION = 2
 
 
 class SpectronInput:
@@ -61,7 +74,7 @@ class SpectronInput:
     Each batch is {key: np.ndarray} with the shapes of `batch_spec`; padded final rows (only with
     repeat=False, drop_remainder=False) have every mask and weight 0. Frames and tokens the converter
     cuts are summed in `truncation_counts` and logged (when a kind of cut first happens, then every
-    `log_every_batches` batches).
+    `log_every_batches` batches). `read_counts` sums what the record readers did.
     """
 
     def __init__(
@@ -79,6 +92,7 @@ class SpectronInput:
         drop_remainder: bool = True,
         prefetch_batches: int = 2,
         log_every_batches: int = 1000,
+        cycle_length: int = 16,
     ):
         self.task = task
         self.split = split
@@ -93,16 +107,27 @@ class SpectronInput:
         self.drop_remainder = drop_remainder
         self.prefetch_batches = prefetch_batches
         self.log_every_batches = log_every_batches
+        self.cycle_length = cycle_length
+        self._parse = _record_parser(task, split)
         self._files = list(task.source.list_shards(split))
         if not self._files:
             pattern = getattr(task.source, "_split_to_filepattern", {}).get(split, "its file pattern")
             raise FileNotFoundError(f"task {task.name!r}, split {split!r}: no shard files match {pattern}")
-        self._shard_files = len(self._files) >= num_shards
+        self._order: epoch_order.EpochOrder | None = None
         self._epoch = 0
         self._position = 0
         self._batches = 0
         self._truncated = {key: 0 for key in converter_lib.STATS_KEYS}
         self._iterator: Iterator | None = None
+
+    @property
+    def order(self) -> epoch_order.EpochOrder:
+        """This host's record order (record counts are read on first use)."""
+        if self._order is None:
+            self._order = epoch_order.EpochOrder(
+                self._files, epoch_order.record_counts(self._files), self.shard_index, self.num_shards,
+                self.seed, self.shuffle, self.shuffle_buffer_size, self.cycle_length)
+        return self._order
 
     # ------------------------------------------------------------------------------------------------
     # Position
@@ -130,6 +155,8 @@ class SpectronInput:
         missing = [key for key in ("epoch", "position") if key not in state]
         if missing:
             raise ValueError(f"input state lacks {', '.join(missing)}")
+        if int(state["epoch"]) < 0 or int(state["position"]) < 0:
+            raise ValueError(f"input state has a negative epoch or position: {dict(state)}")
         self._epoch = int(state["epoch"])
         self._position = int(state["position"])
         self._batches = int(state.get("batches", 0))
@@ -141,6 +168,11 @@ class SpectronInput:
         return dict(self._truncated)
 
     @property
+    def read_counts(self) -> dict[str, int]:
+        """{records_read, records_skipped (passed by header), files_opened} since construction."""
+        return self.order.read_counts.as_dict()
+
+    @property
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """{key: (per-host shape, dtype)} of every batch."""
         return self.converter.batch_spec(self.per_host_batch_size)
@@ -149,22 +181,48 @@ class SpectronInput:
     # The tf.data graph
     # ------------------------------------------------------------------------------------------------
 
-    def _epoch_records(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
-        """This host's parsed records of `epoch` in their fixed order, tagged, the first `skip` dropped."""
-        epoch_seed = tf.constant(self.seed, tf.int64) * _EPOCH_SEED_STRIDE + epoch
-        shard_info = seqio.ShardInfo(self.shard_index, self.num_shards)
-        records = self.task.source.get_dataset(
-            split=self.split,
-            shuffle=self.shuffle,
-            seed=epoch_seed,
-            shard_info=shard_info if self._shard_files else None,
-        )
-        if not self._shard_files:
-            records = records.shard(self.num_shards, self.shard_index)
-        if self.shuffle:
-            records = records.shuffle(self.shuffle_buffer_size, seed=epoch_seed)
-        records = records.enumerate().map(lambda i, ex: {**ex, _EPOCH: epoch, _POSITION: i})
-        return records.skip(skip)
+    @tf.autograph.experimental.do_not_convert
+    def _epoch_rows(self, epoch: tf.Tensor, start: tf.Tensor) -> tf.data.Dataset:
+        """(row, stats, tags) of `epoch` from position `start` on; with repeat, checked non-empty."""
+        order = self.order
+
+        def generate(e, p):
+            yield from order.records(int(e), int(p))
+
+        records = tf.data.Dataset.from_generator(
+            generate, args=(epoch, start),
+            output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)))
+        # the generator reads a window in one go: reading the next while this one is consumed keeps
+        # training from waiting at every window boundary (memory: up to two windows of records)
+        records = records.prefetch(self.shuffle_buffer_size)
+        parse = self._parse
+        records = records.map(lambda data, i: {**parse(data), _EPOCH: epoch, _POSITION: i})
+        examples = self.task.preprocess_precache(records)
+        examples = self.task.preprocess_postcache(examples, sequence_length=None)
+        examples = self.task._validate_preprocessing(examples)  # seqio's output-feature checks
+
+        def convert(example):
+            row, stats = self.converter.convert_example(example)
+            return row, stats, {_EPOCH: example[_EPOCH], _POSITION: example[_POSITION]}
+
+        rows = examples.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+        if not self.repeat:
+            return rows
+        # A marker row (position -1) ends the epoch; reaching it with nothing kept from position 0 on
+        # fails the iterator (else repeat=True would wait forever on a split the filter empties).
+        marker = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), rows.element_spec)
+        marker[2][_EPOCH] = tf.cast(epoch, marker[2][_EPOCH].dtype)
+        marker[2][_POSITION] = tf.constant(-1, marker[2][_POSITION].dtype)
+        rows = rows.concatenate(tf.data.Dataset.from_tensors(tuple(marker)))
+
+        def check(kept, row):
+            is_marker = row[2][_POSITION] < 0
+            ok = tf.logical_or(tf.logical_not(is_marker), tf.logical_or(kept > 0, start > 0))
+            with tf.control_dependencies([tf.debugging.Assert(ok, [_EMPTY_EPOCH])]):
+                return kept + 1, row
+
+        rows = rows.scan(tf.constant(0, tf.int64), check)
+        return rows.filter(lambda row, stats, tags: tags[_POSITION] >= 0)
 
     def _dataset(self) -> tf.data.Dataset:
         """Batches (row, stats, tags) from the current position on."""
@@ -174,17 +232,9 @@ class SpectronInput:
             epochs = tf.data.Dataset.counter(self._epoch, dtype=tf.int64)
         else:
             epochs = tf.data.Dataset.range(self._epoch, 1, dtype=tf.int64)
-        records = epochs.flat_map(
-            lambda e: self._epoch_records(e, tf.where(tf.equal(e, start_epoch), start_position, 0))
+        batches = epochs.flat_map(
+            lambda e: self._epoch_rows(e, tf.where(tf.equal(e, start_epoch), start_position, 0))
         )
-        examples = self.task.preprocess_precache(records)
-        examples = self.task.preprocess_postcache(examples, sequence_length=None)
-
-        def convert(example):
-            row, stats = self.converter.convert_example(example)
-            return row, stats, {_EPOCH: example[_EPOCH], _POSITION: example[_POSITION]}
-
-        batches = examples.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
         batches = batches.batch(self.per_host_batch_size, drop_remainder=self.drop_remainder)
         if not self.drop_remainder:
             batches = batches.map(self._pad_batch)
@@ -210,25 +260,21 @@ class SpectronInput:
     # Iteration
     # ------------------------------------------------------------------------------------------------
 
-    def _check_split_has_examples(self) -> None:
-        """Raises if one pass over this host's records keeps no example (repeat=True would wait forever)."""
-        records = self._epoch_records(tf.constant(0, tf.int64), tf.constant(0, tf.int64))
-        examples = self.task.preprocess_postcache(self.task.preprocess_precache(records), sequence_length=None)
-        if not any(True for _ in examples.take(1)):
-            raise ValueError(
-                f"{self.task.name}/{self.split} (shard {self.shard_index} of {self.num_shards}) has no "
-                "utterance left after the length filter: check prepare's report.json against TaskConfig"
-            )
-
     def __iter__(self) -> "SpectronInput":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
-            if self.repeat:
-                self._check_split_has_examples()
             self._iterator = self._dataset().as_numpy_iterator()
-        row, stats, tags = next(self._iterator)
+        try:
+            row, stats, tags = next(self._iterator)
+        except tf.errors.InvalidArgumentError as e:
+            if _EMPTY_EPOCH not in str(e):
+                raise
+            raise ValueError(
+                f"{self.task.name}/{self.split} (shard {self.shard_index} of {self.num_shards}) has no "
+                "utterance left after the length filter: check prepare's report.json against TaskConfig"
+            ) from None
         valid = np.flatnonzero(tags[_POSITION] >= 0)
         last = valid[-1]
         self._epoch = int(tags[_EPOCH][last])
@@ -247,6 +293,24 @@ class SpectronInput:
                 self._truncated,
             )
         return row
+
+
+def _record_parser(task: seqio.Task, split: str):
+    """serialized record (tf.string []) -> the dict the Task's source would yield for it.
+
+    The training input reads the files itself (to start anywhere), so it needs a source of
+    uncompressed TFRecord files of tf.train.Examples: a `tasks.SplitTaggedTFExampleSource` or a
+    `seqio.TFExampleDataSource` with the default reader.
+    """
+    source = task.source
+    if hasattr(source, "parse_serialized"):
+        return lambda serialized: source.parse_serialized(serialized, split)
+    if isinstance(source, seqio.TFExampleDataSource) and source.reader_cls is tf.data.TFRecordDataset:
+        return source.parse_fn
+    raise ValueError(
+        f"task {task.name!r}: the training input reads uncompressed TFRecord shards of tf.train.Example "
+        f"(a seqio.TFExampleDataSource with reader_cls=tf.data.TFRecordDataset); its source is {source!r}"
+    )
 
 
 def make_pipeline(
@@ -268,6 +332,7 @@ def make_pipeline(
     shuffle_buffer_size: int | None = None,
     drop_remainder: bool = True,
     prefetch_batches: int = 2,
+    cycle_length: int = 16,
 ) -> SpectronInput:
     """The input iterator of one host for a registered Spectron Task (see the module docstring).
 
@@ -282,8 +347,10 @@ def make_pipeline(
       repeat: loop over epochs forever; False stops after one epoch.
       prompt_len, text_len, cont_len, reduction_factor, with_segments, prompt_dim: the batch shapes
         (`SpectronFeatureConverter`); cont_len must be a multiple of reduction_factor.
-      shuffle_buffer_size: records in the shuffle buffer (default: the Task's, 1000). Memory is about
-        this many utterances' spectrograms.
+      shuffle_buffer_size: records in a shuffle window (default: the Task's, 1000). Memory is up to
+        twice this many serialized utterances (one window read ahead); a restore reads at most one
+        window of records.
+      cycle_length: files read at once, round-robin (DEFAULT 16, seqio's interleave default).
       drop_remainder: drop a short final batch (repeat=False only); False pads it with empty rows.
       prefetch_batches: batches tf.data prepares ahead.
     """
@@ -324,4 +391,5 @@ def make_pipeline(
         converter=converter,
         drop_remainder=drop_remainder,
         prefetch_batches=prefetch_batches,
+        cycle_length=cycle_length,
     )

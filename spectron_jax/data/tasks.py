@@ -74,7 +74,8 @@ class TaskConfig:
     augment_splits: tuple[str, ...] = ("train",)
     # The features the shards hold (80 frames per second, 128 mel bins).
     feature_spec: features_lib.FeatureSpec = features_lib.SPECTRON_FEATURES
-    # Shuffle buffer of `Task.get_dataset` (the training input pipeline uses its own buffer).
+    # Shuffle buffer of `Task.get_dataset`; the training input's default shuffle window (records).
+    # DEFAULT, not in the paper.
     shuffle_buffer_size: int = 1000
     # The encoder's input (`prompt_features.KINDS`): 'log_mel' (the prompt's own frames) or
     # 'w2v_bert_fbank' (stacked fbank from shards prepared with --prompt_features=w2v_bert_fbank).
@@ -131,6 +132,10 @@ class SplitTaggedTFExampleSource(seqio.TFExampleDataSource):
         dataset = super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
         tag = tf.constant(split, tf.string)
         return dataset.map(lambda ex: {**ex, "split": tag}, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def parse_serialized(self, serialized: tf.Tensor, split: str) -> dict:
+        """One serialized record (tf.string []) as `get_dataset` yields it: parsed and split-tagged."""
+        return {**self.parse_fn(serialized), "split": tf.constant(split, tf.string)}
 
 
 def load_vocabulary(vocab_path: str) -> seqio.SentencePieceVocabulary:
