@@ -215,7 +215,7 @@ def build_train_program(model_config: Any, train_config: Any, batch_spec: dict, 
     optimizer = train_config.optimizer
     frozen = trainer.frozen_mask(abstract["params"], optimizer.freeze) if optimizer.freeze else None
     step_fn = trainer.make_train_step(model.loss_fn, layout.tx, layout.schedule, train_config.step, compute_dtype,
-                                      frozen)
+                                      frozen, normalizers_fn=model.loss_normalizers)
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                      donate_argnums=(0,))
     num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))

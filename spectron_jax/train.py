@@ -373,7 +373,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
 
     # -- the compiled step
     frozen = trainer.frozen_mask(abstract["params"], config.optimizer.freeze) if config.optimizer.freeze else None
-    step_fn = trainer.make_train_step(model.loss_fn, tx, schedule, config.step, compute_dtype, frozen)
+    step_fn = trainer.make_train_step(model.loss_fn, tx, schedule, config.step, compute_dtype, frozen,
+                                      normalizers_fn=model.loss_normalizers)
     batch_spec = train_input.batch_spec
     batch_axes = partitioning.batch_mesh_axes(mesh, rules)
 
