@@ -24,7 +24,8 @@ is missing (`pip install -e ".[tpu]"`) or the compile failed for another reason;
 
 `--table`: every `--gin_file` is one row (join files with '+' to compose a row), `--topology` takes a
 comma-separated list; the output is a markdown table (the README's "Scaling out" section).
-`--serialize=PATH` writes the compiled executable (`jax.experimental.serialize_executable`) for reuse
+`--serialize=PATH` writes the compiled executable (`jax.experimental.serialize_executable`; PATH may be
+a `gs://` URL, written through `spectron_jax.filesystem`) for reuse
 on the real topology with the same jax / libtpu versions.
 """
 
@@ -40,7 +41,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from spectron_jax import cli
+from spectron_jax import cli, filesystem
 
 # libtpu looks for a real TPU host unless told where it is; these keep it quiet (AOT needs none). It also
 # holds a machine-wide lock file unless several processes are allowed: AOT compiles never touch a chip.
@@ -299,13 +300,27 @@ def aot_report(program: TrainProgram, spec: TopologySpec, num_slices: int, gin_f
     report["flops_per_device"] = flops
     report["flops_total"] = None if flops is None else flops * num_devices
     if serialize_path:
-        from jax.experimental import serialize_executable
-
-        payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-        with open(serialize_path, "wb") as f:
-            pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
+        write_executable(compiled, serialize_path)
         report["serialized"] = serialize_path
     return report
+
+
+def write_executable(compiled, path: str) -> None:
+    """Writes a compiled executable (`jax.experimental.serialize_executable`: payload and the in / out
+    trees, pickled) to `path`, a local path or an object-store URL (`gs://...`), through the file-system
+    layer. `read_executable` loads it back."""
+    from jax.experimental import serialize_executable
+
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    filesystem.write_bytes(path, pickle.dumps({"executable": payload, "in_tree": in_tree, "out_tree": out_tree}))
+
+
+def read_executable(path: str):
+    """The executable `write_executable` wrote, loaded onto this process's devices (same topology)."""
+    from jax.experimental import serialize_executable
+
+    saved = pickle.loads(filesystem.read_bytes(path))
+    return serialize_executable.deserialize_and_load(saved["executable"], saved["in_tree"], saved["out_tree"])
 
 
 def _gib(n: Optional[float]) -> str:
@@ -517,7 +532,7 @@ def _validate(args) -> list[TopologySpec]:
             specs.append(topology_spec(name))
         except ValueError as e:
             raise cli.UsageError(f"--topology: {e}") from None
-    if args.serialize:
+    if args.serialize and not filesystem.is_remote(args.serialize):  # an object store has no folders to check
         folder = os.path.dirname(os.path.abspath(args.serialize))
         if not os.path.isdir(folder):
             raise cli.UsageError(f"--serialize={args.serialize}: folder {folder} does not exist")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -156,3 +157,22 @@ def test_oversized_model_is_reported_as_not_fitting_with_exit_0(repo_root):
     assert report["total_bytes"] > report["hbm_bytes"] >= report["oom_available_bytes"] > 0
     assert "RESOURCE_EXHAUSTED" in report["error"]
     assert "does not fit" in aot.format_report(report)
+
+
+def test_serialized_executable_round_trips_through_gcs(gcs_emulator, monkeypatch):
+    """`--serialize=gs://...` goes through the file-system layer: written to a GCS server, loaded back, run."""
+    for key, value in gcs_emulator.items():
+        if key != "bucket":
+            monkeypatch.setenv(key, value)
+    x = np.arange(16, dtype=np.float32).reshape(8, 2)
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+                                          jax.sharding.PartitionSpec("data"))
+    x = jax.device_put(x, sharding)
+    compiled = jax.jit(lambda a: jnp.tanh(a) @ a.T).lower(x).compile()
+    url = f"gs://{gcs_emulator['bucket']}/aot/step.pkl"
+    aot.write_executable(compiled, url)
+    from spectron_jax import filesystem
+    assert filesystem.size(url) > 0 and not os.path.exists(url)
+    loaded = aot.read_executable(url)
+    host = np.asarray(x)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.tanh(host) @ host.T, rtol=1e-6)

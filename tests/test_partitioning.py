@@ -388,10 +388,10 @@ def pod_step_values(mesh):
         for i in (1, 2):
             state, metrics = compiled(state, batch)
             values.update({f"train{i}/{k}": float(metrics[k]) for k in ("loss", "stop", "spec_time_delta_1", "grad_norm")})
-        evaluate = jax.jit(trainer.make_eval_step(model.eval_fn, jnp.float32))
-        values["eval/loss"] = float(evaluate(state["params"], batch)["loss"])
-        media = jax.jit(lambda p, b: jnp.sum(jnp.abs(model.predict_frames(p, b))))
-        values["media/abs_sum"] = float(media(state["params"], batch))
+        eval_step = trainer.make_eval_step(model.eval_fn, jnp.float32)
+        evaluate = jax.jit(lambda p, b: (eval_step(p, b)["loss"], jnp.sum(jnp.abs(model.predict_frames(p, b)))))
+        eval_loss, media = evaluate(state["params"], batch)
+        values.update({"eval/loss": float(eval_loss), "media/abs_sum": float(media)})
     return values
 """
 
