@@ -152,7 +152,8 @@ def test_oversized_model_is_reported_as_not_fitting_with_exit_0(repo_root):
                            "--topology=v5e-4", "--batch_size=8", "--json", *bindings],
                           cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(next(line for line in reversed(proc.stdout.splitlines())
+                              if line.startswith("{")))  # the JSON line, wherever it is
     assert report["fits"] is False
     assert report["total_bytes"] > report["hbm_bytes"] >= report["oom_available_bytes"] > 0
     assert "RESOURCE_EXHAUSTED" in report["error"]

@@ -375,8 +375,8 @@ def pod_step_values(mesh):
     config = train.TrainConfig(step=trainer.StepConfig(compute_dtype="float32", microbatches=2),
                                optimizer=trainer.OptimizerConfig(warmup_steps=0, learning_rate=1e-2))
     layout = trainer.train_state_layout(model, config, 10, mesh)
-    full = ts.make_batch(seed=0, prompt_valid=(16, 4, 9, 16, 2, 12, 7, 16) * 2, text_valid=(6, 1, 3, 6, 2, 5, 6, 4) * 2,
-                         cont_valid=(8, 2, 6, 0, 8, 1, 4, 8) * 2)
+    full = ts.make_batch(seed=0, prompt_valid=(16, 4, 9, 16, 2, 12, 7, 16) * 2,
+                         text_valid=(6, 1, 3, 6, 2, 5, 6, 4) * 2, cont_valid=(8, 2, 6, 0, 8, 1, 4, 8) * 2)
     batch = pt.global_batch_from_host({k: v[pt.host_batch_slice(16, mesh)] for k, v in full.items()}, mesh)
     step = trainer.make_train_step(model.loss_fn, layout.tx, layout.schedule, config.step, jnp.float32,
                                    normalizers_fn=model.loss_normalizers)
@@ -387,7 +387,8 @@ def pod_step_values(mesh):
                            ).lower(state, batch).compile(FAST_COMPILE)
         for i in (1, 2):
             state, metrics = compiled(state, batch)
-            values.update({f"train{i}/{k}": float(metrics[k]) for k in ("loss", "stop", "spec_time_delta_1", "grad_norm")})
+            values.update({f"train{i}/{k}": float(metrics[k])
+                           for k in ("loss", "stop", "spec_time_delta_1", "grad_norm")})
         eval_step = trainer.make_eval_step(model.eval_fn, jnp.float32)
         evaluate = jax.jit(lambda p, b: (eval_step(p, b)["loss"], jnp.sum(jnp.abs(model.predict_frames(p, b)))))
         eval_loss, media = evaluate(state["params"], batch)
@@ -405,7 +406,8 @@ def test_global_batch_from_host_and_a_pod_step_on_two_processes(repo_root, tmp_p
     script.write_text(_TWO_PROCESS_SCRIPT)
     (tmp_path / "pod_step.py").write_text(_POD_STEP)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(repo_root), str(repo_root / "tests"), str(tmp_path)]))
+    env.update(JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(repo_root), str(repo_root / "tests"), str(tmp_path)]))
     outputs = [tmp_path / f"result_{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(script), address, str(i), str(outputs[i])], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

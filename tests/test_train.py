@@ -267,7 +267,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(workdir, reference_run):
     model_dir = workdir["root"] / "nan"
     result = _run(workdir, model_dir, "--gin.TrainConfig.nan_at_step=11", "--gin.TrainConfig.eval_every_steps=0")
     assert result.returncode == 1
-    error = result.stderr.strip().splitlines()[-1]
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error:"))  # the tagged line
     assert error.startswith("error: step 11: loss is nan") and "last good checkpoint is step 8" in error
     assert _checkpoint_steps(model_dir) == [8]
     assert max(_train_losses(model_dir)) == 10
