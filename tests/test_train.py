@@ -294,7 +294,7 @@ def _start_two(workdir, model_dir, *bindings, per_process=((), ())):
                    SPECTRON_NUM_PROCESSES=2, SPECTRON_PROCESS_ID=i) for i in range(2)]
 
 
-def _finish(procs, timeout=300) -> list[str]:
+def _finish(procs, timeout=600) -> list[str]:
     outputs = []
     try:
         for proc in procs:
