@@ -411,7 +411,7 @@ def test_global_batch_from_host_and_a_pod_step_on_two_processes(repo_root, tmp_p
     outputs = [tmp_path / f"result_{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(script), address, str(i), str(outputs[i])], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = [p.communicate(timeout=400) for p in procs]
+    results = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
     got = [json.loads(path.read_text()) for path in outputs]
