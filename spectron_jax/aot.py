@@ -29,7 +29,8 @@ than one row each row is compiled by a fresh `python -m spectron_jax.aot` proces
 one row inflates the next. Every report also carries the remat policy, the analytic FLOPs of the step
 (`flops.step_flops`: the useful work, beside XLA's count of what it compiled) and the compile seconds.
 `--json_output=PATH` writes the JSON report(s) to a file.
-`--serialize=PATH` writes the compiled executable (`jax.experimental.serialize_executable`) for reuse
+`--serialize=PATH` writes the compiled executable (`jax.experimental.serialize_executable`; PATH may be
+a `gs://` URL, written through `spectron_jax.filesystem`) for reuse
 on the real topology with the same jax / libtpu versions.
 """
 
@@ -45,7 +46,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from spectron_jax import cli
+from spectron_jax import cli, filesystem
 
 # libtpu looks for a real TPU host unless told where it is; these keep it quiet (AOT needs none). It also
 # holds a machine-wide lock file unless several processes are allowed: AOT compiles never touch a chip.
@@ -220,7 +221,7 @@ def build_train_program(model_config: Any, train_config: Any, batch_spec: dict, 
     optimizer = train_config.optimizer
     frozen = trainer.frozen_mask(abstract["params"], optimizer.freeze) if optimizer.freeze else None
     step_fn = trainer.make_train_step(model.loss_fn, layout.tx, layout.schedule, train_config.step, compute_dtype,
-                                      frozen)
+                                      frozen, normalizers_fn=model.loss_normalizers)
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                      donate_argnums=(0,))
     num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
@@ -304,13 +305,27 @@ def aot_report(program: TrainProgram, spec: TopologySpec, num_slices: int, gin_f
     report["flops_per_device"] = flops
     report["flops_total"] = None if flops is None else flops * num_devices
     if serialize_path:
-        from jax.experimental import serialize_executable
-
-        payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-        with open(serialize_path, "wb") as f:
-            pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
+        write_executable(compiled, serialize_path)
         report["serialized"] = serialize_path
     return report
+
+
+def write_executable(compiled, path: str) -> None:
+    """Writes a compiled executable (`jax.experimental.serialize_executable`: payload and the in / out
+    trees, pickled) to `path`, a local path or an object-store URL (`gs://...`), through the file-system
+    layer. `read_executable` loads it back."""
+    from jax.experimental import serialize_executable
+
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    filesystem.write_bytes(path, pickle.dumps({"executable": payload, "in_tree": in_tree, "out_tree": out_tree}))
+
+
+def read_executable(path: str):
+    """The executable `write_executable` wrote, loaded onto this process's devices (same topology)."""
+    from jax.experimental import serialize_executable
+
+    saved = pickle.loads(filesystem.read_bytes(path))
+    return serialize_executable.deserialize_and_load(saved["executable"], saved["in_tree"], saved["out_tree"])
 
 
 def _gib(n: Optional[float]) -> str:
@@ -545,7 +560,7 @@ def _validate(args) -> list[TopologySpec]:
             raise cli.UsageError(f"--topology: {e}") from None
     for flag in ("serialize", "json_output"):
         path = getattr(args, flag)
-        if path:
+        if path and not filesystem.is_remote(path):  # an object store has no folders to check
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
                 raise cli.UsageError(f"--{flag}={path}: folder {folder} does not exist")
@@ -644,8 +659,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.table:  # progress: each row as soon as it is known
                 print(format_table([report]).splitlines()[-1], file=sys.stderr, flush=True)
     if args.json_output:
-        with open(args.json_output, "w", encoding="utf-8") as f:
-            json.dump(reports if args.table else reports[0], f, sort_keys=True)
+        filesystem.write_text(args.json_output, json.dumps(reports if args.table else reports[0], sort_keys=True))
     if args.json:
         print(json.dumps(reports if args.table else reports[0], sort_keys=True))
     elif args.table:

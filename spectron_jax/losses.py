@@ -13,6 +13,11 @@
 
 The paper gives the form of every term but no weight λ and no reduction (paper.md §4); every weight here
 defaults to 1.0 and each term is a mean over valid elements. Text CE is normalised per valid target token.
+
+Each mean is (sum over valid elements) / (normaliser). `loss_normalizers` gives every term's normaliser
+for a batch; a batch may carry precomputed ones under `NORMALIZERS_KEY` (e.g. those of the whole batch
+when it is one microbatch of an accumulated step), so that microbatch terms add up exactly to the
+whole batch's.
 All arithmetic is float32 whatever the dtype of the logits or predictions. Padded positions are removed
 with `where` before any arithmetic, so garbage there (even NaN) changes neither the loss nor its gradient.
 """
@@ -28,6 +33,9 @@ import jax.numpy as jnp
 from spectron_jax.models import acoustic
 
 Array = jax.Array
+
+# A batch entry {name: float32 []} of normalisers (see `loss_normalizers`) that replace the batch's own.
+NORMALIZERS_KEY = "loss_normalizers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,17 +122,50 @@ def weighted_cross_entropy(logits: Array, targets: Array, weights: Array,
     return sum_loss, sum_z_loss, jnp.sum(weights)
 
 
-def _l12_terms(error: Array, valid: Array) -> tuple[Array, Array]:
-    """(Σ|e| + Σe²) over valid elements and the number of valid elements. `error` and `valid` broadcast."""
-    valid = jnp.broadcast_to(valid, error.shape)
-    error = jnp.where(valid, error, 0.0)
-    total = jnp.sum(jnp.abs(error)) + jnp.sum(jnp.square(error))
-    return total, jnp.sum(valid.astype(jnp.float32))
+def _l12_sum(error: Array, valid: Array) -> Array:
+    """Σ|e| + Σe² over valid elements. `error` and `valid` broadcast."""
+    error = jnp.where(jnp.broadcast_to(valid, error.shape), error, 0.0)
+    return jnp.sum(jnp.abs(error)) + jnp.sum(jnp.square(error))
+
+
+def loss_normalizers(batch: Mapping[str, Array], max_time_delta_order: int = 3,
+                     reduction_factor: int | None = None) -> dict[str, Array]:
+    """The normaliser of every mean in `spectron_loss`, from the batch's masks alone (float32 scalars).
+
+    Args:
+      batch: `text_weights [batch, text_len]`, optional `text_segments [batch, text_len]`,
+        `cont_frames [batch, T, mel]` (its shape only) and `cont_mask [batch, T]`.
+      max_time_delta_order: K of the time-delta terms.
+      reduction_factor: r of the stop head's steps; None = no stop term.
+
+    Returns:
+      `text_tokens` (Σ text weights: ce_text, z_loss, text_loss), `asr_tokens` / `lm_tokens` (with
+      `text_segments`), `frame_cells` (valid frames · mel), `freq_cells` (valid frames · (mel − 1)),
+      `time_cells_{k}` (valid frame pairs k apart · mel) for k = 1..K, `stop_steps` (valid steps, with r).
+    """
+    text_weights = jnp.asarray(batch["text_weights"], jnp.float32)
+    out = {"text_tokens": jnp.sum(text_weights)}
+    if "text_segments" in batch:
+        segments = jnp.asarray(batch["text_segments"])
+        out["asr_tokens"] = jnp.sum(jnp.where(segments == 1, text_weights, 0.0))
+        out["lm_tokens"] = jnp.sum(jnp.where(segments == 2, text_weights, 0.0))
+    valid = jnp.asarray(batch["cont_mask"]) > 0  # [batch, T]
+    mel = batch["cont_frames"].shape[-1]
+    frames = jnp.sum(valid.astype(jnp.float32))
+    out["frame_cells"] = frames * mel
+    out["freq_cells"] = frames * (mel - 1)
+    for k in range(1, max_time_delta_order + 1):
+        pairs = jnp.sum((valid[:, k:] & valid[:, :-k]).astype(jnp.float32))
+        out[f"time_cells_{k}"] = pairs * mel
+    if reduction_factor is not None:
+        out["stop_steps"] = jnp.sum(acoustic.group_mask(valid, reduction_factor).astype(jnp.float32))
+    return out
 
 
 def spectrogram_loss(pred: Array, target: Array, mask: Array, max_time_delta_order: int = 3, *,
                      frames_weight: float = 1.0, freq_delta_weight: float = 1.0,
-                     time_delta_weight: float = 1.0) -> dict[str, Array]:
+                     time_delta_weight: float = 1.0,
+                     normalizers: Mapping[str, Array] | None = None) -> dict[str, Array]:
     """L1+L2 regression of frames, frequency deltas and time deltas of orders 1..K, over valid frames.
 
     Args:
@@ -133,6 +174,8 @@ def spectrogram_loss(pred: Array, target: Array, mask: Array, max_time_delta_ord
       mask: `[batch, T]`, 1 = valid frame. Padded frames of pred and target may hold anything.
       max_time_delta_order: K, the highest time-delta order (0 disables the time-delta terms).
       frames_weight, freq_delta_weight, time_delta_weight: weights of the three groups in `spec_total`.
+      normalizers: `frame_cells`, `freq_cells`, `time_cells_{k}` of `loss_normalizers` to divide by
+        (None: this batch's own).
 
     Returns:
       A dict of float32 scalars: `spec_frames`, `spec_freq_delta`, `spec_time_delta_{k}` for k = 1..K,
@@ -149,20 +192,21 @@ def spectrogram_loss(pred: Array, target: Array, mask: Array, max_time_delta_ord
     # Every term is linear in the error, so deltas of (pred − target) equal differences of deltas.
     error = jnp.where(valid[..., None], jnp.asarray(pred, jnp.float32) - jnp.asarray(target, jnp.float32), 0.0)
 
+    if normalizers is None:
+        normalizers = loss_normalizers({"text_weights": jnp.zeros((1, 1)), "cont_frames": pred, "cont_mask": mask},
+                                       max_time_delta_order)
     terms: dict[str, Array] = {}
-    total, count = _l12_terms(error, valid[..., None])
-    terms["spec_frames"] = _safe_divide(total, count)
+    terms["spec_frames"] = _safe_divide(_l12_sum(error, valid[..., None]), normalizers["frame_cells"])
 
     freq_error = error[:, :, 1:] - error[:, :, :-1]  # [batch, T, mel-1]
-    total, count = _l12_terms(freq_error, valid[..., None])
-    terms["spec_freq_delta"] = _safe_divide(total, count)
+    terms["spec_freq_delta"] = _safe_divide(_l12_sum(freq_error, valid[..., None]), normalizers["freq_cells"])
 
     time_delta_sum = jnp.zeros((), jnp.float32)
     for k in range(1, max_time_delta_order + 1):
         time_error = error[:, k:] - error[:, :-k]  # [batch, T-k, mel]
         pair_valid = valid[:, k:] & valid[:, :-k]  # [batch, T-k]
-        total, count = _l12_terms(time_error, pair_valid[..., None])
-        terms[f"spec_time_delta_{k}"] = _safe_divide(total, count)
+        terms[f"spec_time_delta_{k}"] = _safe_divide(_l12_sum(time_error, pair_valid[..., None]),
+                                                     normalizers[f"time_cells_{k}"])
         time_delta_sum = time_delta_sum + terms[f"spec_time_delta_{k}"]
     terms["spec_time_delta"] = time_delta_sum
 
@@ -172,13 +216,14 @@ def spectrogram_loss(pred: Array, target: Array, mask: Array, max_time_delta_ord
     return terms
 
 
-def stop_loss(logits: Array, targets: Array, step_mask: Array) -> Array:
+def stop_loss(logits: Array, targets: Array, step_mask: Array, num_steps: Array | None = None) -> Array:
     """Binary cross-entropy of stop logits, averaged over valid steps.
 
     Args:
       logits: `[batch, steps]` stop logits.
       targets: `[batch, steps]` in {0, 1} (see `acoustic.stop_targets`).
       step_mask: `[batch, steps]`, 1 = valid step.
+      num_steps: the normaliser (None: the valid steps of `step_mask`).
 
     Returns:
       float32 scalar; 0 when no step is valid.
@@ -189,7 +234,7 @@ def stop_loss(logits: Array, targets: Array, step_mask: Array) -> Array:
     # −[z log σ(x) + (1−z) log(1−σ(x))] written stably.
     bce = jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     total = jnp.sum(jnp.where(valid, bce, 0.0))
-    return _safe_divide(total, jnp.sum(valid.astype(jnp.float32)))
+    return _safe_divide(total, jnp.sum(valid.astype(jnp.float32)) if num_steps is None else num_steps)
 
 
 def spectron_loss(text_logits: Array, batch: Mapping[str, Array], spec_pred: Array,
@@ -200,7 +245,8 @@ def spectron_loss(text_logits: Array, batch: Mapping[str, Array], spec_pred: Arr
     Args:
       text_logits: `[batch, text_len, vocab]` decoder logits at the text slots.
       batch: the model batch (`text_targets`, `text_weights`, optional `text_segments`, `cont_frames`,
-        `cont_mask`; see the batch contract).
+        `cont_mask`; see the batch contract), optionally with `NORMALIZERS_KEY`: the normalisers
+        (`loss_normalizers`) every mean divides by instead of this batch's own.
       spec_pred: `[batch, cont_len, mel]` post-net frames aligned with `cont_frames`, or the post-net's
         grouped `[batch, cont_len / r, r, mel]`.
       stop_logits: `[batch, cont_len / r]` stop logits, or None without a stop head.
@@ -216,11 +262,22 @@ def spectron_loss(text_logits: Array, batch: Mapping[str, Array], spec_pred: Arr
     """
     targets = batch["text_targets"]
     text_weights = jnp.asarray(batch["text_weights"], jnp.float32)
+    cont_mask = batch["cont_mask"]
+    reduction_factor = None
+    if stop_logits is not None:
+        steps = stop_logits.shape[1]
+        if steps == 0 or cont_mask.shape[1] % steps:
+            raise ValueError(
+                f"stop_logits {stop_logits.shape} do not divide cont_mask {cont_mask.shape} into groups")
+        reduction_factor = cont_mask.shape[1] // steps
+    norms = batch.get(NORMALIZERS_KEY)
+    if norms is None:
+        norms = loss_normalizers(batch, max_time_delta_order, reduction_factor)
     metrics: dict[str, Array] = {}
 
     # Unweighted CE and z-loss, per valid token.
     nll, log_z = token_nll_and_log_z(text_logits, targets, text_weights)  # [batch, text_len] each
-    num_tokens = jnp.sum(text_weights)
+    num_tokens = norms["text_tokens"]
     metrics["ce_text"] = _safe_divide(jnp.sum(nll * text_weights), num_tokens)
     metrics["z_loss"] = weights.z_loss * _safe_divide(jnp.sum(jnp.square(log_z) * text_weights), num_tokens)
     text_ce = metrics["ce_text"]
@@ -228,33 +285,29 @@ def spectron_loss(text_logits: Array, batch: Mapping[str, Array], spec_pred: Arr
         segments = jnp.asarray(batch["text_segments"])
         for name, segment_id in (("ce_asr", 1), ("ce_lm", 2)):
             seg_weights = jnp.where(segments == segment_id, text_weights, 0.0)
-            metrics[name] = _safe_divide(jnp.sum(nll * seg_weights), jnp.sum(seg_weights))
+            metrics[name] = _safe_divide(jnp.sum(nll * seg_weights), norms[f"{name[3:]}_tokens"])
         factor = jnp.where(segments == 1, weights.asr, jnp.where(segments == 2, weights.lm, 1.0))
         text_ce = _safe_divide(jnp.sum(nll * text_weights * factor), num_tokens)
     metrics["text_loss"] = weights.text * text_ce
 
     # Spectrogram regression over the valid continuation frames.
     cont_frames = batch["cont_frames"]
-    cont_mask = batch["cont_mask"]
     if spec_pred.ndim == 4:
         spec_pred = acoustic.flatten_groups(spec_pred)
     metrics.update(spectrogram_loss(
         spec_pred, cont_frames, cont_mask, max_time_delta_order,
         frames_weight=weights.spec_frames, freq_delta_weight=weights.freq_delta,
-        time_delta_weight=weights.time_delta))
+        time_delta_weight=weights.time_delta, normalizers=norms))
 
     total = metrics["text_loss"] + metrics["z_loss"] + weights.spectrogram * metrics["spec_total"]
 
     if stop_logits is not None:
-        steps = stop_logits.shape[1]
-        if steps == 0 or cont_mask.shape[1] % steps:
-            raise ValueError(
-                f"stop_logits {stop_logits.shape} do not divide cont_mask {cont_mask.shape} into groups")
-        reduction_factor = cont_mask.shape[1] // steps
+        if "stop_steps" not in norms:
+            raise ValueError(f"batch[{NORMALIZERS_KEY!r}] has no 'stop_steps' for the stop logits")
         metrics["stop"] = stop_loss(stop_logits, acoustic.stop_targets(cont_mask, reduction_factor),
-                                    acoustic.group_mask(cont_mask, reduction_factor))
+                                    acoustic.group_mask(cont_mask, reduction_factor), norms["stop_steps"])
         total = total + weights.stop * metrics["stop"]
 
-    metrics["num_text_tokens"] = num_tokens
+    metrics["num_text_tokens"] = jnp.sum(text_weights)
     metrics["loss"] = total
     return total, metrics

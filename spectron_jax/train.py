@@ -13,10 +13,11 @@ What a run does, on every process of a (possibly multi-host) job:
      MODEL_DIR (exact resume: state, RNG and data position) or initialises the state directly in its
      shards (never a full copy on one device), optionally copying parts from other checkpoints.
   3. Compiles the step once (in/out shardings, donated state) and reads its FLOPs for MFU.
-  4. Loops: next batch -> step -> metrics (`metrics.jsonl` every step, TensorBoard and a progress line
-     every `log_every_steps`) -> async checkpoint every `save_every_steps` -> evaluation on the
-     validation split every `eval_every_steps` (loss terms, a predicted-vs-target spectrogram image and
-     Griffin-Lim audio of the teacher-forced continuation).
+  4. Loops: next batch -> step -> metrics (kept on the device, fetched every `log_every_steps`:
+     a `metrics.jsonl` record for every step, TensorBoard and a progress line) -> async checkpoint
+     every `save_every_steps` -> evaluation on the validation split every `eval_every_steps` (loss
+     terms, a predicted-vs-target spectrogram image and Griffin-Lim audio of the teacher-forced
+     continuation).
   5. SIGTERM: saves a checkpoint of the step reached and exits 0. A NaN / Inf loss stops the run with
      exit 1 and saves nothing (the last good checkpoint stays as it was).
 """
@@ -105,6 +106,8 @@ class TrainConfig:
         `checkpoints.CheckpointConfig`.
       init_from: parts of the model copied from other checkpoints at initialisation (not on resume).
       nan_at_step: TEST ONLY: the batch of this step is filled with NaN (checks the divergence stop).
+      sigterm_during_restore: TEST ONLY: the process sends itself SIGTERM right after restoring a
+        checkpoint (checks that a signal during restore is not lost).
       distributed: multi-host set-up.
       sharding_tolerance: on a mesh of more than one device, the largest fraction of the parameters
         and optimizer state that may sit in fully replicated large arrays (> 2^20 elements); more is a
@@ -139,6 +142,7 @@ class TrainConfig:
     checkpoint: Any = _default("checkpoint")
     init_from: tuple = ()
     nan_at_step: Optional[int] = None
+    sigterm_during_restore: bool = False
     distributed: DistributedConfig = DistributedConfig()
     accept_data_change: bool = False
     sharding_tolerance: float = 0.02
@@ -212,8 +216,11 @@ class _StopSignal:
 
     Multi-process jobs use JAX's own mechanism: the distributed runtime's preemption notifier catches
     SIGTERM from `jax.distributed.initialize` on (restore and compilation included) and
-    `multihost_utils.reached_preemption_sync_point(step)` tells every host, without a per-step host
-    sync, the same step to stop at. No Python handler is installed then (it would replace the
+    `multihost_utils.reached_preemption_sync_point(n)` tells every host, without a per-step host
+    sync, the same step to stop at. Its counter `n` is the number of steps this process has run (1
+    after the first), not the global step: a notice that comes before the first call (during
+    restore) sets the sync point to 1 + the largest counter reported, which a resumed run's global
+    step would already be past. No Python handler is installed then (it would replace the
     notifier's). A single process installs a Python handler when the run starts (before restore).
     """
 
@@ -228,12 +235,13 @@ class _StopSignal:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def reached(self, step: int) -> bool:
-        """True at the step where every process saves and exits (all processes call it every step)."""
+    def reached(self, steps_run: int) -> bool:
+        """True at the step where every process saves and exits (all processes call it after every
+        step with the number of steps they have run in this process)."""
         if not self.distributed:
             return self.requested
         from jax.experimental import multihost_utils
-        return bool(multihost_utils.reached_preemption_sync_point(step))
+        return bool(multihost_utils.reached_preemption_sync_point(steps_run))
 
     def restore(self):
         if self._previous is not None:
@@ -444,6 +452,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                                  f"(the data restarts at the saved epoch's start)")
         target["input"] = {k: np.zeros((count,), np.int32) for k in checkpoints.INPUT_KEYS}
         restored, _ = ckpt.restore(latest, target)
+        if config.sigterm_during_restore:
+            os.kill(os.getpid(), signal.SIGTERM)
         input_arrays = restored.pop("input")
         state = restored
         position = None if data_changed else checkpoints.input_state_for_process(
@@ -482,7 +492,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
 
     # -- the compiled step
     frozen = trainer.frozen_mask(abstract["params"], config.optimizer.freeze) if config.optimizer.freeze else None
-    step_fn = trainer.make_train_step(model.loss_fn, tx, schedule, config.step, compute_dtype, frozen)
+    step_fn = trainer.make_train_step(model.loss_fn, tx, schedule, config.step, compute_dtype, frozen,
+                                      normalizers_fn=model.loss_normalizers)
     batch_spec = train_input.batch_spec
     batch_axes = partitioning.batch_mesh_axes(mesh, rules)
 
@@ -528,7 +539,30 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
 
     step = int(jax.device_get(state["step"]))
     last: dict = {}
+    # Metrics stay on the device until a fetch point (logging, saving, evaluating, stopping, the end):
+    # no step waits for the host. A NaN / Inf loss is therefore seen at the next fetch point, which
+    # always comes before a checkpoint is written.
+    pending: list = []  # (step, device metrics) not yet fetched
     window_start, window_steps = None, 0
+
+    def fetch() -> None:
+        nonlocal last
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        for (done, _), values in zip(pending, fetched):
+            values = _finite_floats(values)
+            if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
+                pending.clear()
+                ckpt.wait()
+                raise TrainingDiverged(
+                    f"step {done}: loss is {values['loss']} (grad norm {values['grad_norm']}); stopping. The "
+                    f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+            jsonl.write({"step": done, "split": "train", **values})
+            last = values
+        pending.clear()
+
+    run_steps = 0  # steps done by this process: the preemption sync point's counter (same on every host)
     try:
         if config.eval_every_steps and config.eval_at_start and step == 0:
             evaluator.run(0, state)
@@ -539,21 +573,19 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
             batch = partitioning.global_batch_from_host(host_batch, mesh, rules)
             with profiler.before(step + 1):
                 state, step_metrics = compiled(state, batch)
-            last = _finite_floats(jax.device_get(step_metrics))
             step += 1
             profiler.after(step, state)
-            if not all(math.isfinite(last[k]) for k in ("loss", "grad_norm")):
-                ckpt.wait()
-                raise TrainingDiverged(
-                    f"step {step}: loss is {last['loss']} (grad norm {last['grad_norm']}); stopping. The last "
-                    f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-            jsonl.write({"step": step, "split": "train", **last})
+            run_steps += 1
+            pending.append((step, step_metrics))
+            logging_step = step % config.log_every_steps == 0 or step == train_steps
+            if window_start is None or logging_step:
+                fetch()
             now = time.perf_counter()
             if window_start is None:
-                window_start, window_steps = now, 0  # the first step (compilation) is not timed
+                window_start, window_steps = now, 0  # the first step (warm-up) is not timed
             else:
                 window_steps += 1
-            if step % config.log_every_steps == 0 or step == train_steps:
+            if logging_step:
                 scalars = dict(last)
                 if window_steps:
                     rates = metrics_lib.throughput(
@@ -571,20 +603,25 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                 writer.flush()
                 if is_main:
                     progress.log(step, scalars)
-            if stop.reached(step):
+            if stop.reached(run_steps):
+                fetch()
                 save(step)
                 ckpt.wait()
+                jsonl.flush()
                 print(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting", flush=True)
                 return last
             paused = False
             if step % config.checkpoint.save_every_steps == 0 or step == train_steps:
+                fetch()
                 save(step)
                 paused = True
             if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == train_steps):
+                fetch()
                 evaluator.run(step, state)
                 paused = True
             if paused:  # saving and evaluating are not training time
                 window_start, window_steps = time.perf_counter(), 0
+        fetch()
         return last
     finally:
         profiler.close()

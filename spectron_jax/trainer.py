@@ -15,7 +15,8 @@ The step differentiates a pure `loss_fn(params, batch, rng) -> (loss, metrics)`.
 parameters and the optimizer stay float32; with `compute_dtype='bfloat16'` floating parameters are cast
 to bfloat16 inside the step (the loss itself is computed in float32 by `spectron_jax.losses`), so the
 gradients flow back to float32 master weights. Gradient accumulation splits the batch into
-`microbatches` equal parts and averages their gradients (and their metrics) with a `lax.scan`.
+`microbatches` strided parts and sums their gradients with a `lax.scan`, each part's loss normalised by
+the whole batch's counts (exactly one pass's loss and gradient; see `StepConfig`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+
+from spectron_jax import losses
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 
@@ -174,11 +177,11 @@ class StepConfig:
       compute_dtype: dtype the parameters are cast to for the forward/backward pass ('float32' or
         'bfloat16'); 'auto' = bfloat16 on TPU / GPU, float32 on CPU.
       microbatches: gradient accumulation: the batch is split into this many strided parts (must
-        divide the rows each batch-sharded device holds). Text terms are weighted by each part's share
-        of the valid text tokens, the other terms by its share of the valid continuation frames, so the
-        text cross-entropy, z-loss and the frame / frequency-delta terms equal one pass over the whole
-        batch exactly; time-delta and stop terms (normalised by frame pairs / groups) to within the
-        difference between those counts and the frame count. Count metrics are summed.
+        divide the rows each batch-sharded device holds), whose gradients are summed in a `lax.scan`.
+        Every mean of the loss (text cross-entropy, z-loss, frame, frequency- and time-delta terms,
+        stop) divides each part's sum by the whole batch's count (`losses.loss_normalizers`), so the
+        loss, its gradient and every term equal one pass over the whole batch exactly, however the
+        valid tokens and frames fall across the parts; count metrics are summed. DEFAULT: 1.
     """
 
     compute_dtype: str = "auto"
@@ -218,32 +221,27 @@ def _split_microbatches(batch: Mapping[str, jax.Array], microbatches: int) -> di
     return out
 
 
-# Which normaliser a loss metric of `losses.spectron_loss` shares: text-token means, or acoustic
-# (frame) means; counts are summed; anything else is weighted like the acoustic terms.
-_TEXT_TERMS = ("ce_text", "ce_asr", "ce_lm", "z_loss", "text_loss")
+# Metrics that are counts: summed over microbatches even when the loss has no normalisers.
 _COUNT_TERMS = ("num_text_tokens", "num_frames")
 
 
-def microbatch_weights(micro: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(text weight, acoustic weight), float32 [microbatches] each: a microbatch's share of the whole
-    batch's valid text tokens (`text_weights`) and valid continuation frames (`cont_mask`).
+def make_microbatch_pass(loss_fn: LossFn, compute_dtype, scale: float = 1.0) -> Callable:
+    """`grad_pass(params, one, rng, normalizers) -> ((loss, metrics), grads)`: one microbatch's loss
+    (times `scale`) and its gradient; `normalizers` (or None) go into the microbatch under
+    `losses.NORMALIZERS_KEY`, so every mean divides by the whole batch's count."""
 
-    Weighting microbatch means by these shares gives the mean one pass over the whole batch would.
-    """
-    def shares(key):
-        if key not in micro:  # a loss without these masks: equal shares
-            size = jax.tree.leaves(micro)[0].shape[0]
-            return jnp.full((size,), 1.0 / size, jnp.float32)
-        values = micro[key]
-        counts = jnp.sum(values.reshape(values.shape[0], -1).astype(jnp.float32), axis=1)
-        total = jnp.sum(counts)
-        return jnp.where(total > 0, counts / jnp.maximum(total, 1e-9), 0.0)
+    def microbatch_loss(params, one, rng, normalizers):
+        if normalizers is not None:
+            one = dict(one, **{losses.NORMALIZERS_KEY: normalizers})
+        loss, metrics = loss_fn(cast_floating(params, compute_dtype), one, rng)
+        return loss.astype(jnp.float32) * scale, metrics
 
-    return shares("text_weights"), shares("cont_mask")
+    return jax.value_and_grad(microbatch_loss, has_aux=True)
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    config: StepConfig, compute_dtype, frozen: Any = None) -> Callable:
+                    config: StepConfig, compute_dtype, frozen: Any = None,
+                    normalizers_fn: Optional[Callable] = None) -> Callable:
     """`train_step(state, batch) -> (state, metrics)` (pure; jit it with shardings and donation).
 
     Args:
@@ -253,50 +251,41 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
       compute_dtype: the resolved compute dtype.
       frozen: bool pytree like params (True = frozen) or None; frozen gradients are left out of the
         gradient norm.
+      normalizers_fn: `batch -> {name: float32 []}`, the normaliser of every mean of `loss_fn`
+        (`FunctionalSpectron.loss_normalizers`); with accumulation, each microbatch divides by the
+        whole batch's, so the microbatch losses, gradients and metrics add up to one pass's exactly.
+        None (a loss without masks): microbatch means are averaged with equal weights, which is
+        exact for a per-row mean over equal microbatches.
 
     Metrics returned: every term of `loss_fn`'s metrics, plus `grad_norm` (global L2 norm of the
     trainable gradients before clipping), `learning_rate` (of this step) and `param_norm`.
     """
-
-    def compute_loss(params, batch, rng):
-        loss, metrics = loss_fn(cast_floating(params, compute_dtype), batch, rng)
-        return loss.astype(jnp.float32), metrics
-
-    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    micro_count = config.microbatches
 
     def train_step(state, batch):
         params = state["params"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        if config.microbatches == 1:
-            (loss, metrics), grads = grad_fn(params, batch, rng)
+        if micro_count == 1:
+            (loss, metrics), grads = make_microbatch_pass(loss_fn, compute_dtype)(params, batch, rng, None)
         else:
-            micro = _split_microbatches(batch, config.microbatches)
-            text_share, acoustic_share = microbatch_weights(micro)
-
-            def weighted_loss(params, one, rng_i, text_w, acoustic_w):
-                loss_i, metrics_i = compute_loss(params, one, rng_i)
-                text_part = sum(metrics_i[k] for k in ("text_loss", "z_loss") if k in metrics_i)
-                text_part = jnp.asarray(text_part, jnp.float32)
-                return text_w * text_part + acoustic_w * (loss_i - text_part), metrics_i
-
-            weighted_grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+            micro = _split_microbatches(batch, micro_count)
+            normalizers = None if normalizers_fn is None else normalizers_fn(batch)
+            scale = 1.0 if normalizers is not None else 1.0 / micro_count
+            grad_pass = make_microbatch_pass(loss_fn, compute_dtype, scale)
             (_, metrics_shape), _ = jax.eval_shape(
-                weighted_grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng, text_share[0], acoustic_share[0])
+                grad_pass, params, jax.tree.map(lambda x: x[0], micro), rng, normalizers)
 
             def accumulate(carry, inputs):
-                index, one, text_w, acoustic_w = inputs
-                (loss_i, metrics_i), grads_i = weighted_grad_fn(params, one, jax.random.fold_in(rng, index),
-                                                                text_w, acoustic_w)
+                index, one = inputs
+                (loss_i, metrics_i), grads_i = grad_pass(params, one, jax.random.fold_in(rng, index), normalizers)
                 grads_sum, loss_sum, metrics_sum = carry
-                scaled = {k: v if k in _COUNT_TERMS else v * (text_w if k in _TEXT_TERMS else acoustic_w)
-                          for k, v in metrics_i.items()}
+                metrics_i = {k: v if k in _COUNT_TERMS else v * scale for k, v in metrics_i.items()}
                 return (jax.tree.map(jnp.add, grads_sum, grads_i), loss_sum + loss_i,
-                        jax.tree.map(jnp.add, metrics_sum, scaled)), None
+                        jax.tree.map(jnp.add, metrics_sum, metrics_i)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
                      jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape))
-            (grads, loss, metrics), _ = jax.lax.scan(
-                accumulate, zeros, (jnp.arange(config.microbatches), micro, text_share, acoustic_share))
+            (grads, loss, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro_count), micro))
         trainable = grads if frozen is None else jax.tree.map(
             lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -372,6 +361,12 @@ class FunctionalSpectron:
 
     def loss_fn(self, params, batch, rng):
         return self.model.loss_fn(self.to_state(params), batch, rng)
+
+    def loss_normalizers(self, batch):
+        """The normaliser of every mean of `loss_fn` for `batch` (`losses.loss_normalizers`)."""
+        config = self.model.config
+        stop = config.reduction_factor if config.acoustic.stop_head else None
+        return losses.loss_normalizers(batch, config.max_time_delta_order, stop)
 
     def eval_fn(self, params, batch):
         """The loss terms with dropout off (the model's deterministic eval function)."""

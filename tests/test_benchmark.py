@@ -36,7 +36,8 @@ def report(repo_root):
          "--data_files=2", "--data_seconds=0.1", *SMALL],
         cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in reversed(proc.stdout.splitlines())
+                              if line.startswith("{")))  # the JSON line, wherever it is
 
 
 def _numbers(tree, prefix=""):

@@ -1,6 +1,7 @@
 """Tests for spectron_jax.partitioning on 8 simulated CPU devices."""
 
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -331,6 +332,7 @@ def test_sharded_init_of_the_decoder(mesh222):
 
 
 _TWO_PROCESS_SCRIPT = r"""
+import json
 import sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
@@ -349,27 +351,81 @@ assert total == float((canonical * canonical).sum()), total
 local = np.concatenate([np.asarray(s.data) for s in sorted(batch.addressable_shards, key=lambda s: s.index[0].start)
                         if s.replica_id == 0])
 assert np.array_equal(local, rows)
+from pod_step import pod_step_values  # the same code the test runs on one process
+values = pod_step_values(pt.make_mesh(pt.MeshConfig(ici=(1, -1, 1))))
 with open(sys.argv[3], "w") as f:  # the result goes to a file: stdout may carry anything after it
-    f.write(f"{info.index} {info.count} {info.per_host_batch}")
+    f.write(json.dumps({"shard": [info.index, info.count, info.per_host_batch], "values": values}))
+"""
+
+# Two train steps of a tiny Spectron (stop head, r = 2) with an FSDP mesh over every device, two
+# microbatches and uneven masks, then the evaluation loss and the media forward (predicted frames).
+_POD_STEP = r"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def pod_step_values(mesh):
+    import test_spectron as ts
+    from spectron_jax import partitioning as pt, train, trainer
+
+    model = trainer.FunctionalSpectron(ts.tiny_config(reduction_factor=2, stop_head=True))
+    config = train.TrainConfig(step=trainer.StepConfig(compute_dtype="float32", microbatches=2),
+                               optimizer=trainer.OptimizerConfig(warmup_steps=0, learning_rate=1e-2))
+    layout = trainer.train_state_layout(model, config, 10, mesh)
+    full = ts.make_batch(seed=0, prompt_valid=(16, 4, 9, 16, 2, 12, 7, 16) * 2,
+                         text_valid=(6, 1, 3, 6, 2, 5, 6, 4) * 2, cont_valid=(8, 2, 6, 0, 8, 1, 4, 8) * 2)
+    batch = pt.global_batch_from_host({k: v[pt.host_batch_slice(16, mesh)] for k, v in full.items()}, mesh)
+    step = trainer.make_train_step(model.loss_fn, layout.tx, layout.schedule, config.step, jnp.float32,
+                                   normalizers_fn=model.loss_normalizers)
+    values = {}
+    with pt.sharding_context(mesh, config.rules):
+        state = jax.jit(layout.init_state, out_shardings=layout.shardings)()
+        compiled = jax.jit(step, in_shardings=(layout.shardings, None), out_shardings=(layout.shardings, None)
+                           ).lower(state, batch).compile(FAST_COMPILE)
+        for i in (1, 2):
+            state, metrics = compiled(state, batch)
+            values.update({f"train{i}/{k}": float(metrics[k])
+                           for k in ("loss", "stop", "spec_time_delta_1", "grad_norm")})
+        eval_step = trainer.make_eval_step(model.eval_fn, jnp.float32)
+        evaluate = jax.jit(lambda p, b: (eval_step(p, b)["loss"], jnp.sum(jnp.abs(model.predict_frames(p, b)))))
+        eval_loss, media = evaluate(state["params"], batch)
+        values.update({"eval/loss": float(eval_loss), "media/abs_sum": float(media)})
+    return values
 """
 
 
-def test_global_batch_from_host_on_two_processes(repo_root, tmp_path):
+@pytest.mark.slow
+def test_global_batch_from_host_and_a_pod_step_on_two_processes(repo_root, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     script = tmp_path / "two_process.py"
     script.write_text(_TWO_PROCESS_SCRIPT)
+    (tmp_path / "pod_step.py").write_text(_POD_STEP)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(repo_root))
-    outputs = [tmp_path / f"result_{i}.txt" for i in range(2)]
+    env.update(JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(repo_root), str(repo_root / "tests"), str(tmp_path)]))
+    outputs = [tmp_path / f"result_{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(script), address, str(i), str(outputs[i])], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = [p.communicate(timeout=400) for p in procs]
+    results = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
+    got = [json.loads(path.read_text()) for path in outputs]
     # The mesh splits 'data' across the processes: each reads its own half of the batch.
-    assert sorted(path.read_text().split() for path in outputs) == [["0", "2", "4"], ["1", "2", "4"]]
+    assert sorted(r["shard"] for r in got) == [[0, 2, 4], [1, 2, 4]]
+    # FSDP over both processes (4 devices each) with accumulation, evaluation and the media forward
+    # gives what one process with all 8 devices computes from the same code.
+    namespace = {}
+    exec(compile(_POD_STEP, "pod_step", "exec"), namespace)
+    reference = namespace["pod_step_values"](pt.make_mesh(pt.MeshConfig(ici=(1, -1, 1))))
+    assert got[0]["values"] == got[1]["values"]
+    assert sorted(got[0]["values"]) == sorted(reference)
+    for key, value in reference.items():
+        assert got[0]["values"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def test_check_replication_refuses_a_replicated_large_state():

@@ -231,7 +231,7 @@ def test_summary_counts(tmp_path):
     for name, proc in runs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
-        results[name] = json.loads(out.strip().splitlines()[-1])
+        results[name] = json.loads(next(l for l in reversed(out.splitlines()) if l.startswith("{")))  # the JSON line
 
     # tiny: the abstract counts equal a direct count of the allocated model's parameters
     tiny = results["tiny"]

@@ -9,6 +9,7 @@ persistent compilation cache so only the first run of a program pays for its com
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,7 +272,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(workdir, reference_run):
     model_dir = workdir["root"] / "nan"
     result = _run(workdir, model_dir, "--gin.TrainConfig.nan_at_step=11", "--gin.TrainConfig.eval_every_steps=0")
     assert result.returncode == 1
-    error = result.stderr.strip().splitlines()[-1]
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error:"))  # the tagged line
     assert error.startswith("error: step 11: loss is nan") and "last good checkpoint is step 8" in error
     assert _checkpoint_steps(model_dir) == [8]
     assert max(_train_losses(model_dir)) == 10
@@ -292,37 +293,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_and_one_process_continues(workdir):
-    model_dir = workdir["root"] / "multihost"
+def _start_two(workdir, model_dir, *bindings, per_process=((), ())):
     address = f"127.0.0.1:{_free_port()}"
-    # FSDP across the processes, evaluation with media at steps 0 and 2, two microbatches: every
-    # jitted computation runs on both processes (a process-0-only forward would hang here).
-    pod = ("--gin.MeshConfig.ici=(1,-1,1)", "--gin.TrainConfig.mesh=@MeshConfig()", "--gin.TrainConfig.batch_size=16",
-           "--gin.TrainConfig.step=@StepConfig()", "--gin.StepConfig.microbatches=2")
-    procs = [_start(workdir, model_dir, "--gin.TRAIN_STEPS=2", "--gin.CheckpointConfig.save_every_steps=2",
-                    "--gin.TrainConfig.eval_every_steps=2", *pod, devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
-                    SPECTRON_NUM_PROCESSES=2, SPECTRON_PROCESS_ID=i) for i in range(2)]
+    return [_start(workdir, model_dir, *bindings, *per_process[i], devices=4, SPECTRON_COORDINATOR_ADDRESS=address,
+                   SPECTRON_NUM_PROCESSES=2, SPECTRON_PROCESS_ID=i) for i in range(2)]
+
+
+def _finish(procs, timeout=600) -> list[str]:
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=300)[0])
+            outputs.append(proc.communicate(timeout=timeout)[0])
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
-    assert _checkpoint_steps(model_dir) == [2]
-    meta = json.loads((model_dir / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(o[-2000:] for o in outputs)
+    return outputs
+
+
+def _saved_steps(output: str) -> list[int]:
+    """Steps of the tagged 'SIGTERM: saved step N' lines of one process's output."""
+    return [int(line.split()[3]) for line in output.splitlines() if line.startswith("SIGTERM: saved step")]
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_exactly_and_one_process_continues(workdir):
+    model_dir = workdir["root"] / "multihost"
+    # FSDP across the processes, evaluation with media at steps 0 and 6, two microbatches: every
+    # jitted computation runs on both processes (a process-0-only forward would hang here).
+    pod = ("--gin.MeshConfig.ici=(1,-1,1)", "--gin.TrainConfig.mesh=@MeshConfig()", "--gin.TrainConfig.batch_size=16",
+           "--gin.TrainConfig.step=@StepConfig()", "--gin.StepConfig.microbatches=2",
+           "--gin.CheckpointConfig.save_every_steps=2")
+    _finish(_start_two(workdir, model_dir, "--gin.TRAIN_STEPS=6", "--gin.TrainConfig.eval_every_steps=6", *pod))
+    assert _checkpoint_steps(model_dir) == [2, 4, 6]
+    meta = json.loads((model_dir / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["process_count"] == 2
-    assert sorted(_eval_records(model_dir)) == [0, 2]
-    result = _run(workdir, model_dir, "--gin.TRAIN_STEPS=4", "--gin.CheckpointConfig.save_every_steps=2",
-                  "--gin.TrainConfig.eval_every_steps=0", *pod, devices=8)
+    assert sorted(_eval_records(model_dir)) == [0, 6]
+    uninterrupted = _train_losses(model_dir)
+    assert sorted(uninterrupted) == list(range(1, 7))
+
+    # A 2-process restart from step 2 in which process 1 gets SIGTERM while restoring: the signal
+    # is not lost (both stop at the first sync point, 1 or 2 steps in, instead of running to step 6)
+    # and the steps they ran equal the uninterrupted run's.
+    restart = workdir["root"] / "multihost_restart"
+    shutil.copytree(model_dir, restart)
+    for step in (4, 6):
+        shutil.rmtree(restart / "checkpoints" / str(step))
+    (restart / train.METRICS_JSONL).unlink()
+    outputs = _finish(_start_two(workdir, restart, "--gin.TRAIN_STEPS=6", "--gin.TrainConfig.eval_every_steps=0",
+                                 *pod, per_process=((), ("--gin.TrainConfig.sigterm_during_restore=True",))))
+    saved = [_saved_steps(out) for out in outputs]
+    assert saved[0] == saved[1] and len(saved[0]) == 1 and saved[0][0] in (3, 4), saved
+    stopped = saved[0][0]
+    assert _checkpoint_steps(restart) == [2, stopped]
+    resumed = _train_losses(restart)
+    assert sorted(resumed) == list(range(3, stopped + 1))
+    for step in resumed:
+        for term in LOSS_TERMS:
+            assert resumed[step][term] == pytest.approx(uninterrupted[step][term], rel=1e-5, abs=1e-6), (step, term)
+
+    # One process with all 8 devices continues the 2-process run (data restarts at the epoch's start).
+    result = _run(workdir, model_dir, "--gin.TRAIN_STEPS=8", "--gin.TrainConfig.eval_every_steps=0", *pod, devices=8)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "resumed from step 2" in result.stdout
-    assert _checkpoint_steps(model_dir) == [2, 4]
+    assert "resumed from step 6" in result.stdout
+    assert _checkpoint_steps(model_dir) == [2, 4, 6, 8]
     losses = _train_losses(model_dir)
-    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(losses[s]["loss"]) for s in losses)
+    assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(losses[s]["loss"]) for s in losses)
 
 
 @pytest.mark.slow
