@@ -12,6 +12,10 @@ allocated), and the very step `train` runs (`trainer.make_train_step`: loss, gra
 optimizer update, donated state) is lowered and compiled by XLA's TPU compiler. The report gives, per
 device: argument, output, aliased (donated) and temporary bytes, their total against the chip's HBM
 (fits: yes / no), and the FLOPs of one step (per device and over all devices, from XLA's cost model).
+The evaluation step the run compiles at start-up (`validation.make_eval_step`, microbatched like the
+train step) is compiled too: its memory with the optimizer state still resident is `eval_total_bytes`,
+and `fits` means that both steps fit, so a config that trains cannot run out of memory at its first
+evaluation.
 
 Compute dtype: `--compute_dtype=bfloat16` (the default, the production setting) casts the parameters
 to bfloat16 inside the step AND sets the encoder's, decoder's and heads' computation dtype to
@@ -167,6 +171,8 @@ class TrainProgram:
       mesh, rules: the mesh and logical-axis rules the step is traced under.
       compute_dtype: the step's computation dtype.
       num_params: parameters of the model.
+      eval_step: the training run's evaluation step (`validation.make_eval_step`, microbatched like the
+        train step); lower it with `eval_args`: (params, batch, normalizers, totals), abstract.
     """
 
     step: Any
@@ -178,6 +184,8 @@ class TrainProgram:
     rules: tuple
     compute_dtype: Any
     num_params: int
+    eval_step: Any = None
+    eval_args: tuple = ()
 
 
 def with_compute_dtype(model_config: Any, dtype: str) -> Any:
@@ -225,9 +233,21 @@ def build_train_program(model_config: Any, train_config: Any, batch_spec: dict, 
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                      donate_argnums=(0,))
     num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
+    # The evaluation step exactly as train's Evaluator compiles it (replicated counts and totals).
+    from spectron_jax import validation
+    eval_fn = validation.make_eval_step(model.eval_fn, compute_dtype, train_config.step.microbatches)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with partitioning.sharding_context(mesh, rules):
+        norms = jax.eval_shape(model.loss_normalizers, abstract_batch)
+        terms = jax.eval_shape(eval_fn, abstract_state["params"], abstract_batch, norms)
+    on_every_device = lambda tree: jax.tree.map(  # noqa: E731
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), tree)
+    eval_step = jax.jit(eval_fn, out_shardings=jax.tree.map(lambda _: replicated, terms))
     return TrainProgram(step=jitted, abstract_state=abstract_state, abstract_batch=abstract_batch,
                         state_shardings=state_shardings, init_state=layout.init_state, mesh=mesh, rules=rules,
-                        compute_dtype=compute_dtype, num_params=num_params)
+                        compute_dtype=compute_dtype, num_params=num_params, eval_step=eval_step,
+                        eval_args=(abstract_state["params"], abstract_batch, on_every_device(norms),
+                                   on_every_device(terms)))
 
 
 def compile_program(program: TrainProgram):
@@ -236,6 +256,14 @@ def compile_program(program: TrainProgram):
 
     with partitioning.sharding_context(program.mesh, program.rules):
         return program.step.lower(program.abstract_state, program.abstract_batch).compile()
+
+
+def compile_eval_program(program: TrainProgram):
+    """Lowers and compiles the evaluation step (traced inside the mesh / rules context)."""
+    from spectron_jax import partitioning
+
+    with partitioning.sharding_context(program.mesh, program.rules):
+        return program.eval_step.lower(*program.eval_args).compile()
 
 
 # ---- Reports ------------------------------------------------------------------------------------
@@ -301,6 +329,9 @@ def aot_report(program: TrainProgram, spec: TopologySpec, num_slices: int, gin_f
     report["compile_seconds"] = round(time.perf_counter() - start, 2)
     report.update(memory_fields(compiled))
     report["fits"] = report["total_bytes"] <= spec.hbm_bytes
+    if program.eval_step is not None:
+        report.update(_eval_memory(program, report))
+        report["fits"] = report["fits"] and report["eval_fits"]
     flops = metrics.compiled_flops(compiled)
     report["flops_per_device"] = flops
     report["flops_total"] = None if flops is None else flops * num_devices
@@ -308,6 +339,28 @@ def aot_report(program: TrainProgram, spec: TopologySpec, num_slices: int, gin_f
         write_executable(compiled, serialize_path)
         report["serialized"] = serialize_path
     return report
+
+
+def _eval_memory(program: TrainProgram, train_report: dict) -> dict:
+    """eval_* fields: the evaluation step's per-device memory while the train state stays resident.
+
+    eval_total_bytes = the eval step's own total (parameters, batch, temporaries, outputs, code) + the
+    part of the train step's arguments it does not take (the optimizer state, kept on the device during
+    evaluation). An evaluation that XLA cannot fit gives eval_fits False with the size XLA names.
+    """
+    try:
+        compiled = compile_eval_program(program)
+    except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError (a RuntimeError subclass)
+        message = " ".join(str(e).split())
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        required, _ = parse_oom(message)
+        return {"eval_fits": False, "eval_total_bytes": required, "eval_error": message[:500]}
+    fields = memory_fields(compiled)
+    resident = max(0, train_report["argument_bytes"] - fields["argument_bytes"])
+    total = fields["total_bytes"] + resident
+    return {"eval_temp_bytes": fields["temp_bytes"], "eval_argument_bytes": fields["argument_bytes"],
+            "eval_total_bytes": total, "eval_fits": total <= train_report["hbm_bytes"]}
 
 
 def write_executable(compiled, path: str) -> None:
@@ -358,10 +411,14 @@ def format_report(report: dict) -> str:
         f"aliased {_gib(report['alias_bytes'])}, temporaries {_gib(report['temp_bytes'])}, "
         f"code {_gib(report['code_bytes'])}",
         f"total {_gib(report['total_bytes'])} of {_gib(report['hbm_bytes'])} HBM: "
-        + ("fits" if report["fits"] else "does not fit"),
+        + ("fits" if report["total_bytes"] <= report["hbm_bytes"] else "does not fit"),
         f"flops per step: {_tflops(report['flops_per_device'])} per device, {_tflops(report['flops_total'])} total "
         f"(XLA's cost model; compiled in {report['compile_seconds']} s)",
     ]
+    if "eval_fits" in report:
+        lines.append(f"evaluation step: total {_gib(report.get('eval_total_bytes'))} per device with the optimizer "
+                     f"state resident (temporaries {_gib(report.get('eval_temp_bytes'))}): "
+                     + ("fits" if report["eval_fits"] else "does not fit"))
     if report.get("analytic_flops_total") is not None:
         lines.append(f"analytic flops per step: {_tflops(report['analytic_flops_total'])} total, "
                      f"{_tflops(report['analytic_flops_total'] / report['batch_size'])} per sample "

@@ -115,6 +115,19 @@ def gather_input_states(state: Mapping[str, int]) -> list[dict[str, int]]:
 
 
 # ---- The manager -------------------------------------------------------------------------------
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, minus its own calls of JAX's preemption sync point.
+
+    `save` (and its finalize thread) would report the step being saved to the sync manager, which
+    keeps one counter per process: a report of an older step, or of a step on another scale than the
+    training loop's, makes the agreed stop step unreachable (see `multihost.PreemptionStop`). The
+    training loop is the one caller; it saves with `force=True`, so nothing here needs the answer.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class TrainCheckpointer:
     """Saves and restores train states under `model_dir/checkpoints` (all processes call every method)."""
 
@@ -131,7 +144,7 @@ class TrainCheckpointer:
         registry.add(STATE_ITEM, ocp.args.StandardRestore, ocp.StandardCheckpointHandler(use_ocdbt=config.use_ocdbt))
         registry.add(META_ITEM, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
         registry.add(META_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
-        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+        self.manager = _Manager(self.directory, options=options, handler_registry=registry)
 
     def latest_step(self) -> Optional[int]:
         """The newest complete checkpoint's step, or None."""

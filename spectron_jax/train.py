@@ -34,6 +34,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from spectron_jax import cli, filesystem
+from spectron_jax.multihost import DistributedConfig
 
 logger = logging.getLogger("spectron_jax.train")
 METRICS_JSONL = "metrics.jsonl"
@@ -42,32 +43,6 @@ SUMMARY_FILENAME = "model_summary.json"
 
 class TrainingDiverged(cli.CLIError):
     """The loss became NaN or Inf (exit 1; no checkpoint is written)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """How the processes of a multi-host job find each other (env SPECTRON_COORDINATOR_ADDRESS,
-    SPECTRON_NUM_PROCESSES, SPECTRON_PROCESS_ID fill fields left None).
-
-    Attributes:
-      coordinator_address: 'host:port' of process 0.
-      num_processes: processes in the job; > 1 calls `jax.distributed.initialize`.
-      process_id: this process's index.
-      auto: call `jax.distributed.initialize()` without arguments (Cloud TPU pods detect everything).
-    """
-
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
-    auto: bool = False
-
-    def resolved(self) -> "DistributedConfig":
-        env = os.environ
-        def pick(value, name, cast):
-            return value if value is not None else (cast(env[name]) if env.get(name) else None)
-        return DistributedConfig(pick(self.coordinator_address, "SPECTRON_COORDINATOR_ADDRESS", str),
-                                 pick(self.num_processes, "SPECTRON_NUM_PROCESSES", int),
-                                 pick(self.process_id, "SPECTRON_PROCESS_ID", int), self.auto)
 
 
 def _default_rules():
@@ -106,8 +81,11 @@ class TrainConfig:
         `checkpoints.CheckpointConfig`.
       init_from: parts of the model copied from other checkpoints at initialisation (not on resume).
       nan_at_step: TEST ONLY: the batch of this step is filled with NaN (checks the divergence stop).
-      sigterm_during_restore: TEST ONLY: the process sends itself SIGTERM right after restoring a
-        checkpoint (checks that a signal during restore is not lost).
+      sigterm_after: TEST ONLY: 'restore', 'save' or 'eval': the process sends itself SIGTERM right
+        after its first restore, checkpoint save or evaluation of this run (checks that the notice
+        stops every process at one step, whatever the step counters were).
+      delay_before_compile_s: TEST ONLY: this process sleeps this long before compiling its step
+        functions (checks that processes that reach the first collective far apart still meet).
       distributed: multi-host set-up.
       sharding_tolerance: on a mesh of more than one device, the largest fraction of the parameters
         and optimizer state that may sit in fully replicated large arrays (> 2^20 elements); more is a
@@ -142,7 +120,8 @@ class TrainConfig:
     checkpoint: Any = _default("checkpoint")
     init_from: tuple = ()
     nan_at_step: Optional[int] = None
-    sigterm_during_restore: bool = False
+    sigterm_after: Optional[str] = None
+    delay_before_compile_s: float = 0.0
     distributed: DistributedConfig = DistributedConfig()
     accept_data_change: bool = False
     sharding_tolerance: float = 0.02
@@ -159,6 +138,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.profile_steps must be (start, stop) with 1 <= start <= stop, "
                                  f"got {self.profile_steps!r}")
             object.__setattr__(self, "profile_steps", steps)
+        if self.sigterm_after not in (None, "restore", "save", "eval"):
+            raise ValueError(f"TrainConfig.sigterm_after must be None, 'restore', 'save' or 'eval', "
+                             f"got {self.sigterm_after!r}")
         if self.eval_every_steps < 0 or self.eval_batches < 1:
             raise ValueError("TrainConfig.eval_every_steps must be >= 0 and eval_batches >= 1")
         object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
@@ -194,58 +176,6 @@ def _build_train_config() -> "TrainConfig":
         raise
     except Exception as e:  # noqa: BLE001 - a config's __post_init__ rejecting a value
         raise cli.UsageError(f"gin config: cannot build TrainConfig: {' '.join(str(e).split())}") from None
-
-
-# ---- Set-up ------------------------------------------------------------------------------------
-def _initialize_distributed(config: DistributedConfig) -> None:
-    import jax
-
-    config = config.resolved()
-    if config.auto:
-        jax.distributed.initialize()
-    elif (config.num_processes or 1) > 1:
-        if config.coordinator_address is None or config.process_id is None:
-            raise cli.UsageError("DistributedConfig: num_processes > 1 needs coordinator_address and process_id "
-                                 "(or SPECTRON_COORDINATOR_ADDRESS / SPECTRON_PROCESS_ID)")
-        jax.distributed.initialize(coordinator_address=config.coordinator_address,
-                                   num_processes=config.num_processes, process_id=config.process_id)
-
-
-class _StopSignal:
-    """Preemption (SIGTERM): the loop saves and exits at a step boundary that every host agrees on.
-
-    Multi-process jobs use JAX's own mechanism: the distributed runtime's preemption notifier catches
-    SIGTERM from `jax.distributed.initialize` on (restore and compilation included) and
-    `multihost_utils.reached_preemption_sync_point(n)` tells every host, without a per-step host
-    sync, the same step to stop at. Its counter `n` is the number of steps this process has run (1
-    after the first), not the global step: a notice that comes before the first call (during
-    restore) sets the sync point to 1 + the largest counter reported, which a resumed run's global
-    step would already be past. No Python handler is installed then (it would replace the
-    notifier's). A single process installs a Python handler when the run starts (before restore).
-    """
-
-    def __init__(self):
-        import jax
-        from jax._src import distributed
-
-        self.distributed = jax.process_count() > 1 and distributed.global_state.client is not None
-        self.requested = False
-        self._previous = None if self.distributed else signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def reached(self, steps_run: int) -> bool:
-        """True at the step where every process saves and exits (all processes call it after every
-        step with the number of steps they have run in this process)."""
-        if not self.distributed:
-            return self.requested
-        from jax.experimental import multihost_utils
-        return bool(multihost_utils.reached_preemption_sync_point(steps_run))
-
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _JsonlLog:
@@ -405,13 +335,24 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     import jax
     import numpy as np
 
-    from spectron_jax import checkpoints, flops as flops_lib, metrics as metrics_lib, partitioning, trainer
+    from spectron_jax import (checkpoints, flops as flops_lib, metrics as metrics_lib, multihost, partitioning,
+                              trainer, validation)
     from spectron_jax.data import pipeline as pipeline_lib, tasks as tasks_lib
 
-    stop = _StopSignal()  # first: a SIGTERM during restore or compilation is not lost
-    configure_compilation_cache(config.compilation_cache_dir)
+    stop = multihost.PreemptionStop()  # first: a SIGTERM during restore or compilation is not lost
+    sent = set()
+
+    def sigterm_after(event: str) -> None:  # TrainConfig.sigterm_after (tests)
+        if config.sigterm_after == event and event not in sent:
+            sent.add(event)
+            os.kill(os.getpid(), signal.SIGTERM)
+
     is_main = jax.process_index() == 0
     filesystem.makedirs(model_dir)
+    ckpt = checkpoints.TrainCheckpointer(model_dir, config.checkpoint)
+    latest = ckpt.latest_step()
+    stop.prime(latest or 0)  # the preemption counter is the global step from here on
+    configure_compilation_cache(config.compilation_cache_dir)
     mesh = partitioning.make_mesh(config.mesh)
     rules = config.rules
     platform = jax.devices()[0].platform
@@ -436,8 +377,6 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     partitioning.check_replication({"params": abstract["params"], "opt_state": abstract["opt_state"]},
                                    {"params": state_shardings["params"], "opt_state": state_shardings["opt_state"]},
                                    config.sharding_tolerance)
-    ckpt = checkpoints.TrainCheckpointer(model_dir, config.checkpoint)
-    latest = ckpt.latest_step()
     if latest is not None:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings)
         meta = ckpt.meta(latest)
@@ -452,8 +391,7 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                                  f"(the data restarts at the saved epoch's start)")
         target["input"] = {k: np.zeros((count,), np.int32) for k in checkpoints.INPUT_KEYS}
         restored, _ = ckpt.restore(latest, target)
-        if config.sigterm_during_restore:
-            os.kill(os.getpid(), signal.SIGTERM)
+        sigterm_after("restore")
         input_arrays = restored.pop("input")
         state = restored
         position = None if data_changed else checkpoints.input_state_for_process(
@@ -504,6 +442,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
         return jax.ShapeDtypeStruct((rows,) + tuple(shape[1:]), dtype, sharding=sharding)
 
     abstract_batch = {k: global_abstract(s, d) for k, (s, d) in batch_spec.items()}
+    if config.delay_before_compile_s:
+        time.sleep(config.delay_before_compile_s)
     with partitioning.sharding_context(mesh, rules):
         jitted = jax.jit(step_fn, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                          donate_argnums=(0,))
@@ -526,7 +466,28 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     writer = metrics_lib.MetricsWriter(model_dir, enabled=is_main)
     jsonl = _JsonlLog(filesystem.join(model_dir, METRICS_JSONL), enabled=is_main)
     progress = metrics_lib.ProgressLog(train_steps)
-    evaluator = _Evaluator(model, config, task_name, shard, shapes, mesh, rules, compute_dtype, writer, jsonl)
+    evaluator = None
+    if config.eval_every_steps:
+        def validation_data():
+            return pipeline_lib.make_pipeline(task_name, "validation", config.batch_size, shard.index, shard.count,
+                                              seed=0, shuffle=False, repeat=False, drop_remainder=False, **shapes)
+
+        abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       abstract["params"], state_shardings["params"])
+        evaluator = validation.Evaluator(model, validation_data, config.eval_batches, abstract_params, abstract_batch,
+                                         mesh, rules, compute_dtype, microbatches=config.step.microbatches,
+                                         media=config.eval_media, writer=writer)
+    # Every step function is compiled: the processes meet before the first collective (multihost.meet).
+    multihost.meet("start", config.distributed.barrier_timeout_s)
+
+    def evaluate(step: int) -> None:
+        means = evaluator.run(step, state["params"])
+        if means:
+            writer.scalars(step, {f"eval/{k}": v for k, v in means.items()})
+            jsonl.write({"step": step, "split": "validation", **means})
+            print("eval " + metrics_lib.ProgressLog().format(step, means), flush=True)
+        sigterm_after("eval")
+        multihost.meet("eval", config.distributed.barrier_timeout_s)  # process 0 wrote media alone
 
     shard_indices = [partitioning.data_shard_info(config.batch_size, mesh, rules, p).index
                      for p in range(jax.process_count())]
@@ -562,10 +523,9 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
             last = values
         pending.clear()
 
-    run_steps = 0  # steps done by this process: the preemption sync point's counter (same on every host)
     try:
-        if config.eval_every_steps and config.eval_at_start and step == 0:
-            evaluator.run(0, state)
+        if evaluator is not None and config.eval_at_start and step == 0:
+            evaluate(0)
         while step < train_steps:
             host_batch = next(train_input)
             if config.nan_at_step is not None and step + 1 == config.nan_at_step:
@@ -575,7 +535,6 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                 state, step_metrics = compiled(state, batch)
             step += 1
             profiler.after(step, state)
-            run_steps += 1
             pending.append((step, step_metrics))
             logging_step = step % config.log_every_steps == 0 or step == train_steps
             if window_start is None or logging_step:
@@ -603,7 +562,7 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
                 writer.flush()
                 if is_main:
                     progress.log(step, scalars)
-            if stop.reached(run_steps):
+            if stop.reached(step):
                 fetch()
                 save(step)
                 ckpt.wait()
@@ -614,10 +573,11 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
             if step % config.checkpoint.save_every_steps == 0 or step == train_steps:
                 fetch()
                 save(step)
+                sigterm_after("save")
                 paused = True
-            if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == train_steps):
+            if evaluator is not None and (step % config.eval_every_steps == 0 or step == train_steps):
                 fetch()
-                evaluator.run(step, state)
+                evaluate(step)
                 paused = True
             if paused:  # saving and evaluating are not training time
                 window_start, window_steps = time.perf_counter(), 0
@@ -630,74 +590,6 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
         writer.flush()
         writer.close()
         jsonl.close()
-
-
-class _Evaluator:
-    """Loss terms on the validation split; a spectrogram image and audio of the first example."""
-
-    def __init__(self, model, config, task_name, shard, shapes, mesh, rules, compute_dtype, writer, jsonl):
-        import jax
-        from spectron_jax import partitioning, trainer
-
-        self.model, self.config, self.task_name, self.shard, self.shapes = model, config, task_name, shard, shapes
-        self.mesh, self.rules, self.writer, self.jsonl = mesh, rules, writer, jsonl
-        with partitioning.sharding_context(mesh, rules):
-            self.eval_step = jax.jit(trainer.make_eval_step(model.eval_fn, compute_dtype))
-        self.predict = jax.jit(model.predict_frames)
-
-    def run(self, step: int, state) -> dict:
-        import jax
-        import numpy as np
-        from spectron_jax import metrics as metrics_lib, partitioning
-        from spectron_jax.data import pipeline as pipeline_lib
-
-        data = pipeline_lib.make_pipeline(self.task_name, "validation", self.config.batch_size, self.shard.index,
-                                          self.shard.count, seed=0, shuffle=False, repeat=False,
-                                          drop_remainder=False, **self.shapes)
-        totals, count, first = {}, 0, None
-        for _ in range(self.config.eval_batches):
-            host_batch = next(data, None)
-            if host_batch is None:  # this host ran out: an empty batch keeps the hosts in lockstep
-                host_batch = {k: np.zeros(s, d) for k, (s, d) in data.batch_spec.items()}
-            batch = partitioning.global_batch_from_host(host_batch, self.mesh, self.rules)
-            with partitioning.sharding_context(self.mesh, self.rules):
-                values = _finite_floats(jax.device_get(self.eval_step(state["params"], batch)))
-            if values.get("num_text_tokens", 1.0) <= 0:
-                continue
-            first = first if first is not None else (host_batch, batch)
-            for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + v
-            count += 1
-        if not count:
-            return {}
-        means = {k: v / count for k, v in totals.items()}
-        self.writer.scalars(step, {f"eval/{k}": v for k, v in means.items()})
-        self.jsonl.write({"step": step, "split": "validation", **means})
-        print("eval " + metrics_lib.ProgressLog().format(step, means), flush=True)
-        # Every process runs every jitted computation on the global arrays (a forward may need
-        # collectives across hosts); only the writing process turns the result into media. `first`
-        # is the same batch on every host: which batches count is decided by global metrics.
-        if self.config.eval_media and first is not None:
-            host_batch, batch = first
-            with partitioning.sharding_context(self.mesh, self.rules):
-                frames = self.predict(state["params"], batch)
-            if not self.writer.enabled:
-                return means
-            # This host's row 0 is the lowest global row among its shards (global_batch_from_host).
-            first_shard = min(frames.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-            frames = np.asarray(jax.device_get(first_shard.data))[0]
-            valid = int(host_batch["cont_mask"][0].sum())
-            if valid == 0:  # this host's first row is padding
-                return means
-            target = np.asarray(host_batch["cont_frames"][0][:valid])
-            self.writer.image(step, "eval/spectrogram", metrics_lib.spectrogram_image(target, frames[:valid]))
-            try:
-                from spectron_jax import vocoder
-                voc = vocoder.GriffinLimVocoder()
-                self.writer.audio(step, "eval/continuation", voc(frames[:valid]), voc.sample_rate)
-            except Exception as e:  # noqa: BLE001 - audio is a convenience, never fatal
-                logger.warning("eval audio skipped: %s", e)
-        return means
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
@@ -766,7 +658,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"SpectronConfig.prompt_features={model_config.prompt_features!r}; bind both the same")
     converter = gin_config.build("SpectronFeatureConverter", with_segments=task_config.phi_split,
                                  reduction_factor=model_config.reduction_factor, prompt_dim=model_config.prompt_dim)
-    _initialize_distributed(config.distributed)
+    from spectron_jax import multihost
+    multihost.initialize(config.distributed)
     data_dir = config.data_dir
     if data_dir and not filesystem.is_dir(data_dir):
         raise cli.InputError(f"TrainConfig.data_dir: {data_dir} is not a directory (run spectron_jax.data.prepare)")

@@ -301,21 +301,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     return train_step
 
 
-def make_eval_step(eval_fn: Callable, compute_dtype) -> Callable:
-    """`eval_step(params, batch) -> metrics` (the loss terms, no gradients, no dropout).
-
-    eval_fn: `(params, batch) -> (loss, metrics)`, deterministic (e.g. `FunctionalSpectron.eval_fn`).
-    """
-
-    def eval_step(params, batch):
-        loss, metrics = eval_fn(cast_floating(params, compute_dtype), batch)
-        metrics = dict(metrics)
-        metrics["loss"] = loss
-        return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-
-    return eval_step
-
-
 def count_params(params: Any) -> dict[str, int]:
     """{'total': n, <top-level name>: n, ...} parameter counts of a nested dict of arrays."""
     counts = {"total": int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)))}

@@ -145,6 +145,12 @@ def test_v5e_4_compile_reports_memory_and_flops_matching_the_cpu_cost_model():
     assert 0.5 < report["flops_total"] / cpu_flops < 2.0
     assert "fits" in aot.format_report(report)
 
+    # The evaluation step the run compiles at start-up: the whole train state and a batch stay
+    # resident beside its own temporaries.
+    assert report["eval_fits"] is True
+    assert report["eval_total_bytes"] >= state_bytes + batch_bytes and report["eval_temp_bytes"] > 0
+    assert "evaluation step" in aot.format_report(report)
+
 
 @needs_libtpu
 def test_oversized_model_is_reported_as_not_fitting_with_exit_0(repo_root, tmp_path):

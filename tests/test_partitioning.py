@@ -369,7 +369,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 def pod_step_values(mesh):
     import test_spectron as ts
-    from spectron_jax import partitioning as pt, train, trainer
+    from spectron_jax import partitioning as pt, train, trainer, validation
 
     model = trainer.FunctionalSpectron(ts.tiny_config(reduction_factor=2, stop_head=True))
     config = train.TrainConfig(step=trainer.StepConfig(compute_dtype="float32", microbatches=2),
@@ -389,9 +389,12 @@ def pod_step_values(mesh):
             state, metrics = compiled(state, batch)
             values.update({f"train{i}/{k}": float(metrics[k])
                            for k in ("loss", "stop", "spec_time_delta_1", "grad_norm")})
-        eval_step = trainer.make_eval_step(model.eval_fn, jnp.float32)
-        evaluate = jax.jit(lambda p, b: (eval_step(p, b)["loss"], jnp.sum(jnp.abs(model.predict_frames(p, b)))))
-        eval_loss, media = evaluate(state["params"], batch)
+        eval_step = validation.make_eval_step(model.eval_fn, jnp.float32, microbatches=2)
+
+        def evaluate(p, b):
+            return eval_step(p, b, model.loss_normalizers(b))["loss"], jnp.sum(jnp.abs(model.predict_frames(p, b)))
+
+        eval_loss, media = jax.jit(evaluate)(state["params"], batch)
         values.update({"eval/loss": float(eval_loss), "media/abs_sum": float(media)})
     return values
 """

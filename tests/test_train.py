@@ -317,41 +317,68 @@ def _saved_steps(output: str) -> list[int]:
     return [int(line.split()[3]) for line in output.splitlines() if line.startswith("SIGTERM: saved step")]
 
 
+def _restart_from(model_dir, name, step):
+    """A copy of `model_dir` whose newest checkpoint is `step` (later ones and the metrics removed)."""
+    restart = model_dir.parent / name
+    shutil.copytree(model_dir, restart)
+    for later in _checkpoint_steps(restart):
+        if later > step:
+            shutil.rmtree(restart / "checkpoints" / str(later))
+    (restart / train.METRICS_JSONL).unlink()
+    return restart
+
+
 @pytest.mark.slow
 def test_two_processes_train_resume_exactly_and_one_process_continues(workdir):
     model_dir = workdir["root"] / "multihost"
     # FSDP across the processes, evaluation with media at steps 0 and 6, two microbatches: every
-    # jitted computation runs on both processes (a process-0-only forward would hang here).
+    # jitted computation runs on both processes (a process-0-only forward would hang here). Process 1
+    # starts compiling 40 s after process 0: the first cross-process collective (the step-0
+    # evaluation) would find process 0's Gloo rendezvous timed out (30 s) unless they meet first.
     pod = ("--gin.MeshConfig.ici=(1,-1,1)", "--gin.TrainConfig.mesh=@MeshConfig()", "--gin.TrainConfig.batch_size=16",
            "--gin.TrainConfig.step=@StepConfig()", "--gin.StepConfig.microbatches=2",
            "--gin.CheckpointConfig.save_every_steps=2")
-    _finish(_start_two(workdir, model_dir, "--gin.TRAIN_STEPS=6", "--gin.TrainConfig.eval_every_steps=6", *pod))
+    _finish(_start_two(workdir, model_dir, "--gin.TRAIN_STEPS=6", "--gin.TrainConfig.eval_every_steps=6", *pod,
+                       per_process=((), ("--gin.TrainConfig.delay_before_compile_s=40",))))
     assert _checkpoint_steps(model_dir) == [2, 4, 6]
     meta = json.loads((model_dir / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["process_count"] == 2
-    assert sorted(_eval_records(model_dir)) == [0, 6]
+    evals = _eval_records(model_dir)
+    assert sorted(evals) == [0, 6]
     uninterrupted = _train_losses(model_dir)
     assert sorted(uninterrupted) == list(range(1, 7))
 
-    # A 2-process restart from step 2 in which process 1 gets SIGTERM while restoring: the signal
-    # is not lost (both stop at the first sync point, 1 or 2 steps in, instead of running to step 6)
-    # and the steps they ran equal the uninterrupted run's.
-    restart = workdir["root"] / "multihost_restart"
-    shutil.copytree(model_dir, restart)
-    for step in (4, 6):
-        shutil.rmtree(restart / "checkpoints" / str(step))
-    (restart / train.METRICS_JSONL).unlink()
-    outputs = _finish(_start_two(workdir, restart, "--gin.TRAIN_STEPS=6", "--gin.TrainConfig.eval_every_steps=0",
-                                 *pod, per_process=((), ("--gin.TrainConfig.sigterm_during_restore=True",))))
-    saved = [_saved_steps(out) for out in outputs]
-    assert saved[0] == saved[1] and len(saved[0]) == 1 and saved[0][0] in (3, 4), saved
-    stopped = saved[0][0]
-    assert _checkpoint_steps(restart) == [2, stopped]
-    resumed = _train_losses(restart)
-    assert sorted(resumed) == list(range(3, stopped + 1))
-    for step in resumed:
-        for term in LOSS_TERMS:
-            assert resumed[step][term] == pytest.approx(uninterrupted[step][term], rel=1e-5, abs=1e-6), (step, term)
+    # The step-0 evaluation of one process with all 8 devices equals the two processes' (a mean over
+    # valid tokens and frames, whichever process read them).
+    single = workdir["root"] / "multihost_single"
+    result = _run(workdir, single, "--gin.TRAIN_STEPS=1", "--gin.TrainConfig.eval_every_steps=1", *pod, devices=8)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for term in LOSS_TERMS + ("num_text_tokens", "num_frames"):
+        assert _eval_records(single)[0][term] == pytest.approx(evals[0][term], rel=1e-5, abs=1e-6), term
+
+    # Restarts from step 2 in which one process gets SIGTERM while restoring, right after its first
+    # save (step 4) or right after its first evaluation (step 3). The notice is never lost: both
+    # processes save the same step, the first sync point after it, and exit 0; the steps they ran
+    # equal the uninterrupted run's.
+    for name, after, bindings, first_stop in (
+            ("restore", ("", "--gin.TrainConfig.sigterm_after='restore'"), (), 3),
+            ("save", ("", "--gin.TrainConfig.sigterm_after='save'"), (), 5),
+            ("eval", ("--gin.TrainConfig.sigterm_after='eval'", ""), ("--gin.TrainConfig.eval_every_steps=3",), 4)):
+        restart = _restart_from(model_dir, f"multihost_restart_{name}", 2)
+        per_process = tuple((a,) if a else () for a in after)
+        outputs = _finish(_start_two(workdir, restart, "--gin.TRAIN_STEPS=8", "--gin.TrainConfig.eval_every_steps=0",
+                                     *pod, *bindings, per_process=per_process))
+        saved = [_saved_steps(out) for out in outputs]
+        assert saved[0] == saved[1] and len(saved[0]) == 1 and saved[0][0] in (first_stop, first_stop + 1), (name, saved)
+        stopped = saved[0][0]
+        assert _checkpoint_steps(restart) == sorted({2, 4, stopped} if stopped > 4 else {2, stopped}), name
+        resumed = _train_losses(restart)
+        assert sorted(resumed) == list(range(3, stopped + 1)), name
+        for step in resumed:
+            if step in uninterrupted:
+                for term in LOSS_TERMS:
+                    assert resumed[step][term] == pytest.approx(uninterrupted[step][term], rel=1e-5, abs=1e-6), (
+                        name, step, term)
 
     # One process with all 8 devices continues the 2-process run (data restarts at the epoch's start).
     result = _run(workdir, model_dir, "--gin.TRAIN_STEPS=8", "--gin.TrainConfig.eval_every_steps=0", *pod, devices=8)
