@@ -66,9 +66,12 @@ class CheckpointConfig:
         paper: 1000.
       keep_last: checkpoints kept on disk (older ones are deleted). DEFAULT, not in the paper: 3.
       async_save: write in a background thread while training continues.
-      use_ocdbt: store arrays in tensorstore's OCDBT format (orbax's default: few large files).
-        False writes one zarr store per array; needed for GCS emulators whose object generations
-        tensorstore's OCDBT manifest writes reject ("Malformed StorageGeneration").
+      use_ocdbt: store arrays in tensorstore's OCDBT format (orbax's default: few large files). Its
+        manifest is committed with GCS's conditional writes, so a GCS stand-in must honour
+        `ifGenerationMatch` / `ifGenerationNotMatch` and send `x-goog-generation` on downloads (the
+        released `gcp-storage-emulator` does not: "Malformed StorageGeneration"; `tests/gcs_emulator.py`
+        adds both, and the gs:// tests run this format). False writes one zarr store per array.
+        `export --no-use_ocdbt` is the same switch for an export.
     """
 
     save_every_steps: int = 1000

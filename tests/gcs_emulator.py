@@ -5,14 +5,17 @@ The emulator as released has two gaps that tensorstore's GCS driver (the array w
 over, and this wrapper closes exactly those, nothing else:
 
 1. A media download (`GET .../o/NAME?alt=media`, also a ranged one, 206) carries no `x-goog-generation`
-   header. Real GCS sends it, and tensorstore takes a downloaded object's generation from it alone
-   (`SetObjectMetadataFromHeaders`, missing -> 0). Every read therefore stamps the value with generation
-   0, which tensorstore's GCS driver treats as invalid: the next read or write conditioned on that stamp
-   (`if_not_equal` / `if_equal`) fails in the client, before any request, with "Malformed
-   StorageGeneration". OCDBT re-reads its manifest and conditions its next commit on the manifest's
-   generation, so a checkpoint fails as soon as a manifest read comes between two commits (with orbax's
-   concurrent array writes: from a few dozen arrays on, not every time). Added here:
-   `x-goog-generation` and `x-goog-metageneration` on every 200/206 download, from the object resource.
+   header. Real GCS sends it, and tensorstore's GCS driver takes a downloaded object's generation from it
+   alone (`SetObjectMetadataFromHeaders`: missing -> 0). OCDBT creates its manifest with
+   `ifGenerationMatch=0` and chains its commits on the generation in each upload's JSON response (which
+   the emulator gets right); but while a save is under way it also revalidates its cached manifest with
+   `GET ...manifest.ocdbt?alt=media&ifGenerationNotMatch=G`. The emulator ignores the condition (gap 2)
+   and answers 200 with the body and no generation header, so the manifest is stamped generation 0. The
+   next read (`if_not_equal`) or commit (`if_equal`) conditioned on that stamp is refused inside
+   tensorstore, before any request, since a GCS generation must be > 0 (`IsValidStorageGeneration`):
+   "Malformed StorageGeneration". Whether a revalidation falls between two commits depends on timing:
+   about half of orbax's saves of 20 to 100 arrays failed. Added here: `x-goog-generation` and
+   `x-goog-metageneration` on every 200/206 download, from the object resource.
 2. Preconditions are ignored: `ifGenerationMatch`, `ifGenerationNotMatch`, `ifMetagenerationMatch`,
    `ifMetagenerationNotMatch` never produce GCS's 412 (Precondition Failed) or 304 (Not Modified), so a
    conditional write always succeeds and a conditional read always returns the body. OCDBT's manifest
