@@ -81,7 +81,7 @@ def test_bundle_round_trip_loss_fp32_and_bf16(tmp_path):
     assert abs(losses["bfloat16"] - float(reference)) <= 1e-2 * abs(float(reference))
 
 
-@pytest.mark.slow  # two exports and loads of a tiny model: ~20 s on 2 loaded cores
+@pytest.mark.slow  # a tiny model's init, two exports and loads: ~30 s alone on 2 loaded cores
 def test_export_format_follows_use_ocdbt_and_both_load_exactly(tmp_path):
     from spectron_jax import export as export_cli
 
