@@ -40,7 +40,8 @@ EXTRAS_REQUIRE = {
     # Importers of open checkpoints (Gemma decoders, w2v-BERT 2.0 encoder).
     "convert": ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"],
     "test": ["pytest", "pytest-xdist",
-             "gcp-storage-emulator==2026.7.19"],  # a local GCS server for the gs:// tests
+             # a local GCS server for the gs:// tests; tests/gcs_emulator.py fills two gaps of this version
+             "gcp-storage-emulator==2026.7.19"],
 }
 
 setup(

@@ -66,9 +66,12 @@ class CheckpointConfig:
         paper: 1000.
       keep_last: checkpoints kept on disk (older ones are deleted). DEFAULT, not in the paper: 3.
       async_save: write in a background thread while training continues.
-      use_ocdbt: store arrays in tensorstore's OCDBT format (orbax's default: few large files).
-        False writes one zarr store per array; needed for GCS emulators whose object generations
-        tensorstore's OCDBT manifest writes reject ("Malformed StorageGeneration").
+      use_ocdbt: store arrays in tensorstore's OCDBT format (orbax's default: few large files). Its
+        manifest is committed with GCS's conditional writes, so a GCS stand-in must honour
+        `ifGenerationMatch` / `ifGenerationNotMatch` and send `x-goog-generation` on downloads (the
+        released `gcp-storage-emulator` does not: "Malformed StorageGeneration"; `tests/gcs_emulator.py`
+        adds both, and the gs:// tests run this format). False writes one zarr store per array.
+        `export --no-use_ocdbt` is the same switch for an export.
     """
 
     save_every_steps: int = 1000
@@ -377,10 +380,14 @@ def apply_partial_init(params: Mapping[str, Any], inits: Sequence[PartialInit]) 
 
 
 # ---- Export ------------------------------------------------------------------------------------
-def export(model_dir: str, output_dir: str, dtype: str = "float32", step: Optional[int] = None) -> dict:
+def export(model_dir: str, output_dir: str, dtype: str = "float32", step: Optional[int] = None,
+           use_ocdbt: bool = CheckpointConfig.use_ocdbt) -> dict:
     """Writes params-only (optionally bfloat16), config.gin and the tokenizer of a run to `output_dir`.
 
-    Reads only the `params` of the checkpoint (no optimizer state). Returns the export.json payload.
+    Reads only the `params` of the checkpoint (no optimizer state), in whichever format it was saved.
+    `use_ocdbt` picks the format of `params/` as `CheckpointConfig.use_ocdbt` does for training
+    checkpoints (default: OCDBT, like training); both load back through `load_exported_params`.
+    Returns the export.json payload.
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
@@ -405,9 +412,8 @@ def export(model_dir: str, output_dir: str, dtype: str = "float32", step: Option
     filesystem.makedirs(output_dir)
     params_dir = filesystem.join(filesystem.absolute(output_dir), EXPORT_PARAMS_SUBDIR)
     filesystem.remove_tree(params_dir)
-    saver = ocp.StandardCheckpointer()
-    saver.save(params_dir, params)
-    saver.wait_until_finished()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=use_ocdbt)) as saver:
+        saver.save(params_dir, args=ocp.args.StandardSave(params))
     for name in (CONFIG_FILENAME, TOKENIZER_FILENAME):
         source = filesystem.join(model_dir, name)
         if filesystem.is_file(source):

@@ -1,11 +1,13 @@
 """`export`: a trained run's parameters (only), config.gin and tokenizer, for inference and evaluation.
 
     python -m spectron_jax.export --model_dir=DIR --output_dir=DIR [--dtype=bfloat16] [--step=N]
+        [--no-use_ocdbt]
 
 Reads the newest checkpoint of MODEL_DIR (or --step), drops the optimizer state, optionally casts the
 floating parameters to bfloat16, and writes (see `spectron_jax.checkpoints.export`):
 
-    OUT/params/          orbax pytree of the parameters
+    OUT/params/          orbax pytree of the parameters (OCDBT, as training checkpoints are by default;
+                         `--no-use_ocdbt`: one zarr store per array)
     OUT/config.gin       the run's operative config
     OUT/tokenizer.model  the SentencePiece model of the run
     OUT/export.json      step, dtype, parameter count
@@ -15,6 +17,7 @@ floating parameters to bfloat16, and writes (see `spectron_jax.checkpoints.expor
 
 from __future__ import annotations
 
+import argparse
 from typing import Optional, Sequence
 
 from spectron_jax import cli
@@ -26,6 +29,9 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--output_dir", required=True, help="where the export is written")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("--use_ocdbt", action=argparse.BooleanOptionalAction, default=None,
+                        help="write params/ in tensorstore's OCDBT format (default: CheckpointConfig.use_ocdbt's, "
+                             "on, as training checkpoints); --no-use_ocdbt writes one zarr store per array")
     return parser
 
 
@@ -40,7 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spectron_jax import checkpoints
 
     try:
-        info = checkpoints.export(args.model_dir, args.output_dir, dtype=args.dtype, step=args.step)
+        use_ocdbt = checkpoints.CheckpointConfig.use_ocdbt if args.use_ocdbt is None else args.use_ocdbt
+        info = checkpoints.export(args.model_dir, args.output_dir, dtype=args.dtype, step=args.step,
+                                  use_ocdbt=use_ocdbt)
         from spectron_jax import bundle
 
         bundle.write_bundle_json(args.output_dir, info)

@@ -51,10 +51,11 @@ def throwaway_sp_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def gcs_emulator():
-    """A local GCS server (`gcp-storage-emulator`, in memory) on a free loopback port with a bucket
-    `spectron-test`; yields the env vars that point gcsfs / epath and tensorstore at it. Stopped at exit."""
+    """A local GCS server (`gcp-storage-emulator`, in memory, through `tests/gcs_emulator.py`: with the
+    object generations on downloads and the preconditions that tensorstore's OCDBT writes rely on) on a
+    free loopback port with a bucket `spectron-test`; yields the env vars that point gcsfs / epath and
+    tensorstore at it. Stopped at exit."""
     import json
-    import shutil
     import socket
     import subprocess
     import sys
@@ -64,9 +65,10 @@ def gcs_emulator():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    executable = shutil.which("gcp-storage-emulator") or str(pathlib.Path(sys.executable).parent / "gcp-storage-emulator")
-    server = subprocess.Popen([executable, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    emulator = pathlib.Path(__file__).resolve().parent / "gcs_emulator.py"
+    server = subprocess.Popen(
+        [sys.executable, str(emulator), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

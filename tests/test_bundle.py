@@ -1,4 +1,5 @@
-"""Bundle round trip: export a training checkpoint of a tiny Spectron model, load it back, same loss."""
+"""Bundle round trip: export a training checkpoint of a tiny Spectron model, load it back, same loss; the
+export's format (OCDBT or one zarr store per array) follows `use_ocdbt`, and both load back exactly."""
 
 import json
 
@@ -78,3 +79,26 @@ def test_bundle_round_trip_loss_fp32_and_bf16(tmp_path):
     assert losses["float32"] == float(reference)
     # bf16 rounds every weight to 8 bits of mantissa: the loss moves by well under 1%.
     assert abs(losses["bfloat16"] - float(reference)) <= 1e-2 * abs(float(reference))
+
+
+@pytest.mark.slow  # a tiny model's init, two exports and loads: ~30 s alone on 2 loaded cores
+def test_export_format_follows_use_ocdbt_and_both_load_exactly(tmp_path):
+    from spectron_jax import export as export_cli
+
+    _, params, model_dir = _train_dir(tmp_path)
+    expected = checkpoints.flatten_paths(params)
+    for flag, ocdbt in (([], True), (["--no-use_ocdbt"], False)):
+        out = tmp_path / f"ocdbt_{ocdbt}"
+        assert export_cli.main([f"--model_dir={model_dir}", f"--output_dir={out}", *flag]) == 0
+        params_dir = out / checkpoints.EXPORT_PARAMS_SUBDIR
+        stores = sorted(p.parent.name for p in params_dir.rglob(".zarray"))
+        if ocdbt:  # one database (a manifest and a few data files), no per-array stores
+            assert (params_dir / "manifest.ocdbt").is_file() and stores == []
+        else:  # one zarr store per array, named by its path
+            assert not list(params_dir.rglob("manifest.ocdbt"))
+            assert stores == sorted(name.replace("/", ".") for name in expected)
+        loaded = checkpoints.flatten_paths(bundle.load_bundle(str(out)).params)
+        assert sorted(loaded) == sorted(expected)
+        for name, value in expected.items():
+            assert loaded[name].dtype == value.dtype, name
+            np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(value), err_msg=name)

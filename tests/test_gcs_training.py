@@ -85,10 +85,9 @@ def test_prepare_train_crash_resume_export_on_gcs(env, gcs_emulator, tmp_path, r
 
     gin_file = tmp_path / "run.gin"
     gin_file.write_text(RUN_GIN)
-    # The emulator's object generations are rejected by tensorstore's OCDBT manifest writes
-    # ("Malformed StorageGeneration"); per-array zarr stores go through the same GCS client.
+    # Checkpoints in the production format (OCDBT: conditional manifest commits on the bucket).
     train = ["spectron_jax.train", f"--gin_file={gin_file}", f"--gin.DATA_DIR='{data_dir}'",
-             f"--gin.TrainConfig.vocab_path='{vocab}'", "--gin.CheckpointConfig.use_ocdbt=False"]
+             f"--gin.TrainConfig.vocab_path='{vocab}'"]
     # Uninterrupted reference, on local disk (local shards: a copy of the bucket's).
     local_data = tmp_path / "data"
     for name in fs.listdir(data_dir):
@@ -104,6 +103,7 @@ def test_prepare_train_crash_resume_export_on_gcs(env, gcs_emulator, tmp_path, r
     # A run on the bucket that dies at step 3 (a NaN batch: exit 1, nothing saved after step 2) ...
     _call(train + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TrainConfig.nan_at_step=3"], env, repo_root, expect=1)
     assert fs.is_dir(f"{model_dir}/checkpoints/2") and not fs.exists(f"{model_dir}/checkpoints/3")
+    assert fs.is_file(f"{model_dir}/checkpoints/2/state/manifest.ocdbt")  # the production format
     # ... resumes from the bucket's checkpoint and continues exactly.
     result = _call(train + [f"--gin.MODEL_DIR='{model_dir}'"], env, repo_root)
     assert f"resumed from step 2 in {model_dir}/checkpoints" in result.stdout
@@ -119,4 +119,15 @@ def test_prepare_train_crash_resume_export_on_gcs(env, gcs_emulator, tmp_path, r
 
     _call(["spectron_jax.export", f"--model_dir={model_dir}", f"--output_dir={export_dir}"], env, repo_root)
     info = json.loads(fs.read_text(f"{export_dir}/export.json"))
-    assert info["step"] == 4 and fs.is_file(f"{export_dir}/config.gin") and fs.is_dir(f"{export_dir}/params")
+    assert info["step"] == 4 and fs.is_file(f"{export_dir}/config.gin")
+    assert fs.is_file(f"{export_dir}/params/manifest.ocdbt")
+    # The OCDBT export read back from the bucket equals the same checkpoint exported to local disk as
+    # per-array zarr stores (another writer, another file system).
+    from spectron_jax import checkpoints
+
+    checkpoints.export(model_dir, str(tmp_path / "zarr_export"), use_ocdbt=False)
+    from_bucket = checkpoints.flatten_paths(checkpoints.load_exported_params(export_dir))
+    from_disk = checkpoints.flatten_paths(checkpoints.load_exported_params(str(tmp_path / "zarr_export")))
+    assert sorted(from_bucket) == sorted(from_disk)
+    for name, value in from_disk.items():
+        np.testing.assert_array_equal(np.asarray(from_bucket[name]), np.asarray(value), err_msg=name)
