@@ -8,6 +8,11 @@ padding, or on the number of processes that read them. It takes two passes over 
 sums the normalisers (masks only), the second runs the model with those totals as every mean's
 divisor (`losses.NORMALIZERS_KEY`) and adds the terms up, so the result is exact, `loss` included.
 
+The pass is teacher-forced with every dropout off, the pre-net's included (`deterministic_model`):
+its inference-time dropout (`AcousticConfig.prenet_dropout_at_inference`) draws its masks by the
+row's position in the batch, which would make the figure depend on the batch layout and the process
+count.
+
 Each batch is evaluated in `microbatches` strided pieces (the training step's split), so evaluation
 needs no more activation memory than a training microbatch. Every function is compiled when the
 evaluator is built (before the training loop's first collective; see `multihost.meet`), not at the
@@ -30,6 +35,14 @@ import numpy as np
 from spectron_jax import losses, partitioning, trainer
 
 logger = logging.getLogger(__name__)
+
+
+def deterministic_model(model_config) -> "trainer.FunctionalSpectron":
+    """The model of `model_config` with the pre-net's inference-time dropout off (same parameters)."""
+    import dataclasses
+
+    acoustic = dataclasses.replace(model_config.acoustic, prenet_dropout_at_inference=False)
+    return trainer.FunctionalSpectron(dataclasses.replace(model_config, acoustic=acoustic))
 
 
 def make_count_step(normalizers_fn: Callable) -> Callable:
