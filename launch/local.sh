@@ -160,6 +160,7 @@ done
 tail -n +1 -F "$LOG_DIR/process_0.log" 2>/dev/null < /dev/null &
 TAIL_PID=$!
 set +m
+echo "process ids (each also its process group's): ${PIDS[*]}"
 
 begin_stop() {  # begin_stop WHY: SIGTERM to every process still running, SIGKILL at DEADLINE
   local i
@@ -203,7 +204,7 @@ supervise() {  # waits until every process has ended; sets RC
     fi
     if (( STOPPING && !KILLED && SECONDS >= DEADLINE )); then
       KILLED=1
-      note "still running after the grace period: process(es) ${RUNNING[*]}; sending SIGKILL to their process groups"
+      note "still running: process(es) ${RUNNING[*]}; sending SIGKILL to their process groups"
       for i in "${RUNNING[@]}"; do kill -KILL -- "-${PIDS[i]}" 2>/dev/null || true; KILLED_GROUPS[i]=1; done
     fi
     sleep 0.5 || true  # a signal to the launcher's process group (Ctrl-C) also ends this sleep

@@ -54,6 +54,11 @@ while :; do wait; done
 """
 
 
+def _process_group(pid: int) -> int:
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[2])
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie (from /proc/PID/stat)."""
     try:
@@ -92,6 +97,9 @@ class Job:
             time.sleep(0.05)
         self.pids = [int((self.work / f"{kind}_{i}").read_text()) for i in range(self.n) for kind in ("pid", "child")]
         assert all(_alive(pid) for pid in self.pids)
+        for i in range(self.n):  # each worker leads a process group of its own, which holds its child
+            assert _process_group(self.pids[2 * i]) == _process_group(self.pids[2 * i + 1]) == self.pids[2 * i]
+        assert _process_group(self.proc.pid) == self.proc.pid  # (the launcher's: start_new_session)
 
     def pid(self, i: int) -> int:
         return int((self.work / f"pid_{i}").read_text())
@@ -160,6 +168,8 @@ def test_a_worker_killed_with_sigkill_ends_the_job_within_the_grace_period(job):
     err = j.stderr_text()
     assert "error: process 1 exited with code 137" in err
     assert "process 2 exited with code 0" in err and "process 0 exited with code 137" in err
+    shown = (j.work / "launcher.out").read_text()
+    assert f"process ids (each also its process group's): {' '.join(str(j.pid(i)) for i in range(3))}" in shown
 
 
 @pytest.mark.parametrize("how", ["TERM to the launcher", "Ctrl-C to its process group"])
@@ -191,7 +201,7 @@ def test_a_worker_that_ignores_the_stop_is_killed_after_the_grace_period(job):
     assert grace <= seconds <= grace + MARGIN
     assert (j.work / "saved_0").exists()
     assert j.survivors() == []
-    assert "process(es) 1; sending SIGKILL" in j.stderr_text()
+    assert "still running: process(es) 1; sending SIGKILL to their process groups" in j.stderr_text()
 
 
 def test_a_second_signal_skips_the_rest_of_the_grace_period(job):
@@ -204,7 +214,8 @@ def test_a_second_signal_skips_the_rest_of_the_grace_period(job):
     assert rc == 137, j.stderr_text()
     assert seconds <= MARGIN  # far below the 300 s grace period
     assert j.survivors() == []
-    assert "received SIGTERM again" in j.stderr_text()
+    err = j.stderr_text()
+    assert "received SIGTERM again" in err and "still running: process(es) 0 1; sending SIGKILL" in err
 
 
 def test_the_first_failure_is_the_exit_code_and_left_over_children_are_killed(job):
