@@ -7,7 +7,7 @@ the environment, which the launcher passes on):
   save   on SIGTERM: takes SAVE_SECONDS to "save", writes saved_ID and exits 0 (as training does)
   hang   ignores SIGTERM, like a worker stuck in a collective; so does its child process
   plain  the default SIGTERM action (ends with 143); its child process is left behind
-  fail   exits 3 shortly after starting
+  fail   exits 3 once the test creates the file `go`
 
 Every stand-in writes its pid (pid_ID) and its child's pid (child_ID) and then ready_ID, so a test can
 check through /proc that no process of the job outlives the launcher.
@@ -45,7 +45,8 @@ case $mode in
   fail)
     sleep 1000 & child=$!
     echo $child > "$WORK/child_$id"; echo ready > "$WORK/ready_$id"
-    sleep 1; kill $child; exit 3 ;;
+    while [[ ! -e $WORK/go ]]; do sleep 0.05; done
+    kill $child; exit 3 ;;
   *) echo "unknown mode '$mode'" >&2; exit 9 ;;
 esac
 echo $child > "$WORK/child_$id"
@@ -71,7 +72,7 @@ def _alive(pid: int) -> bool:
 class Job:
     """One launch/local.sh run of stand-in workers (launcher in a session of its own, like a terminal job)."""
 
-    def __init__(self, tmp_path: pathlib.Path, modes: list[str], grace: int, save_seconds: float = 1.0):
+    def __init__(self, tmp_path: pathlib.Path, modes: list[str], grace: int, save_seconds: float = 0.5):
         self.work = tmp_path
         self.n = len(modes)
         stand_in = tmp_path / "stand_in_python"
@@ -146,7 +147,7 @@ class Job:
 def job(tmp_path):
     jobs = []
 
-    def start(modes, grace, save_seconds=1.0):
+    def start(modes, grace, save_seconds=0.5):
         jobs.append(Job(tmp_path, modes, grace, save_seconds))
         return jobs[-1]
 
@@ -156,7 +157,7 @@ def job(tmp_path):
 
 
 def test_a_worker_killed_with_sigkill_ends_the_job_within_the_grace_period(job):
-    grace = 3
+    grace = 4
     j = job(["hang", "plain", "save"], grace)
     j.wait_ready()
     os.kill(j.pid(1), signal.SIGKILL)
@@ -192,7 +193,7 @@ def test_a_stop_is_forwarded_and_the_launcher_waits_for_the_saves(job, how):
 
 
 def test_a_worker_that_ignores_the_stop_is_killed_after_the_grace_period(job):
-    grace = 2
+    grace = 4
     j = job(["save", "hang"], grace)
     j.wait_ready()
     os.kill(j.proc.pid, signal.SIGTERM)
@@ -221,6 +222,7 @@ def test_a_second_signal_skips_the_rest_of_the_grace_period(job):
 def test_the_first_failure_is_the_exit_code_and_left_over_children_are_killed(job):
     j = job(["plain", "fail"], grace=60)
     j.wait_ready()
+    (j.work / "go").touch()
     rc, _ = j.wait(timeout=60 + MARGIN)
     assert rc == 3, j.stderr_text()  # not process 0's 143 (it died of the SIGTERM that followed)
     assert j.survivors() == []  # process 0's child outlived it: the launcher killed it

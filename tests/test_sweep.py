@@ -572,7 +572,7 @@ _WORKER_PYTHON = r"""#!/usr/bin/env bash
 echo $$ > "$HOME/python.pid"
 [[ $MODE == hang ]] && trap '' TERM
 sleep 1000 & child=$!
-[[ $MODE == save ]] && trap 'kill $child; sleep 1; echo saved; exit 0' TERM
+[[ $MODE == save ]] && trap 'kill $child; sleep 0.5; echo saved; exit 0' TERM
 echo $child > "$HOME/child.pid"
 echo "training $*"
 while :; do wait; done
@@ -595,12 +595,12 @@ def test_tpu_vm_stop_on_a_worker_terms_waits_and_kills_the_process_group(bare_pa
     settings = ["--dry_run", "--zone=z", "--tpu_name=t", "--run_name=r1"]
     train = _run_script("tpu_vm.sh", [*settings, "--upload_every=1", "train", "--gin_file=a.gin",
                                       "--gin.MODEL_DIR='gs://b/run'"], bare_path)
-    stop = _run_script("tpu_vm.sh", [*settings, "--grace_seconds=2", "stop"], bare_path)
+    stop = _run_script("tpu_vm.sh", [*settings, "--grace_seconds=3", "stop"], bare_path)
     assert train.returncode == 0 and stop.returncode == 0, train.stderr + stop.stderr
     start_command = _remote_script(shlex.split(next(l for l in train.stdout.splitlines() if l.startswith("+ "))[2:]))[0]
     stop_command, stop_script = _remote_script(shlex.split(next(l for l in stop.stdout.splitlines()
                                                                 if l.startswith("+ "))[2:]))
-    assert "GRACE=2" in stop_script and "kill -KILL -- \"-$PID\"" in stop_script
+    assert "GRACE=3" in stop_script and "kill -KILL -- \"-$PID\"" in stop_script
 
     home = tmp_path / "home"
     python = home / "spectron_jax" / ".venv" / "bin" / "python"
@@ -628,8 +628,8 @@ def test_tpu_vm_stop_on_a_worker_terms_waits_and_kills_the_process_group(bare_pa
                              timeout=120)
         assert out.returncode == 0, out.stderr
         host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
-        assert f"{host}: SIGTERM sent to r1; waiting up to 2s" in out.stdout
-        killed = f"{host}: r1 still running after 2s: SIGKILL sent to its process group"
+        assert f"{host}: SIGTERM sent to r1; waiting up to 3s" in out.stdout
+        killed = f"{host}: r1 still running after 3s: SIGKILL sent to its process group"
         code = {"save": 0, "hang": 137}[mode]
         assert (killed in out.stdout) == (mode == "hang"), out.stdout
         assert f"{host}: r1 exited with code {code}" in out.stdout
