@@ -19,7 +19,8 @@
 # --grace_seconds, then sends SIGKILL to the process groups still alive (a process hung in a
 # collective, or one whose peer died, never ends on its own). A second signal to the launcher skips
 # the rest of the grace period. The launcher always waits for its processes, and kills whatever a
-# process leaves behind in its group once the process has ended.
+# process leaves behind in its group once the process has ended. (Nothing stops them if the launcher
+# itself is killed with SIGKILL: end them with kill -- -PID, PIDs as printed at the start.)
 #
 # Exit code: the first failure's (128+N for a process ended by signal N, e.g. 137 after SIGKILL),
 # else 0 -- also after a SIGTERM of the launcher that every process answered by saving and exiting 0.
