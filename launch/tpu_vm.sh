@@ -30,7 +30,9 @@ Commands:
            LOG_DIR on GCS every UPLOAD_EVERY seconds and when the run ends.
   status   state of the TPU (and queued resource) and of the run on every worker
   logs     last lines of a worker's log (--worker=K, --lines=N, --follow, or --from_gcs)
-  stop     send SIGTERM to the run on every worker (it saves a checkpoint and exits)
+  stop     send SIGTERM to the run on every worker (it saves a checkpoint and exits 0), wait up to
+           GRACE_SECONDS for it to end, then SIGKILL its process group (a worker hung in a
+           collective, or one whose peer is gone, never ends on its own)
   delete   delete the TPU VM (or the queued resource and its TPU)
 
 Settings (flag or environment variable; flags win):
@@ -55,6 +57,7 @@ Settings (flag or environment variable; flags win):
   --remote_dir=D       REMOTE_DIR        checkout folder on the workers, relative to home (default spectron_jax)
   --distributed_auto=B DISTRIBUTED_AUTO  add the jax.distributed auto-initialisation bindings (default true)
   --upload_every=S     UPLOAD_EVERY      seconds between log uploads (default 300)
+  --grace_seconds=S    GRACE_SECONDS     stop: seconds between SIGTERM and SIGKILL (default 300)
   --wait               WAIT=1            train: block until the run ends; exit with its exit code
   --worker=K           WORKER            logs: which worker (default 0)
   --ssh_flag=F         SSH_FLAGS         extra flag for every gcloud ssh/scp (repeatable), e.g.
@@ -92,6 +95,7 @@ REMOTE_PYTHON=${REMOTE_PYTHON:-}
 REMOTE_DIR=${REMOTE_DIR:-spectron_jax}
 DISTRIBUTED_AUTO=${DISTRIBUTED_AUTO:-1}
 UPLOAD_EVERY=${UPLOAD_EVERY:-300}
+GRACE_SECONDS=${GRACE_SECONDS:-300}
 WAIT=${WAIT:-0}
 WORKER=${WORKER:-0}
 LINES=${LINES_TO_SHOW:-100}
@@ -130,6 +134,7 @@ while [[ $# -gt 0 ]]; do
     --remote_dir=*) REMOTE_DIR=$(flag_value "$arg") ;;
     --distributed_auto=*) DISTRIBUTED_AUTO=$(as_bool "$(flag_value "$arg")" --distributed_auto) ;;
     --upload_every=*) UPLOAD_EVERY=$(flag_value "$arg") ;;
+    --grace_seconds=*) GRACE_SECONDS=$(flag_value "$arg") ;;
     --wait) WAIT=1 ;;
     --worker=*) WORKER=$(flag_value "$arg") ;;
     --lines=*) LINES=$(flag_value "$arg") ;;
@@ -164,6 +169,7 @@ fi
 [[ $WORKER =~ ^[0-9]+$ ]] || die 2 "--worker=$WORKER: expected a worker index"
 [[ $LINES =~ ^[0-9]+$ ]] || die 2 "--lines=$LINES: expected a number"
 [[ $UPLOAD_EVERY =~ ^[1-9][0-9]*$ ]] || die 2 "--upload_every=$UPLOAD_EVERY: expected a positive number of seconds"
+[[ $GRACE_SECONDS =~ ^[0-9]+$ ]] || die 2 "--grace_seconds=$GRACE_SECONDS: expected a whole number of seconds"
 [[ $REMOTE_DIR =~ ^[A-Za-z0-9._/-]+$ && $REMOTE_DIR != /* ]] || die 2 "--remote_dir=$REMOTE_DIR: expected a folder relative to the workers' home"
 case "$CAPACITY" in on-demand|spot|reserved) ;; *) die 2 "--capacity=$CAPACITY: expected on-demand, spot or reserved" ;; esac
 QR_ID=${QR_ID:-$TPU_NAME-qr}
@@ -354,9 +360,11 @@ cd "\$HOME"/$(shq "$REMOTE_DIR")
 export PATH="\$PWD/.venv/bin:\$PATH"
 export PYTHONUNBUFFERED=1
 rm -f "\$RUN_DIR/exit_code"
+set -m  # job control: training runs in a process group of its own (its id is PID), which stop can kill
 $line \\
     > >(tee "\$LOG") 2>&1 &
 PID=\$!
+set +m
 echo "\$PID" > "\$RUN_DIR/train.pid"
 ( while kill -0 "\$PID" 2>/dev/null; do sleep $UPLOAD_EVERY; upload; done ) &
 UPLOADER=\$!
@@ -410,7 +418,9 @@ cmd_train() {
     echo "# run script started on every worker:"
     printf '%s\n' "$script" | sed 's/^/#   /'
   fi
-  tpu_ssh all "$(remote_script_command "$path" "$script") && nohup bash $path > .spectron_runs/$RUN_NAME/nohup.out 2>&1 < /dev/null &"
+  # Only the nohup is backgrounded (in braces): a backgrounded `a && b &` list would hold the ssh
+  # session's output open, and ssh would wait for the whole run.
+  tpu_ssh all "$(remote_script_command "$path" "$script") && { nohup bash $path > .spectron_runs/$RUN_NAME/nohup.out 2>&1 < /dev/null & }"
 
   if [[ $WAIT == 1 ]]; then
     local probe="cat .spectron_runs/$RUN_NAME/exit_code 2>/dev/null || echo running"
@@ -468,9 +478,48 @@ cmd_logs() {
   tpu_ssh "$WORKER" "tail $tail_flags .spectron_runs/$(remote_run_name)/worker-*.log"
 }
 
+stop_script() {
+  cat <<EOF
+#!/usr/bin/env bash
+# Stops the spectron_jax run on this TPU worker (written by launch/tpu_vm.sh stop): SIGTERM (training
+# stops at a step agreed by all workers, saves a checkpoint and exits 0), up to GRACE seconds for it
+# to end, then SIGKILL of its process group.
+set -uo pipefail
+cd "\$HOME"
+RUN=$(shq "$RUN_NAME")
+GRACE=$GRACE_SECONDS
+[[ -n \$RUN ]] || RUN=\$(cat .spectron_runs/latest 2>/dev/null)
+PID=\$(cat ".spectron_runs/\$RUN/train.pid" 2>/dev/null)
+if [[ -z \$RUN || -z \$PID ]] || ! kill -0 "\$PID" 2>/dev/null; then
+  echo "\$(hostname): no running run \$RUN"
+  exit 0
+fi
+kill -TERM "\$PID"
+echo "\$(hostname): SIGTERM sent to \$RUN; waiting up to \${GRACE}s"
+waited=0
+while kill -0 "\$PID" 2>/dev/null && (( waited < GRACE )); do sleep 1; waited=\$((waited + 1)); done
+if kill -0 "\$PID" 2>/dev/null; then
+  # (a run started by an older launcher has no process group of its own: then the process alone)
+  kill -KILL -- "-\$PID" 2>/dev/null || kill -KILL "\$PID"
+  echo "\$(hostname): \$RUN still running after \${GRACE}s: SIGKILL sent to its process group"
+fi
+for (( i = 0; i < 30; i++ )); do  # the run script writes the exit code after its last log upload
+  [[ -f .spectron_runs/\$RUN/exit_code ]] && break
+  sleep 1
+done
+echo "\$(hostname): \$RUN exited with code \$(cat ".spectron_runs/\$RUN/exit_code" 2>/dev/null || echo "unknown")"
+EOF
+}
+
 cmd_stop() {
   need_command gcloud "install the Google Cloud CLI"
-  tpu_ssh all "R=$(remote_run_name); P=.spectron_runs/\$R/train.pid; if [ -f \$P ] && kill -0 \$(cat \$P) 2>/dev/null; then kill -TERM \$(cat \$P) && echo \"\$(hostname): SIGTERM sent to \$R\"; else echo \"\$(hostname): no running run \$R\"; fi"
+  local script
+  script=$(stop_script)
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "# stop script run on every worker:"
+    printf '%s\n' "$script" | sed 's/^/#   /'
+  fi
+  tpu_ssh all "$(remote_script_command .spectron_runs/stop.sh "$script") && bash .spectron_runs/stop.sh"
 }
 
 cmd_delete() {

@@ -16,8 +16,10 @@ import pathlib
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -514,6 +516,7 @@ def test_tpu_vm_dry_run_keeps_a_given_model_dir_and_other_commands(bare_path):
     (["train", "--gin_file=a.gin", "--gin.MODEL_DIR='/local/dir'"], "gs://"),
     (["--bogus", "status"], "--bogus"),
     (["frobnicate"], "frobnicate"),
+    (["--grace_seconds=5m", "stop"], "--grace_seconds=5m"),
 ])
 def test_tpu_vm_bad_arguments(bare_path, args, fragment):
     out = _run_script("tpu_vm.sh", args, bare_path, {"ZONE": "z", "TPU_NAME": "t", "DRY_RUN": "1"})
@@ -561,3 +564,84 @@ def test_local_dry_run_two_processes(bare_path):
     bad = _run_script("local.sh", ["--dry_run", "--num_processes=3", "--devices=8", "--port=1", "--python=py",
                                    "--gin_file=a.gin"], bare_path)
     assert bad.returncode == 2 and "split evenly" in bad.stderr
+
+
+_WORKER_PYTHON = r"""#!/usr/bin/env bash
+# Stand-in for a worker's .venv python: MODE=save exits 0 a moment after SIGTERM (training saves);
+# MODE=hang ignores SIGTERM, like a worker stuck in a collective, and so does its child.
+echo $$ > "$HOME/python.pid"
+[[ $MODE == hang ]] && trap '' TERM
+sleep 1000 & child=$!
+[[ $MODE == save ]] && trap 'kill $child; sleep 0.5; echo saved; exit 0' TERM
+echo $child > "$HOME/child.pid"
+echo "training $*"
+while :; do wait; done
+"""
+
+
+def _process_group(pid):
+    """The process group id of `pid` (from /proc), or None once the process has ended."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in "ZX" else int(fields[2])
+
+
+@pytest.mark.parametrize("mode", ["save", "hang"])
+def test_tpu_vm_stop_on_a_worker_terms_waits_and_kills_the_process_group(bare_path, tmp_path, mode):
+    """The commands that `train` and `stop` send to every worker, run here in a stand-in worker's home."""
+    settings = ["--dry_run", "--zone=z", "--tpu_name=t", "--run_name=r1"]
+    train = _run_script("tpu_vm.sh", [*settings, "--upload_every=1", "train", "--gin_file=a.gin",
+                                      "--gin.MODEL_DIR='gs://b/run'"], bare_path)
+    stop = _run_script("tpu_vm.sh", [*settings, "--grace_seconds=3", "stop"], bare_path)
+    assert train.returncode == 0 and stop.returncode == 0, train.stderr + stop.stderr
+    start_command = _remote_script(shlex.split(next(l for l in train.stdout.splitlines() if l.startswith("+ "))[2:]))[0]
+    stop_command, stop_script = _remote_script(shlex.split(next(l for l in stop.stdout.splitlines()
+                                                                if l.startswith("+ "))[2:]))
+    assert "GRACE=3" in stop_script and "kill -KILL -- \"-$PID\"" in stop_script
+
+    home = tmp_path / "home"
+    python = home / "spectron_jax" / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(_WORKER_PYTHON)
+    python.chmod(0o755)
+    bin_dir = pathlib.Path(bare_path)
+    for tool in ("sleep", "tee", "mkdir", "rm", "hostname", "nohup"):  # no gcloud, no curl: uploads fail
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": bare_path, "HOME": str(home), "MODE": mode}
+    pids = []
+    try:
+        started = subprocess.run(["bash", "-c", start_command], cwd=home, env=env, capture_output=True,
+                                 text=True, timeout=60)
+        assert started.returncode == 0, started.stderr
+        deadline = time.monotonic() + 60
+        while not (home / "child.pid").exists():
+            assert time.monotonic() < deadline, (home / ".spectron_runs" / "r1" / "nohup.out").read_text()
+            time.sleep(0.05)
+        pids = [int((home / name).read_text()) for name in ("python.pid", "child.pid")]
+        assert int((home / ".spectron_runs" / "r1" / "train.pid").read_text()) == pids[0]
+        assert _process_group(pids[0]) == _process_group(pids[1]) == pids[0]  # a group of its own
+
+        out = subprocess.run(["bash", "-c", stop_command], cwd=home, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+        assert f"{host}: SIGTERM sent to r1; waiting up to 3s" in out.stdout
+        killed = f"{host}: r1 still running after 3s: SIGKILL sent to its process group"
+        code = {"save": 0, "hang": 137}[mode]
+        assert (killed in out.stdout) == (mode == "hang"), out.stdout
+        assert f"{host}: r1 exited with code {code}" in out.stdout
+        assert (home / ".spectron_runs" / "r1" / "exit_code").read_text().strip() == str(code)
+        deadline = time.monotonic() + 10
+        while any(_process_group(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_process_group(pid) for pid in pids)
+        again = subprocess.run(["bash", "-c", stop_command], cwd=home, env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert again.returncode == 0 and f"{host}: no running run r1" in again.stdout
+    finally:
+        for pid in pids:
+            if _process_group(pid):
+                os.kill(pid, signal.SIGKILL)

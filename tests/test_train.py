@@ -1,5 +1,6 @@
 """Training: the loss falls, exact resume after kill -9, SIGTERM saves and exits 0, two processes on
-loopback, sharding of the state on a (2, 2, 2) mesh, the NaN stop, schedules, and CLI errors.
+loopback (also through launch/local.sh, one of them killed with -9), sharding of the state on a (2, 2, 2)
+mesh, the NaN stop, schedules, and CLI errors.
 
 The runs are subprocesses of `python -m spectron_jax.train` on a 40-utterance slice of the embedded
 corpus with a one-layer model, on one CPU device unless the test is about sharding; they share a
@@ -410,6 +411,71 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(workdir):
     saved = [[line.split()[3] for line in out.splitlines() if line.startswith("SIGTERM: saved step")] for out in outputs]
     assert saved[0] == saved[1] and len(saved[0]) == 1, saved
     assert int(saved[0][0]) in _checkpoint_steps(model_dir) and int(saved[0][0]) < 400
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid`, from the parent field of /proc/*/stat."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] not in "ZX":
+            found.append(int(entry))
+    return found
+
+
+def _process_id(pid: int) -> str | None:
+    """SPECTRON_PROCESS_ID in the environment of process `pid`."""
+    try:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    values = [e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"SPECTRON_PROCESS_ID=")]
+    return values[0] if values else None
+
+
+@pytest.mark.slow
+def test_launcher_ends_the_other_process_within_its_grace_period_after_kill_9(workdir, repo_root):
+    """launch/local.sh with two real training processes: process 1 is killed with -9 mid-run; process 0
+    (whose SIGTERM JAX catches, and which waits for its peer in a collective) is ended by the launcher."""
+    model_dir = workdir["root"] / "launcher_kill_9"
+    grace = 20
+    launcher = subprocess.Popen(
+        ["bash", str(repo_root / "launch" / "local.sh"), "--num_processes=2", "--devices=8", f"--port={_free_port()}",
+         f"--python={sys.executable}", f"--grace_seconds={grace}", f"--gin_file={workdir['gin']}",
+         f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=400", "--gin.CheckpointConfig.save_every_steps=2",
+         "--gin.TrainConfig.eval_every_steps=0"],
+        env=_env(workdir, devices=4), cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    logs = model_dir / "local_logs"
+    workers = []
+    try:
+        if not _wait_for(lambda: 2 in _checkpoint_steps(model_dir), launcher, timeout=400):
+            pytest.fail("no checkpoint at step 2: " + (logs / "process_0.log").read_text()[-3000:])
+        found = {_process_id(pid): pid for pid in _children(launcher.pid)}
+        workers = [found["0"], found["1"]]
+        os.kill(workers[1], signal.SIGKILL)
+        start = time.monotonic()
+        _, err = launcher.communicate(timeout=grace + 120)
+        seconds = time.monotonic() - start
+    finally:
+        if launcher.poll() is None:  # the test failed: end the launcher and the groups of its workers
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+            for pid in workers:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    assert launcher.returncode == 137, err + (logs / "process_0.log").read_text()[-3000:]  # process 1's: the first
+    assert seconds <= grace + 30, (seconds, err)  # 30 s: the launcher's polling and exit on a loaded machine
+    assert "error: process 1 exited with code 137" in err
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]  # both reaped by the launcher
 
 
 # ---- in process --------------------------------------------------------------------------------
