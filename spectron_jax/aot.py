@@ -316,13 +316,9 @@ def aot_report(program: TrainProgram, spec: TopologySpec, num_slices: int, gin_f
         "hbm_bytes": spec.hbm_bytes,
     }
     start = time.perf_counter()
-    try:
-        compiled = compile_program(program)
-    except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError (a RuntimeError subclass)
-        message = " ".join(str(e).split())
-        if "RESOURCE_EXHAUSTED" not in message:
-            raise
-        required, available = parse_oom(message)
+    compiled, oom = _compile_unless_oom(compile_program, program)
+    if oom is not None:
+        required, available, message = oom
         report.update(fits=False, compile_seconds=round(time.perf_counter() - start, 2), total_bytes=required,
                       oom_available_bytes=available, error=message[:500])
         return report
@@ -341,6 +337,18 @@ def aot_report(program: TrainProgram, spec: TopologySpec, num_slices: int, gin_f
     return report
 
 
+def _compile_unless_oom(compile_fn, program: TrainProgram):
+    """(compiled, None), or (None, (required bytes, available bytes, message)) when XLA runs out of HBM;
+    any other compile error is raised."""
+    try:
+        return compile_fn(program), None
+    except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError (a RuntimeError subclass)
+        message = " ".join(str(e).split())
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        return None, (*parse_oom(message), message)
+
+
 def _eval_memory(program: TrainProgram, train_report: dict) -> dict:
     """eval_* fields: the evaluation step's per-device memory while the train state stays resident.
 
@@ -348,13 +356,9 @@ def _eval_memory(program: TrainProgram, train_report: dict) -> dict:
     part of the train step's arguments it does not take (the optimizer state, kept on the device during
     evaluation). An evaluation that XLA cannot fit gives eval_fits False with the size XLA names.
     """
-    try:
-        compiled = compile_eval_program(program)
-    except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError (a RuntimeError subclass)
-        message = " ".join(str(e).split())
-        if "RESOURCE_EXHAUSTED" not in message:
-            raise
-        required, _ = parse_oom(message)
+    compiled, oom = _compile_unless_oom(compile_eval_program, program)
+    if oom is not None:
+        required, _, message = oom
         return {"eval_fits": False, "eval_total_bytes": required, "eval_error": message[:500]}
     fields = memory_fields(compiled)
     resident = max(0, train_report["argument_bytes"] - fields["argument_bytes"])

@@ -12,13 +12,16 @@ What a run does, on every process of a (possibly multi-host) job:
   2. Builds the mesh, the train state abstractly, then either restores the newest checkpoint in
      MODEL_DIR (exact resume: state, RNG and data position) or initialises the state directly in its
      shards (never a full copy on one device), optionally copying parts from other checkpoints.
-  3. Compiles the step once (in/out shardings, donated state) and reads its FLOPs for MFU.
+  3. Compiles the step once (in/out shardings, donated state) and reads its FLOPs for MFU, and the
+     evaluation's steps (`validation.Evaluator`); then every process meets the others
+     (`multihost.meet`) before the first cross-process collective.
   4. Loops: next batch -> step -> metrics (kept on the device, fetched every `log_every_steps`:
      a `metrics.jsonl` record for every step, TensorBoard and a progress line) -> async checkpoint
      every `save_every_steps` -> evaluation on the validation split every `eval_every_steps` (loss
      terms, a predicted-vs-target spectrogram image and Griffin-Lim audio of the teacher-forced
      continuation).
-  5. SIGTERM: saves a checkpoint of the step reached and exits 0. A NaN / Inf loss stops the run with
+  5. SIGTERM: saves a checkpoint of the step every process agrees on (`multihost.PreemptionStop`, on
+     the global step) and exits 0. A NaN / Inf loss stops the run with
      exit 1 and saves nothing (the last good checkpoint stays as it was).
 """
 
