@@ -145,6 +145,25 @@ def round_robin(counts: Sequence[int], start: int = 0) -> Iterator[tuple[int, in
         r += 1
 
 
+def host_lengths(counts: Sequence[int], num_shards: int) -> list[int]:
+    """Records in one epoch of each of `num_shards` hosts over files with `counts` records
+    (`EpochOrder.length` of every host, without building them)."""
+    counts = [int(c) for c in counts]
+    if len(counts) >= num_shards:
+        return [sum(counts[h::num_shards]) for h in range(num_shards)]
+    total = sum(counts)
+    return [len(range(h, total, num_shards)) for h in range(num_shards)]
+
+
+def replayed_records(counts: Sequence[int], epochs: Sequence[int], positions: Sequence[int]) -> int:
+    """Records seen again when a run whose hosts stood at (`epochs[h]`, `positions[h]`) restarts at
+    position 0 of the oldest epoch (how a new process count resumes): every record those hosts consumed
+    from that epoch's start on."""
+    lengths = host_lengths(counts, len(epochs))
+    oldest = min(int(e) for e in epochs)
+    return sum((int(e) - oldest) * n + int(p) for e, p, n in zip(epochs, positions, lengths))
+
+
 class EpochOrder:
     """One host's record order of every epoch (see the module docstring); all methods are pure index
     arithmetic except `records`, which reads."""
