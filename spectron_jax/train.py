@@ -112,9 +112,11 @@ class TrainConfig:
       sharding_tolerance: on a mesh of more than one device, the largest fraction of the parameters
         and optimizer state that may sit in fully replicated large arrays (> 2^20 elements); more is a
         one-line error at start (MaxText's idea and default, 0.02).
-      accept_data_change: resume even though the checkpoint's data seed, shard index, shard count or
-        input record order version (`pipeline.ORDER_VERSION`) differ from this run's (the data then restarts at position 0 of the saved epoch). Without it
-        such a resume is a one-line error.
+      accept_data_change: resume even though the checkpoint's data seed, shard index, shard count,
+        input record order version (`pipeline.ORDER_VERSION`) or input fingerprint (train shard files,
+        record counts, shuffle_buffer_size, cycle_length: `pipeline.order_fingerprint`) differ from
+        this run's (the data then restarts at position 0 of the saved epoch). Without it such a resume
+        is a one-line error naming the change.
       profile_steps: (start, stop): a `jax.profiler` trace of steps start..stop (1-based, inclusive)
         written by process 0 to MODEL_DIR/plugins/profile/<run>/ (TensorBoard's profile plugin); None:
         no trace. DEFAULT None.

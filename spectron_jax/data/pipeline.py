@@ -36,8 +36,11 @@ saves `state()` of every process separately (states differ between processes); a
 only into a pipeline with the same seed, shard_index and num_shards. With repeat=False, processes
 may run out after different numbers of batches (uneven files); evaluation code that needs lockstep
 should use repeat=False with drop_remainder=False and pad with empty batches on the processes that
-end early. A change of process count cannot resume exactly (each process's stream changes); start
-the new processes at position 0 of the saved epoch instead.
+end early. A change of process count cannot resume exactly: each process's stream is a permutation of
+its own files, not a slice of one global order, so no position of another count continues it; start
+the new processes at position 0 of the saved epoch instead (`epoch_order.replayed_records` counts
+what that sees again). `order_fingerprint` records what else fixes the order (the shard files, their
+record counts, the window and cycle length) so that a resume can check it.
 
 With repeat=True, an epoch read from its start that keeps no example after the length filter is an
 error (rather than an iterator that waits forever). The check costs nothing extra: every epoch ends in
