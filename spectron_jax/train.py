@@ -480,11 +480,17 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
             # that continues the saved ones, so the oldest saved epoch restarts (see the README).
             from spectron_jax.data import epoch_order
             counts = train_input.record_counts
-            replayed = None if data_changed else epoch_order.replayed_records(counts, epochs, positions)
-            logger.warning("checkpoint written by %d processes, now %d: data restarts at epoch %d, position 0%s",
-                           len(epochs), jax.process_count(), epoch,
-                           "" if replayed is None else f" ({replayed} of the {sum(counts)} "
-                           f"records of an epoch are seen again)")
+            saved_indices = meta.get("shard_index")
+            if data_changed:
+                logger.warning("the data stream changed (%s): data restarts at epoch %d, position 0",
+                               data_changed, epoch)
+            else:
+                replayed = epoch_order.replayed_records(
+                    counts, int(meta.get("num_shards", len(epochs))), epochs, positions,
+                    saved_indices if isinstance(saved_indices, list) and len(saved_indices) == len(epochs) else None)
+                logger.warning("checkpoint written by %d processes, now %d: data restarts at epoch %d, position 0 "
+                               "(%d of the %d records of an epoch are seen again)",
+                               len(epochs), jax.process_count(), epoch, replayed, sum(counts))
             position = {"epoch": epoch, "position": 0, "batches": 0}
         train_input.restore(position)
         print(f"resumed from step {latest} in {ckpt.directory}", flush=True)

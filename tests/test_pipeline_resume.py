@@ -270,4 +270,8 @@ def test_replayed_records_after_a_process_count_change(counts, num_shards):
     positions = [1] + [lengths[h] - 1 for h in range(1, num_shards)]
     # restarting epoch 2 replays host 0's whole epoch 2 and 1 record of epoch 3, the others' positions
     expected = lengths[0] + 1 + sum(positions[1:])
-    assert epoch_order.replayed_records(counts, epochs, positions) == expected
+    assert epoch_order.replayed_records(counts, num_shards, epochs, positions) == expected
+    # two processes per data shard (model parallel across hosts): a shared stream counts once
+    doubled = [value for value in epochs for _ in range(2)], [value for value in positions for _ in range(2)]
+    indices = [h for h in range(num_shards) for _ in range(2)]
+    assert epoch_order.replayed_records(counts, num_shards, *doubled, shard_indices=indices) == expected
