@@ -269,6 +269,7 @@ def test_resume_with_a_changed_data_seed_is_refused(workdir, reference_run):
     assert sorted(os.listdir(model_dir)) == before
 
 
+@pytest.mark.slow
 def test_resume_with_changed_data_files_or_shuffle_window_is_refused_unless_accepted(workdir, reference_run):
     model_dir = workdir["root"] / "data_changed"
     shutil.copytree(reference_run[0], model_dir)
