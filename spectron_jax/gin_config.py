@@ -14,6 +14,8 @@ Flags (as in t5x):
   --gin_search_paths=A,B   extra folders to look files up in. The repository root and its `gin/` folder
                            are always searched, so `--gin_file=gin/models/tiny.gin` and
                            `--gin_file=models/tiny.gin` both work, from any working directory.
+  Files, search paths and `include`d files may be on an object store (`gs://bucket/run.gin`), read
+  through `spectron_jax.filesystem`.
 
 Configurables are registered under their short class names (`SpectronConfig`, `ConformerConfig`, ...), so
 gin files read `SpectronConfig.encoder = @ConformerConfig()`. The logical-axis rules are gin constants:
@@ -33,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gin
 
-from spectron_jax import cli
+from spectron_jax import cli, filesystem
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -196,14 +198,38 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
 
 
 def search_paths(extra: str | Sequence[str] = "") -> list[str]:
-    """Folders searched for gin files, in order: the working directory, `extra`, repo root, `gin/`."""
+    """Folders searched for gin files, in order: the working directory, `extra` (local or object-store
+    folders), repo root, `gin/`."""
     if isinstance(extra, str):
         extra = [p.strip() for p in extra.split(",")]
     paths = [p for p in extra if p]
     for path in paths:
-        if not os.path.isdir(path):
+        if not (filesystem.is_dir(path) if _is_url(path) else os.path.isdir(path)):
             raise cli.UsageError(f"--gin_search_paths: {path} is not a directory")
     return [""] + paths + [str(REPO_ROOT), str(GIN_DIR)]
+
+
+# gin files (and the files they include) on object stores are read through the file-system layer: gin
+# tries its readers in turn, and this one takes the paths that start with a URL scheme (`gs://...`).
+# An include resolves as gin's own do: as given, then under each search path.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _is_url(path: str) -> bool:
+    return bool(_URL.match(str(path)))
+
+
+def _is_url_file(path: str) -> bool:
+    return _is_url(path) and filesystem.is_file(path)
+
+
+def _is_file(path: str) -> bool:
+    return _is_url_file(path) if _is_url(path) else os.path.isfile(path)
+
+
+def _open_url(path: str):
+    """A text file object of `path` (a context manager, like `open`)."""
+    return filesystem.path(path).open("r", encoding="utf-8")
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:
@@ -266,13 +292,15 @@ def parse_gin(args: argparse.Namespace | None = None, *, gin_files: Sequence[str
     bindings = list(bindings or [])
     prefixes = search_paths(gin_search_paths)
     for path in gin_files:  # checked before the (slow) registration, so a typo fails fast
-        if not os.path.isabs(path) and not any(os.path.isfile(os.path.join(p, path)) for p in prefixes):
+        absolute = os.path.isabs(path) or _is_url(path)
+        if not absolute and not any(_is_file(os.path.join(p, path)) for p in prefixes):
             searched = ", ".join(p or "." for p in prefixes)
             raise cli.UsageError(f"--gin_file={path}: file not found (searched {searched})")
-        if os.path.isabs(path) and not os.path.isfile(path):
+        if absolute and not _is_file(path):
             raise cli.UsageError(f"--gin_file={path}: file not found")
 
     register_configurables()
+    gin.config.register_file_reader(_open_url, _is_url_file)
     gin.clear_config()
     gin.config._LOCATION_PREFIXES[:] = prefixes  # gin keeps its search path in this module-level list
 

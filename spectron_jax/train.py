@@ -93,9 +93,11 @@ class TrainConfig:
       sharding_tolerance: on a mesh of more than one device, the largest fraction of the parameters
         and optimizer state that may sit in fully replicated large arrays (> 2^20 elements); more is a
         one-line error at start (MaxText's idea and default, 0.02).
-      accept_data_change: resume even though the checkpoint's data seed, shard index, shard count or
-        input record order version (`pipeline.ORDER_VERSION`) differ from this run's (the data then restarts at position 0 of the saved epoch). Without it
-        such a resume is a one-line error.
+      accept_data_change: resume even though the checkpoint's data seed, shard index, shard count,
+        input record order version (`pipeline.ORDER_VERSION`) or input fingerprint (train shard files,
+        record counts, shuffle_buffer_size, cycle_length: `pipeline.order_fingerprint`) differ from
+        this run's (the data then restarts at position 0 of the saved epoch). Without it such a resume
+        is a one-line error naming the change.
       profile_steps: (start, stop): a `jax.profiler` trace of steps start..stop (1-based, inclusive)
         written by process 0 to MODEL_DIR/plugins/profile/<run>/ (TensorBoard's profile plugin); None:
         no trace. DEFAULT None.
@@ -204,11 +206,17 @@ class _JsonlLog:
         self.flush()
 
 
-def _data_change(meta: dict, seed: int, shard, process_index: int, order_version: int | None = None) -> str:
+def _data_change(meta: dict, seed: int, shard, process_index: int, order_version: int | None = None,
+                 fingerprint: dict | None = None) -> str:
     """What differs between a checkpoint's data stream (its `meta`) and this run's ('' when nothing).
 
     A checkpoint without `input_order` counted its position in the first record order (version 1).
+    `fingerprint` is this run's `pipeline.order_fingerprint`, compared with the meta's
+    `input_fingerprint` (absent in older checkpoints: not compared); its order settings only count
+    when `order_version` is given (the same process count: an exact resume is attempted).
     """
+    from spectron_jax.data import pipeline as pipeline_lib
+
     changes = []
     if "seed" in meta and int(meta["seed"]) != seed:
         changes.append(f"data_seed {meta['seed']} -> {seed}")
@@ -219,6 +227,9 @@ def _data_change(meta: dict, seed: int, shard, process_index: int, order_version
     saved_index = meta.get("shard_index")
     if isinstance(saved_index, list) and process_index < len(saved_index) and int(saved_index[process_index]) != shard.index:
         changes.append(f"data shard index {saved_index[process_index]} -> {shard.index}")
+    if fingerprint is not None:
+        changes += pipeline_lib.fingerprint_changes(meta.get("input_fingerprint"), fingerprint,
+                                                    settings=order_version is not None)
     return ", ".join(changes)
 
 
@@ -385,9 +396,11 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
         meta = ckpt.meta(latest)
         count = int(meta.get("process_count", jax.process_count()))
         # A new process count is an expected change (handled below); a new seed or sharding is not.
-        data_changed = _data_change(meta if count == jax.process_count() else {"seed": meta.get("seed", config.data_seed)},
+        data_changed = _data_change(meta if count == jax.process_count() else {"seed": meta.get("seed", config.data_seed),
+                                                                            "input_fingerprint": meta.get("input_fingerprint")},
                                     config.data_seed, shard, jax.process_index(),
-                                    pipeline_lib.ORDER_VERSION if count == jax.process_count() else None)
+                                    pipeline_lib.ORDER_VERSION if count == jax.process_count() else None,
+                                    train_input.order_fingerprint())
         if data_changed and not config.accept_data_change:
             raise cli.InputError(f"{ckpt.directory}/{latest}: the checkpoint's data stream differs from this run's "
                                  f"({data_changed}); set --gin.TrainConfig.accept_data_change=True to resume anyway "
@@ -402,9 +415,23 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
         if position is not None:
             position.update(seed=config.data_seed, shard_index=shard.index, num_shards=shard.count)
         else:
-            epoch = int(np.asarray(input_arrays["epoch"]).min())
-            logger.warning("checkpoint written by %d processes, now %d: data restarts at epoch %d, position 0",
-                           len(input_arrays["epoch"]), jax.process_count(), epoch)
+            epochs, positions = np.asarray(input_arrays["epoch"]), np.asarray(input_arrays["position"])
+            epoch = int(epochs.min())
+            # Every process's stream is a permutation of its own files: another count has no position
+            # that continues the saved ones, so the oldest saved epoch restarts (see the README).
+            from spectron_jax.data import epoch_order
+            counts = train_input.record_counts
+            saved_indices = meta.get("shard_index")
+            if data_changed:
+                logger.warning("the data stream changed (%s): data restarts at epoch %d, position 0",
+                               data_changed, epoch)
+            else:
+                replayed = epoch_order.replayed_records(
+                    counts, int(meta.get("num_shards", len(epochs))), epochs, positions,
+                    saved_indices if isinstance(saved_indices, list) and len(saved_indices) == len(epochs) else None)
+                logger.warning("checkpoint written by %d processes, now %d: data restarts at epoch %d, position 0 "
+                               "(%d of the %d records of an epoch are seen again)",
+                               len(epochs), jax.process_count(), epoch, replayed, sum(counts))
             position = {"epoch": epoch, "position": 0, "batches": 0}
         train_input.restore(position)
         print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
@@ -499,7 +526,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
         host_states = checkpoints.gather_input_states(train_input.state())
         full = dict(state, input=checkpoints.input_state_arrays(host_states))
         ckpt.save(step, full, {"seed": config.data_seed, "num_shards": shard.count, "shard_index": shard_indices,
-                               "input_order": pipeline_lib.ORDER_VERSION})
+                               "input_order": pipeline_lib.ORDER_VERSION,
+                               "input_fingerprint": train_input.order_fingerprint()})
 
     step = int(jax.device_get(state["step"]))
     last: dict = {}

@@ -16,7 +16,7 @@ parameters and the optimizer stay float32; with `compute_dtype='bfloat16'` float
 to bfloat16 inside the step (the loss itself is computed in float32 by `spectron_jax.losses`), so the
 gradients flow back to float32 master weights. Gradient accumulation splits the batch into
 `microbatches` strided parts and sums their gradients with a `lax.scan`, each part's loss normalised by
-the whole batch's counts (exactly one pass's loss and gradient; see `StepConfig`).
+the whole batch's counts (exactly one pass's loss and gradient with dropout off; see `StepConfig`).
 """
 
 from __future__ import annotations
@@ -181,7 +181,12 @@ class StepConfig:
         Every mean of the loss (text cross-entropy, z-loss, frame, frequency- and time-delta terms,
         stop) divides each part's sum by the whole batch's count (`losses.loss_normalizers`), so the
         loss, its gradient and every term equal one pass over the whole batch exactly, however the
-        valid tokens and frames fall across the parts; count metrics are summed. DEFAULT: 1.
+        valid tokens and frames fall across the parts; count metrics are summed. That equality holds
+        with dropout off. With dropout on, microbatch j draws its masks from fold_in(step key, j)
+        (every dropout layer draws one mask for its whole input), so each row gets other masks than
+        in one pass: the step is an equally likely sample of the same dropout, not the same numbers,
+        and changing `microbatches` changes the masks of a resumed run from then on. Per-row keys
+        would need every dropout site to draw masks row by row. DEFAULT: 1.
     """
 
     compute_dtype: str = "auto"

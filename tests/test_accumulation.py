@@ -160,3 +160,60 @@ def test_compiled_flops_of_the_microbatch_loop_body_are_a_quarter_at_four_microb
         flops[m] = metrics.compiled_flops(lowered.compile(FAST_COMPILE))
     assert flops[1] and flops[4]
     assert 0.2 <= flops[4] / flops[1] <= 0.35, flops
+
+
+def _gradient_keeper():
+    """An optimizer that applies nothing and keeps the step's gradient as its state (exact, no rounding)."""
+    return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+@pytest.mark.slow
+def test_the_real_model_at_four_microbatches_equals_one_pass():
+    """The Spectron model itself (fp32, dropout off, r = 2 with a stop head, ASR / LM segments) on a batch
+    of the tiny run's shapes whose rows hold very different numbers of valid prompt frames, tokens and
+    continuation frames: loss, every term, the counts and every gradient leaf at M = 4 equal M = 1."""
+    from tests.test_spectron import make_batch, tiny_config
+
+    config = tiny_config(reduction_factor=2, stop_head=True, prenet_input="all_frames",
+                         loss_weights=losses.LossWeights(z_loss=1e-2, asr=0.7, lm=1.3, stop=0.5))
+    model = trainer.FunctionalSpectron(config)
+    prompt_len, text_len, cont_len = 240, 48, 160
+    batch = make_batch(prompt_valid=(240, 31, 180, 12, 97, 240, 5, 60), text_valid=(48, 2, 30, 7, 48, 1, 12, 25),
+                       cont_valid=(160, 3, 0, 77, 150, 9, 41, 1), prompt_len=prompt_len, text_len=text_len,
+                       cont_len=cont_len)
+    valid = batch["text_weights"].sum(1, keepdims=True)
+    batch["text_segments"] = np.where(np.arange(text_len)[None] < valid // 2, 1, 2).astype(np.int32)
+    params = model.init_params(0)
+    tx = _gradient_keeper()
+    outs = {}
+    for m in (1, 4):
+        step = trainer.make_train_step(model.loss_fn, tx, optax.constant_schedule(0.0), trainer.StepConfig(microbatches=m),
+                                       jnp.float32, normalizers_fn=model.loss_normalizers)
+        state = _state(params, tx)
+        outs[m] = jax.jit(step).lower(state, batch).compile(FAST_COMPILE)(state, batch)
+    (one_state, one), (four_state, four) = outs[1], outs[4]
+    terms = [k for k in one if k not in ("learning_rate", "param_norm")]
+    assert {"ce_asr", "ce_lm", "z_loss", "stop", "spec_time_delta_3", "grad_norm"} <= set(terms), terms
+    for key in terms:
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert float(four["num_frames"]) == float(batch["cont_mask"].sum())
+    # The microbatches differ: a microbatch's own loss is far from the batch's.
+    _, own = jax.jit(model.loss_fn)(params, jax.tree.map(lambda x: x[0::4], batch), jax.random.key(0))
+    assert abs(float(own["spec_frames"]) - float(one["spec_frames"])) > 1e-3 * abs(float(one["spec_frames"]))
+    grads_one = _leaves(one_state["opt_state"])
+    grads_four = _leaves(four_state["opt_state"])
+    assert grads_one.keys() == grads_four.keys() and len(grads_one) > 30
+    top = max(float(np.max(np.abs(g))) for g in grads_one.values())
+    for path, g in grads_one.items():
+        scale = float(np.max(np.abs(g)))
+        if path.endswith("attention/key_bias"):
+            # softmax ignores a bias added to every key's logit: its gradient is rounding noise
+            assert scale <= 1e-6 * top and float(np.max(np.abs(grads_four[path]))) <= 1e-6 * top, path
+            continue
+        assert scale > 1e-4 * top, path
+        assert float(np.max(np.abs(grads_four[path] - g))) <= 1e-5 * scale, path
+
+
+def _leaves(tree) -> dict:
+    return {trainer.path_of(kp): np.asarray(x) for kp, x in jax.tree_util.tree_leaves_with_path(tree)}

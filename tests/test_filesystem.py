@@ -72,3 +72,44 @@ def test_orbax_checkpoint_round_trip_on_gcs(gcs):
     restored = checkpointer.restore(directory, abstract)
     for key in tree:
         np.testing.assert_array_equal(np.asarray(restored[key]), tree[key])
+
+
+def test_gin_files_and_their_includes_are_read_from_gcs(gcs, tmp_path):
+    from spectron_jax import cli, gin_config
+    from spectron_jax import filesystem as fs
+
+    folder = fs.join(gcs, "fs-test", "gin")
+    fs.write_text(fs.join(folder, "models", "base.gin"), "A = 1\nB = 'base'\nC = 'base'\n")
+    fs.write_text(fs.join(folder, "models", "extra.gin"), "D = 'found under the search path'\n")
+    local = tmp_path / "local.gin"
+    local.write_text("C = 'local'\n")
+    # an include by URL, one relative to a search path on GCS, and one of a local file
+    fs.write_text(fs.join(folder, "run.gin"), f"include '{fs.join(folder, 'models', 'base.gin')}'\n"
+                                              f"include 'models/extra.gin'\ninclude '{local}'\nB = 'run'\n")
+    gin_config.parse_gin(gin_files=[fs.join(folder, "run.gin")], bindings=["A = 2"], gin_search_paths=folder)
+    assert [gin_config.query_macro(name) for name in "ABCD"] == [2, "run", "local", "found under the search path"]
+    with pytest.raises(cli.UsageError, match=r"^--gin_file=gs://.*/missing\.gin: file not found$"):
+        gin_config.parse_gin(gin_files=[fs.join(folder, "missing.gin")])
+    fs.write_text(fs.join(folder, "bad_include.gin"), "include 'gs://spectron-test/nowhere.gin'\n")
+    with pytest.raises(cli.UsageError, match=r"bad_include\.gin: .*nowhere\.gin"):
+        gin_config.parse_gin(gin_files=[fs.join(folder, "bad_include.gin")])
+    with pytest.raises(cli.UsageError, match="--gin_search_paths: .* is not a directory"):
+        gin_config.search_paths(fs.join(gcs, "no-such-folder"))
+
+
+def test_feature_stats_round_trip_on_gcs(gcs):
+    from spectron_jax import filesystem as fs
+    from spectron_jax.data import features
+
+    accumulator = features.StatsAccumulator()
+    frames = np.random.default_rng(0).normal(-2, 3, (40, 128))
+    accumulator.add(frames)
+    stats = accumulator.finalize()
+    path = fs.join(gcs, "fs-test", "stats", "stats.json")
+    stats.to_json(path)
+    loaded = features.FeatureStats.from_json(path)
+    np.testing.assert_array_equal(loaded.mean, stats.mean)
+    np.testing.assert_allclose(loaded.std, frames.std(axis=0), rtol=1e-8)
+    assert loaded.num_frames == 40
+    with pytest.raises(ValueError, match=r"gs://.*/absent\.json: not a feature statistics file"):
+        features.FeatureStats.from_json(fs.join(gcs, "fs-test", "stats", "absent.json"))

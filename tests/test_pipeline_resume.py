@@ -208,3 +208,70 @@ def test_a_checkpoint_of_another_record_order_is_a_data_change():
     assert train._data_change({"seed": 0, "input_order": now}, 0, shard, 0, now) == ""
     assert train._data_change({"seed": 0}, 0, shard, 0, now) == f"input record order version 1 -> {now}"
     assert train._data_change({"seed": 0}, 0, shard, 0, None) == ""  # another process count restarts anyway
+    # The fingerprint of the data files: compared when present, unknown (not a change) when absent.
+    fingerprint = pipeline.order_fingerprint(["train.tfrecord-00000-of-00001"], [32], 1000, 16)
+    moved = pipeline.order_fingerprint(["train.tfrecord-00000-of-00001", "train.tfrecord-00001-of-00001"],
+                                       [32, 32], 1000, 16)
+    meta = {"seed": 0, "input_order": now, "input_fingerprint": fingerprint}
+    assert train._data_change(meta, 0, shard, 0, now, fingerprint) == ""
+    assert train._data_change({"seed": 0, "input_order": now}, 0, shard, 0, now, moved) == ""
+    assert train._data_change(meta, 0, shard, 0, now, moved) == "data files 1 -> 2, records 32 -> 64"
+    assert train._data_change(meta, 0, shard, 0, None, dict(fingerprint, cycle_length=4)) == ""
+
+
+def test_order_fingerprint_names_what_changed(tmp_path):
+    def fingerprint(folder, counts, window=1000, cycle=16, names=None):
+        folder.mkdir(exist_ok=True)
+        files = _write_raw_files(folder, counts)
+        if names is not None:
+            files = [str(p.rename(folder / n)) for p, n in zip(map(type(folder), files), names)]
+        return pipeline.order_fingerprint(files, epoch_order.record_counts(files), window, cycle)
+
+    base = fingerprint(tmp_path / "a", [5, 3])
+    assert base["data_files"] == 2 and base["data_records"] == 8
+    # the same shards in another folder (or bucket) are the same data
+    assert pipeline.fingerprint_changes(base, fingerprint(tmp_path / "b", [5, 3])) == []
+    cases = {
+        "added": ([5, 3, 2], {}, ["data files 2 -> 3, records 8 -> 10"]),
+        "grown": ([5, 4], {}, ["data records 8 -> 9 (same files)"]),
+        "moved": ([4, 4], {}, ["per-file record counts changed (8 records in all)"]),
+        "renamed": ([5, 3], {"names": ["train.tfrecord-00000-of-00002", "train.tfrecord-00009-of-00002"]},
+                    ["data file names changed (2 files)"]),
+        "window": ([5, 3], {"window": 500}, ["shuffle_buffer_size 1000 -> 500"]),
+        "cycle": ([5, 3], {"cycle": 8, "window": 10}, ["shuffle_buffer_size 1000 -> 10", "cycle_length 16 -> 8"]),
+    }
+    for name, (counts, kwargs, expected) in cases.items():
+        assert pipeline.fingerprint_changes(base, fingerprint(tmp_path / name, counts, **kwargs)) == expected, name
+    # order settings are left out when the epoch restarts anyway (another process count)
+    changed = fingerprint(tmp_path / "settings", [5, 3], window=7, cycle=3)
+    assert pipeline.fingerprint_changes(base, changed, settings=False) == []
+    # a checkpoint written before a field was recorded: the field is unknown, not changed
+    assert pipeline.fingerprint_changes(None, changed) == []
+    assert pipeline.fingerprint_changes({"data_files": 2}, changed) == []
+    assert pipeline.fingerprint_changes({"cycle_length": 16}, changed) == ["cycle_length 16 -> 3"]
+
+
+def test_a_pipeline_fingerprints_every_hosts_files_without_reading_records(corpus):
+    host = pipeline.make_pipeline(TASK, "train", batch_size=8, shard_index=1, num_shards=2, seed=3,
+                                  shuffle_buffer_size=6, cycle_length=2, **SHAPES)
+    fingerprint = host.order_fingerprint()
+    files = sorted(str(p) for p in corpus.glob("train.tfrecord-*"))
+    assert fingerprint == pipeline.order_fingerprint(files, [20, 34, 27, 31], 6, 2)
+    assert host.record_counts == [20, 34, 27, 31] and host.read_counts["records_read"] == 0
+
+
+@pytest.mark.parametrize("counts,num_shards", [([13, 7, 11, 9, 6], 2), ([23], 3), ([4, 4, 4], 3)])
+def test_replayed_records_after_a_process_count_change(counts, num_shards):
+    lengths = [epoch_order.EpochOrder([f"f{i}" for i in range(len(counts))], counts, h, num_shards, 0, True, 4, 2).length
+               for h in range(num_shards)]
+    assert epoch_order.host_lengths(counts, num_shards) == lengths
+    assert sum(lengths) == sum(counts)
+    epochs = [3] + [2] * (num_shards - 1)  # host 0 is one epoch ahead
+    positions = [1] + [lengths[h] - 1 for h in range(1, num_shards)]
+    # restarting epoch 2 replays host 0's whole epoch 2 and 1 record of epoch 3, the others' positions
+    expected = lengths[0] + 1 + sum(positions[1:])
+    assert epoch_order.replayed_records(counts, num_shards, epochs, positions) == expected
+    # two processes per data shard (model parallel across hosts): a shared stream counts once
+    doubled = [value for value in epochs for _ in range(2)], [value for value in positions for _ in range(2)]
+    indices = [h for h in range(num_shards) for _ in range(2)]
+    assert epoch_order.replayed_records(counts, num_shards, *doubled, shard_indices=indices) == expected

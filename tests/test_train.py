@@ -10,6 +10,7 @@ persistent compilation cache so only the first run of a program pays for its com
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -269,6 +270,26 @@ def test_resume_with_a_changed_data_seed_is_refused(workdir, reference_run):
     assert sorted(os.listdir(model_dir)) == before
 
 
+@pytest.mark.slow
+def test_resume_with_changed_data_files_or_shuffle_window_is_refused_unless_accepted(workdir, reference_run):
+    model_dir = workdir["root"] / "data_changed"
+    shutil.copytree(reference_run[0], model_dir)
+    data_dir = workdir["root"] / "data_grown"
+    shutil.copytree(workdir["root"] / "data", data_dir)
+    shutil.copy(data_dir / "train.tfrecord-00000-of-00001", data_dir / "train.tfrecord-00001-of-00001")
+    changed = (f"--gin.TrainConfig.data_dir='{data_dir}'", "--gin.TaskConfig.shuffle_buffer_size=500")
+    result = _run(workdir, model_dir, *changed)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "data files 1 -> 2, records 32 -> 64, shuffle_buffer_size 1000 -> 500" in lines[0], lines[0]
+    assert _checkpoint_steps(model_dir) == [8, 16, 24, 32]
+    result = _run(workdir, model_dir, *changed, "--gin.TrainConfig.accept_data_change=True", "--gin.TRAIN_STEPS=33")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from step 32" in result.stdout and 33 in _checkpoint_steps(model_dir)
+    assert "the data stream changed (data files 1 -> 2" in result.stderr and "restarts at epoch" in result.stderr
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(workdir, reference_run):
     model_dir = workdir["root"] / "nan"
     result = _run(workdir, model_dir, "--gin.TrainConfig.nan_at_step=11", "--gin.TrainConfig.eval_every_steps=0")
@@ -385,6 +406,11 @@ def test_two_processes_train_resume_exactly_and_one_process_continues(workdir):
     result = _run(workdir, model_dir, "--gin.TRAIN_STEPS=8", "--gin.TrainConfig.eval_every_steps=0", *pod, devices=8)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from step 6" in result.stdout
+    # what the restart costs: the records both processes consumed since the oldest saved epoch began
+    # (32 train records; each process kept every other one, so at most 2 * 16 + 16)
+    restarted = re.search(r"written by 2 processes, now 1: data restarts at epoch (\d+), position 0 "
+                          r"\((\d+) of the 32 records of an epoch are seen again\)", result.stderr)
+    assert restarted and 0 < int(restarted.group(2)) <= 48, result.stderr[-3000:]
     assert _checkpoint_steps(model_dir) == [2, 4, 6, 8]
     losses = _train_losses(model_dir)
     assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(losses[s]["loss"]) for s in losses)

@@ -145,6 +145,37 @@ def round_robin(counts: Sequence[int], start: int = 0) -> Iterator[tuple[int, in
         r += 1
 
 
+def host_lengths(counts: Sequence[int], num_shards: int) -> list[int]:
+    """Records in one epoch of each of `num_shards` hosts over files with `counts` records
+    (`EpochOrder.length` of every host, without building them)."""
+    counts = [int(c) for c in counts]
+    if len(counts) >= num_shards:
+        return [sum(counts[h::num_shards]) for h in range(num_shards)]
+    total = sum(counts)
+    return [len(range(h, total, num_shards)) for h in range(num_shards)]
+
+
+def replayed_records(counts: Sequence[int], num_shards: int, epochs: Sequence[int], positions: Sequence[int],
+                     shard_indices: Sequence[int] | None = None) -> int:
+    """Records seen again when a run restarts at position 0 of the oldest saved epoch (how a new
+    process count resumes): every record its `num_shards` data shards consumed from that epoch's start on.
+
+    Args:
+      counts: records per shard file.
+      num_shards: the saved run's data shard count.
+      epochs, positions: the saved (epoch, position) of every process.
+      shard_indices: each process's data shard (None: process i read shard i); processes sharing a
+        shard read the same stream and count once.
+    """
+    lengths = host_lengths(counts, num_shards)
+    indices = range(len(epochs)) if shard_indices is None else shard_indices
+    streams = {}
+    for index, epoch, position in zip(indices, epochs, positions):
+        streams.setdefault(int(index), (int(epoch), int(position)))
+    oldest = min(epoch for epoch, _ in streams.values())
+    return sum((epoch - oldest) * lengths[index] + position for index, (epoch, position) in streams.items())
+
+
 class EpochOrder:
     """One host's record order of every epoch (see the module docstring); all methods are pure index
     arithmetic except `records`, which reads."""

@@ -314,10 +314,12 @@ class FeatureStats:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "FeatureStats":
-        """Reads what `to_json` wrote; raises ValueError naming the file if it is malformed."""
+        """Reads what `to_json` wrote (a local or object-store path); raises ValueError naming the file if
+        it is missing or malformed."""
+        from spectron_jax import filesystem
+
         try:
-            with open(path) as f:
-                payload = json.load(f)
+            payload = json.loads(filesystem.read_text(path))
             spec = FeatureSpec.from_dict(payload.get("features", {}))
             mean = np.asarray(payload["mean"], dtype=np.float64)
             std = np.asarray(payload["std"], dtype=np.float64)

@@ -36,8 +36,11 @@ saves `state()` of every process separately (states differ between processes); a
 only into a pipeline with the same seed, shard_index and num_shards. With repeat=False, processes
 may run out after different numbers of batches (uneven files); evaluation code that needs lockstep
 should use repeat=False with drop_remainder=False and pad with empty batches on the processes that
-end early. A change of process count cannot resume exactly (each process's stream changes); start
-the new processes at position 0 of the saved epoch instead.
+end early. A change of process count cannot resume exactly: each process's stream is a permutation of
+its own files, not a slice of one global order, so no position of another count continues it; start
+the new processes at position 0 of the saved epoch instead (`epoch_order.replayed_records` counts
+what that sees again). `order_fingerprint` records what else fixes the order (the shard files, their
+record counts, the window and cycle length) so that a resume can check it.
 
 With repeat=True, an epoch read from its start that keeps no example after the length filter is an
 error (rather than an iterator that waits forever). The check costs nothing extra: every epoch ends in
@@ -47,8 +50,10 @@ split.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from typing import Iterator
+import os
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -66,6 +71,70 @@ _EMPTY_EPOCH = "spectron-input: an epoch kept no example"  # the marker row's as
 # The version of the record order a position refers to (saved with checkpoints): 1 was tf.data's
 # interleave + shuffle buffer, 2 the computed order of `epoch_order`.
 ORDER_VERSION = 2
+
+
+def order_fingerprint(files: Sequence[str], counts: Sequence[int], shuffle_buffer_size: int, cycle_length: int,
+                      shuffle: bool = True) -> dict:
+    """A compact record of what, besides seed and sharding, fixes the record order of a split's shards.
+
+    Args:
+      files: the split's shard files in the order the pipeline lists them (every host's).
+      counts: their record counts.
+      shuffle_buffer_size, cycle_length, shuffle: the pipeline's order settings.
+
+    Returns JSON-able {data_files, data_records, data_names, data_counts, shuffle_buffer_size,
+    cycle_length, shuffle}: data_names hashes the files' base names in order (so the same shards in
+    another folder or bucket match) and data_counts hashes the names with their record counts.
+    """
+    names = [os.path.basename(str(f).rstrip("/")) for f in files]
+    counts = [int(c) for c in counts]
+    if len(names) != len(counts):
+        raise ValueError(f"order_fingerprint: {len(names)} files but {len(counts)} record counts")
+
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    return {
+        "data_files": len(names),
+        "data_records": sum(counts),
+        "data_names": digest("\n".join(names)),
+        "data_counts": digest("\n".join(f"{n}\t{c}" for n, c in zip(names, counts))),
+        "shuffle_buffer_size": int(shuffle_buffer_size),
+        "cycle_length": int(cycle_length),
+        "shuffle": bool(shuffle),
+    }
+
+
+ORDER_SETTINGS = ("shuffle_buffer_size", "cycle_length", "shuffle")
+
+
+def fingerprint_changes(saved: Mapping | None, current: Mapping, settings: bool = True) -> list[str]:
+    """What differs between a saved `order_fingerprint` and the current one, one phrase per change.
+
+    A field absent from `saved` (a checkpoint written before it was recorded) is unknown, not a
+    change; `saved` None compares nothing. settings=False leaves the order settings out (for a resume
+    that restarts its epoch anyway).
+    """
+    if not saved:
+        return []
+    changes = []
+
+    def differs(key):
+        return key in saved and key in current and saved[key] != current[key]
+
+    if differs("data_files") or differs("data_names"):
+        detail = (f"data files {saved['data_files']} -> {current['data_files']}" if differs("data_files")
+                  else f"data file names changed ({current['data_files']} files)")
+        if differs("data_records"):
+            detail += f", records {saved['data_records']} -> {current['data_records']}"
+        changes.append(detail)
+    elif differs("data_records"):
+        changes.append(f"data records {saved['data_records']} -> {current['data_records']} (same files)")
+    elif differs("data_counts"):
+        changes.append(f"per-file record counts changed ({current['data_records']} records in all)")
+    if settings:
+        changes += [f"{key} {saved[key]} -> {current[key]}" for key in ORDER_SETTINGS if differs(key)]
+    return changes
 
 
 class SpectronInput:
@@ -114,6 +183,7 @@ class SpectronInput:
             pattern = getattr(task.source, "_split_to_filepattern", {}).get(split, "its file pattern")
             raise FileNotFoundError(f"task {task.name!r}, split {split!r}: no shard files match {pattern}")
         self._order: epoch_order.EpochOrder | None = None
+        self._counts: list[int] = []
         self._epoch = 0
         self._position = 0
         self._batches = 0
@@ -124,10 +194,24 @@ class SpectronInput:
     def order(self) -> epoch_order.EpochOrder:
         """This host's record order (record counts are read on first use)."""
         if self._order is None:
+            self._counts = epoch_order.record_counts(self._files)
             self._order = epoch_order.EpochOrder(
-                self._files, epoch_order.record_counts(self._files), self.shard_index, self.num_shards,
+                self._files, self._counts, self.shard_index, self.num_shards,
                 self.seed, self.shuffle, self.shuffle_buffer_size, self.cycle_length)
         return self._order
+
+    @property
+    def record_counts(self) -> list[int]:
+        """Records in each of the split's shard files (every host's, in listing order)."""
+        self.order  # noqa: B018 - reads the record counts once
+        return list(self._counts)
+
+    def order_fingerprint(self) -> dict:
+        """What fixes the record order besides the seed and the sharding: `order_fingerprint` of the
+        split's shard files (every host's), their record counts and this pipeline's order settings.
+        Costs no reading beyond the record counts the order needs anyway."""
+        return order_fingerprint(self._files, self.record_counts, self.shuffle_buffer_size, self.cycle_length,
+                                 self.shuffle)
 
     # ------------------------------------------------------------------------------------------------
     # Position
