@@ -504,8 +504,9 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
 
         abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                        abstract["params"], state_shardings["params"])
-        evaluator = validation.Evaluator(validation.deterministic_model(model_config), validation_data, config.eval_batches, abstract_params, abstract_batch,
-                                         mesh, rules, compute_dtype, microbatches=config.step.microbatches,
+        evaluator = validation.Evaluator(validation.deterministic_model(model_config), validation_data,
+                                         config.eval_batches, abstract_params, abstract_batch, mesh, rules,
+                                         compute_dtype, microbatches=config.step.microbatches,
                                          media=config.eval_media, writer=writer)
     # Every step function is compiled: the processes meet before the first collective (multihost.meet).
     multihost.meet("start", config.distributed.barrier_timeout_s)
