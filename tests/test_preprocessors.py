@@ -59,7 +59,8 @@ def test_parse_example_restores_row_major_frames():
     parsed = preprocessors.decode_serialized_example(tf.constant(_serialized_example("u1", log_mel, "hello there")))
     np.testing.assert_array_equal(parsed["log_mel"].numpy(), log_mel)
     assert parsed["id"].numpy() == b"u1" and parsed["transcript"].numpy() == b"hello there"
-    assert set(parsed) == {"id", "transcript", "speaker", "log_mel"}
+    assert set(parsed) == {"id", "transcript", "speaker", "log_mel", "word_starts"}
+    assert parsed["word_starts"].shape == (0,)  # a record without word timings
 
 
 def test_parse_example_rejects_inconsistent_frame_count():
@@ -166,6 +167,35 @@ def test_phi_from_word_timings_takes_the_nearest_word_start():
     assert phi([0.1, 0.9, 1.5, 2.0], share=0.9) == 4   # the end (3.33 s) is nearest: all four words
     assert phi([0.1, 3.1, 4.0, 5.0]) == 1
     assert phi([0.5, 1.0]) == 2             # timings that do not match the words: the letter rule (share 0.5)
+
+
+def test_manifest_word_timings_reach_the_shards_and_place_phi(tmp_path, sp_model):
+    """A manifest's `word_starts` column -> Segment -> the record -> phi at the timed boundary; rows whose
+    timings do not fit their words are skipped with the column named."""
+    from spectron_jax.data import sources, tfrecords
+
+    words = WORDS[:6]
+    (tmp_path / "m.tsv").write_text(
+        "id\tpath\ttranscript\tword_starts\n"
+        f"a\ta.flac\t{' '.join(words)}\t0.0 0.5 1.2 2.0 2.9 4.4\n"
+        f"b\tb.flac\t{' '.join(words)}\t0.0 0.5 1.2\n"
+        f"c\tc.flac\t{' '.join(words)}\t0.0 0.5 0.4 2.0 2.9 4.4\n"
+        f"d\td.flac\t{' '.join(words)}\t\n")
+    listing = sources.read_manifest(str(tmp_path / "m.tsv"))
+    segments = {seg.id: seg for src in listing.sources for seg in src.segments}
+    assert segments["a"].word_starts == (0.0, 0.5, 1.2, 2.0, 2.9, 4.4) and segments["d"].word_starts is None
+    assert sorted((k.id, k.reason) for k in listing.skips) == [("b", "malformed_line"), ("c", "malformed_line")]
+    assert all("word_starts" in k.detail for k in listing.skips)
+    record = tfrecords.encode_example(segments["a"], 6.0, np.zeros((480, MEL), np.float32), "float32")
+    ds = preprocessors.parse_example(tf.data.Dataset.from_tensors(record).map(
+        lambda r: tf.io.parse_single_example(r, preprocessors.FEATURE_DESCRIPTION)))
+    ds = preprocessors.split_prompt_continuation(ds, prompt_frames=PROMPT_FRAMES, max_continuation_frames=None)
+    features = {"text": seqio.Feature(seqio.SentencePieceVocabulary(sp_model), add_eos=False)}
+    (ex,) = _numpy(preprocessors.tokenize_transcript(ds, features, phi_split=True))
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    head = sp.encode(" ".join(words[:4]))  # 'jumps' starts at 2.9 s, the word start nearest 3 s
+    np.testing.assert_array_equal(ex["text_segments"], [1] * len(head) + [2] * (len(ex["text"]) - len(head)))
+    assert "word_starts" not in ex
 
 
 def _tokenized(sp_model, transcript, total_frames, max_cont, sep_id, word_starts=None):

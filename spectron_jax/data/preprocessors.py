@@ -110,7 +110,8 @@ def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL
       num_mel_bins: mel bins per frame.
 
     Returns:
-      `id`, `transcript`, `speaker` (tf.string []), `log_mel` float32 [frames, num_mel_bins] and, when the
+      `id`, `transcript`, `speaker` (tf.string []), `log_mel` float32 [frames, num_mel_bins], `word_starts`
+      float32 [words] (0 values in shards without word timings) and, when the
       Task parses it (`tfrecords.prompt_fbank_feature`), `prompt_fbank` float32 [fbank_frames, 80] (0 frames
       in shards written without it); any other key outside the TFRecord schema passes through.
     """
@@ -130,6 +131,8 @@ def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL
         speaker=features["speaker"],
         log_mel=log_mel,
     )
+    if WORD_STARTS_KEY in features:
+        out[WORD_STARTS_KEY] = features[WORD_STARTS_KEY]
     if prompt_features.FBANK_KEY in features:
         out[prompt_features.FBANK_KEY] = tf.reshape(features[prompt_features.FBANK_KEY], [-1, FBANK.num_mel])
     return out
@@ -281,7 +284,7 @@ def _tokenize_and_split(
     total = tf.maximum(tf.cast(features["total_frames"], tf.int64), 1)
     prompt = tf.cast(tf.shape(features["prompt"])[0], tf.int64)
     kept = prompt + tf.cast(tf.shape(features["continuation"])[0], tf.int64)
-    out = dict(features)
+    out = {k: v for k, v in features.items() if k != WORD_STARTS_KEY}
     if not phi_split and sep_id is None:  # the paper's target: the whole transcript, no boundary needed
         tokens = vocabulary.encode_tf(features["transcript"])
         num_tokens = tf.cast(tf.size(tokens), tf.int64)
