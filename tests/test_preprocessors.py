@@ -322,3 +322,16 @@ def test_spec_augment_draws_new_masks_each_epoch_and_repeats_them_on_resume():
     # Literature defaults (Park et al. 2019, LB): one frequency and one time mask.
     changed = np.frombuffer(masks[0], bool).reshape(PROMPT_FRAMES, MEL)
     assert changed.all(axis=0).sum() <= 27 and changed.all(axis=1).sum() <= PROMPT_FRAMES // 3
+
+
+def test_phi_rule_of_the_tasks_and_of_the_evaluation_agree_on_the_corpus(embedded_dir):
+    """The TensorFlow rule (Tasks) and the Python one (`data.phi`, evaluation) cut every transcript alike."""
+    from spectron_jax.data import phi
+
+    rows = [line.split("\t") for line in (embedded_dir / "manifest.tsv").read_text().splitlines()[1:]]
+    shares = np.random.default_rng(0).uniform(0.0, 1.0, len(rows)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices(([r[2] for r in rows], shares)).map(
+        lambda text, share: preprocessors.phi_word_index(tf.strings.split(text), share))
+    got = list(ds.as_numpy_iterator())
+    assert got == [phi.prompt_word_count(r[2].split(), float(s)) for r, s in zip(rows, shares)]
+    assert 0 < np.mean([0 < k < len(r[2].split()) for k, r in zip(got, rows)])  # not all at an end
