@@ -26,7 +26,7 @@ from etils import epath
 from spectron_jax import cli
 from spectron_jax import decoding
 from spectron_jax import vocoder as vocoder_lib
-from spectron_jax.data import features, prompt_features
+from spectron_jax.data import features, phi, prompt_features
 
 MIN_PROMPT_SECONDS = 0.1  # shorter prompts are rejected (DEFAULT).
 SILENCE_PEAK = 1e-4  # a file whose largest |sample| is below this is silent (DEFAULT).
@@ -154,9 +154,19 @@ class Inferencer:
                 stop_reason="stop_head" if bool(out["stopped"][i]) else "budget", timings=timings))
         return results
 
+    def text_ids(self, transcript: str, prompt_share: float) -> list[int]:
+        """The ids of `transcript` as the model was trained to write it: with the separator at phi (the
+        Tasks' letter rule, `data.phi`, for a prompt of `prompt_share` of the utterance) when it has one."""
+        encode = self.bundle.tokenizer.encode
+        if self.sep_id is None:
+            return [int(t) for t in encode(transcript)]
+        head, tail = phi.split_transcript(transcript, prompt_share)
+        tail = f" {tail}" if head and tail else tail  # as the Tasks tokenise it (tokenizers without a dummy prefix)
+        return [int(t) for t in encode(head)] + [int(self.sep_id)] + [int(t) for t in encode(tail)]
+
     def teacher_forced_frames(self, waveforms: Sequence[np.ndarray], transcripts: Sequence[str]) -> list[np.ndarray]:
         """Post-net frames [frames, mel] predicted under teacher forcing on the true continuation (the
-        audio after the prompt) and `transcripts` (its text)."""
+        audio after the prompt) and `transcripts` (its text, with the separator at phi: `text_ids`)."""
         import jax.numpy as jnp
 
         model, params, cfg = self.bundle.model, self.bundle.params, self.bundle.model.config
@@ -168,7 +178,7 @@ class Inferencer:
             cont = full[p:]
             cont_len = max(r, -(-len(cont) // r) * r)
             prompt_frames, prompt_mask = self._pad([self.encoder_input(wave)])
-            ids = [cfg.sos_id] + [int(t) for t in self.bundle.tokenizer.encode(text)]
+            ids = [cfg.sos_id] + self.text_ids(text, p / max(len(full), 1))
             cont_frames = np.zeros((1, cont_len, self.spec.num_mel), np.float32)
             cont_frames[0, :len(cont)] = cont
             cont_mask = np.zeros((1, cont_len), np.int32)

@@ -112,3 +112,17 @@ def test_text_is_split_at_the_separator_and_reported_whole_without_one(embedded_
     written = json.loads((tmp_path / "result.json").read_text())
     assert written == info and written["text"] == "a b" and written["text_boundary"] == "missing"
     assert written["prompt_transcript"] is None and written["continuation"] is None
+
+
+def test_teacher_forced_text_carries_the_separator_at_phi(embedded_dir):
+    import types
+
+    from spectron_jax.data import features, tasks
+
+    vocab = tasks.load_vocabulary(str(embedded_dir / "spm" / "spectron_tiny.model"))
+    text = "old maren had kept the lighthouse"  # letters 3 5 3 4 3 10 of 28: half is 14, nearest start 15
+    for sep_id, expected in ((4, vocab.encode("old maren had kept") + [4] + vocab.encode("the lighthouse")),
+                             (None, vocab.encode(text))):
+        bundle = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(sep_id=sep_id)),
+                                       tokenizer=vocab, feature_spec=features.SPECTRON_FEATURES)
+        assert infer.Inferencer(bundle).text_ids(text, 0.5) == expected
