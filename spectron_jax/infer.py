@@ -70,7 +70,8 @@ class InferenceResult:
     timings: dict
 
 
-def split_text(tokens: Sequence[int], tokenizer, sep_id: Optional[int]) -> tuple[str, Optional[str], Optional[str], str]:
+def split_text(tokens: Sequence[int], tokenizer,
+               sep_id: Optional[int]) -> tuple[str, Optional[str], Optional[str], str]:
     """Decodes the generated ids [tokens] (eos excluded) into (text, prompt transcript, continuation,
     text_boundary): split at the first separator when the model writes one; else the text is whole and
     the two parts None (MISSING when the model has a separator, UNMARKED when it has none)."""
@@ -298,8 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"transcript: {info['prompt_transcript']}")
                     print(f"continuation: {info['continuation']}")
                 elif args.audio:
-                    print(f"text ({'no separator written' if info['text_boundary'] == MISSING else 'the model has no separator'}"
-                          f": transcript and continuation not told apart): {info['text']}")
+                    why = "no separator written" if info["text_boundary"] == MISSING else "the model has no separator"
+                    print(f"text ({why}: transcript and continuation not told apart): {info['text']}")
                     print(f"frames: {info['generated_frames']} ({info['stop_reason']})")
             bar.update(len(chunk))
     if not args.audio:

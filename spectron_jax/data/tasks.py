@@ -206,8 +206,9 @@ def separator_candidate(model_proto: bytes) -> int | None:
     by_piece = {p: i for i, p in reserved.items()}
     if SEP_PIECE in by_piece:
         return by_piece[SEP_PIECE]
-    unused = sorted((int(p[len(UNUSED_PIECE_PREFIX):-1]), i) for i, p in reserved.items()
-                    if p.startswith(UNUSED_PIECE_PREFIX) and p.endswith(">") and p[len(UNUSED_PIECE_PREFIX):-1].isdigit())
+    number = {i: p[len(UNUSED_PIECE_PREFIX):-1] for i, p in reserved.items()
+              if p.startswith(UNUSED_PIECE_PREFIX) and p.endswith(">")}
+    unused = sorted((int(n), i) for i, n in number.items() if n.isdigit())
     return unused[0][1] if unused else None
 
 
