@@ -2,6 +2,7 @@
 
     python data/build_corpus.py            # rebuilds data/embedded/ (needs espeak-ng and sox)
     python data/build_corpus.py --check    # verifies the committed corpus against the manifest
+    python data/build_corpus.py --tokenizer_only   # retrains spm/ from the committed manifest (no audio)
 
 Input: `data/passages.json` (original English passages, one list of sentences each, plus extra text for
 the tokenizer). Output, all committed so that training never needs espeak:
@@ -12,7 +13,9 @@ the tokenizer). Output, all committed so that training never needs espeak:
 - `data/embedded/manifest.tsv`: `id path transcript speaker passage split duration` (tab-separated,
   `path` relative to `data/embedded/`, duration in seconds as read back from the FLAC file).
 - `data/embedded/spm/spectron_tiny.{model,vocab}`: a 512-piece SentencePiece unigram model trained on the
-  training passages and the extra text; ids pad=0, eos=1, unk=2, bos(sos)=3.
+  training passages and the extra text; ids pad=0, eos=1, unk=2, bos(sos)=3, and the reserved
+  separator `<sep>`=4 (a user-defined symbol, never produced by segmenting text: the token the Tasks
+  write between the prompt's transcript and the continuation's, `TaskConfig.sep_id`).
 
 Splits are by passage (no passage in two splits): every 12th passage goes to test, every 12th (offset 6)
 to validation, the rest to train. Utterances are formed greedily within a passage: a sentence that is
@@ -37,6 +40,7 @@ SAMPLE_RATE = 16000
 MIN_SECONDS, MAX_SECONDS = 3.5, 8.0
 EDGE_SILENCE_SECONDS = 0.1
 VOCAB_SIZE = 512
+SEP_PIECE = "<sep>"  # the reserved separator (spectron_jax.data.tasks.SEP_PIECE), id 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +192,20 @@ def train_tokenizer(spec: dict, train_passages: set[str], out_dir: pathlib.Path)
     spm.SentencePieceTrainer.train(
         input=str(text_file), model_prefix=str(out_dir / "spectron_tiny"), vocab_size=VOCAB_SIZE,
         model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=3,
-        num_threads=1, shuffle_input_sentence=False, minloglevel=2,
+        user_defined_symbols=[SEP_PIECE], num_threads=1, shuffle_input_sentence=False, minloglevel=2,
     )
     text_file.unlink()
+
+
+def rebuild_tokenizer(passages_path: pathlib.Path, out: pathlib.Path) -> None:
+    """Retrains `out/spm/` on the training passages of the committed manifest; the audio is not touched."""
+    rows = [line.split("\t") for line in (out / "manifest.tsv").read_text().splitlines()[1:] if line.strip()]
+    staging = out / "spm.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    train_tokenizer(json.loads(passages_path.read_text()), {r[4] for r in rows if r[5] == "train"}, staging)
+    shutil.rmtree(out / "spm", ignore_errors=True)
+    staging.rename(out / "spm")
+    print(f"wrote the tokenizer to {out / 'spm'}")
 
 
 def check(out: pathlib.Path) -> int:
@@ -215,11 +230,18 @@ def main() -> None:
     parser.add_argument("--passages", type=pathlib.Path, default=HERE / "passages.json")
     parser.add_argument("--output_dir", type=pathlib.Path, default=OUT)
     parser.add_argument("--check", action="store_true", help="verify the corpus instead of building it")
+    parser.add_argument("--tokenizer_only", action="store_true",
+                        help="retrain only spm/ from the manifest in --output_dir (no espeak-ng / sox needed)")
     args = parser.parse_args()
     if args.check:
         sys.exit(1 if check(args.output_dir) else 0)
     if not args.passages.is_file():
         sys.exit(f"error: --passages {args.passages} does not exist")
+    if args.tokenizer_only:
+        if not (args.output_dir / "manifest.tsv").is_file():
+            sys.exit(f"error: --output_dir {args.output_dir} has no manifest.tsv (build the corpus first)")
+        rebuild_tokenizer(args.passages, args.output_dir)
+        return
     build(args.passages, args.output_dir)
 
 

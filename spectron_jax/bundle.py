@@ -5,7 +5,8 @@
     EXPORT/tokenizer.model  the SentencePiece model
     EXPORT/export.json      step, dtype, parameter count (written by `checkpoints.export`)
     EXPORT/bundle.json      the above plus per-component parameter counts, reduction factor, stop head,
-                            training task and the feature spec (`data/features.py`)
+                            training task, the text separator `sep_id` (null: none) and the
+                            feature spec (`data/features.py`)
 
 `load_bundle(EXPORT)` rebuilds the `SpectronModel` from config.gin (no gin search path is needed: the
 operative config is self-contained) and reads the parameters onto one device.
@@ -89,7 +90,8 @@ def write_bundle_json(export_dir: str, info: dict) -> dict:
     if model_config is not None:
         meta.update(reduction_factor=int(model_config.reduction_factor),
                     stop_head=bool(model_config.acoustic.stop_head),
-                    vocab_size=int(model_config.decoder.vocab_size))
+                    vocab_size=int(model_config.decoder.vocab_size),
+                    sep_id=None if model_config.sep_id is None else int(model_config.sep_id))
     (root / BUNDLE_FILENAME).write_text(json.dumps(meta, indent=2))
     return meta
 

@@ -13,8 +13,8 @@ still write text, so every row's rotary positions and attention see exactly the 
 teacher-forced row (`tests/test_decoding.py` checks cached == uncached at every step).
 
 The frame budget of a row is `clip(ceil(frames_per_token * text tokens), min_frames, max_frames)`
-(DEFAULT knobs, not in the paper): the text is the transcript plus its continuation, so the speech to
-say it grows with it.
+(DEFAULT knobs, not in the paper), the text tokens being those after the separator when the model
+writes one (`SpectronConfig.sep_id`: the continuation the speech says), else the whole text.
 """
 
 from __future__ import annotations
@@ -100,6 +100,17 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def continuation_lengths(tokens: jax.Array, lengths: jax.Array, sep_id: Optional[int]) -> jax.Array:
+    """int32 [batch]: the text tokens the speech says, of tokens int32 [batch, T] (the first `lengths`
+    [batch] are real): those after the first separator when the model writes one (`sep_id`), else all."""
+    if sep_id is None:
+        return lengths
+    index = jnp.arange(tokens.shape[1])[None, :]
+    is_sep = (tokens == sep_id) & (index < lengths[:, None])
+    first = jnp.where(jnp.any(is_sep, axis=1), jnp.argmax(is_sep, axis=1), -1)
+    return lengths - (first + 1)
+
+
 def speech_steps(config: DecodeConfig, reduction_factor: int) -> int:
     """Decoder steps of the speech buffer: ceil(max_frames / r)."""
     return math.ceil(config.max_frames / reduction_factor)
@@ -166,7 +177,8 @@ def _generate(model: SpectronModel, config: DecodeConfig, params: Any, prompt_fr
 
     text = jax.lax.while_loop(text_cond, text_body, text_init)
 
-    budget_frames = jnp.clip(jnp.ceil(config.frames_per_token * jnp.maximum(text["lengths"], 1)),
+    spoken = continuation_lengths(text["tokens"], text["lengths"], getattr(cfg, "sep_id", None))
+    budget_frames = jnp.clip(jnp.ceil(config.frames_per_token * jnp.maximum(spoken, 1)),
                              config.min_frames, config.max_frames)
     budget_steps = jnp.ceil(budget_frames / r).astype(jnp.int32)
     has_stop = cfg.acoustic.stop_head

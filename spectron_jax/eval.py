@@ -88,7 +88,7 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
     """
     from etils import epath
 
-    from spectron_jax.evaluation import continuation, datasets, report, spoken_qa
+    from spectron_jax.evaluation import continuation, datasets, report, runner, spoken_qa
 
     out = epath.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +125,8 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
                else "cut to the first {w:g} s").format(w=facts["prompt_window_seconds"])
         notes.append(f"{facts['questions_longer_than_prompt']} questions are longer than the "
                      f"{prompt_seconds:g} s training prompt window; they were {how}.")
+    if runner.boundary_note(rows):
+        notes.append(runner.boundary_note(rows))
     if "asr" in scorers.names() and scorers.names()["asr"].startswith("pocketsphinx"):
         notes.append("ASR figures come from PocketSphinx, a weak recogniser (about 0.9 WER on synthetic "
                      "voices); a stronger ASR (--asr=whisper:...) gives more meaningful transcripts.")

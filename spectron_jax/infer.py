@@ -5,7 +5,8 @@
 
 The first `--prompt_seconds` (3 s) of the audio are the prompt. Any file libsndfile reads (wav, flac,
 ogg, ...) at any rate and channel count is resampled to 16 kHz mono. Each output folder gets
-`result.json` (transcript, continuation, frame count, stop reason, timings), `continuation.wav`,
+`result.json` (the text, split at the model's separator into `prompt_transcript` and `continuation`;
+`text_boundary` says whether it was: see `split_text`; frame count, stop reason, timings), `continuation.wav`,
 `prompt_plus_continuation.wav` and `spectrogram.png` (prompt | generated log-mel, boundary marked).
 A manifest is a TSV whose first column is an audio path (an optional second column names the row's
 folder); bad rows are counted and skipped.
@@ -25,7 +26,7 @@ from etils import epath
 from spectron_jax import cli
 from spectron_jax import decoding
 from spectron_jax import vocoder as vocoder_lib
-from spectron_jax.data import features, prompt_features
+from spectron_jax.data import features, phi, prompt_features
 
 MIN_PROMPT_SECONDS = 0.1  # shorter prompts are rejected (DEFAULT).
 SILENCE_PEAK = 1e-4  # a file whose largest |sample| is below this is silent (DEFAULT).
@@ -44,12 +45,24 @@ def load_audio(path: str, spec: features.FeatureSpec = features.SPECTRON_FEATURE
     return wave
 
 
+# `InferenceResult.text_boundary`: how the text was split.
+SEPARATED = "separator"   # at the model's separator: prompt_transcript | continuation
+MISSING = "missing"       # the model has a separator (SpectronConfig.sep_id) but wrote none
+UNMARKED = "unmarked"     # the model writes no separator (the paper's text): nothing to split at
+
+
 @dataclasses.dataclass
 class InferenceResult:
-    """One row's output. Frames are log-mel [frames, mel]; waves float32 at the feature rate."""
+    """One row's output. Frames are log-mel [frames, mel]; waves float32 at the feature rate.
 
-    prompt_transcript: str
-    text_continuation: str
+    `text` is everything the model wrote before eos (the separator left out); `prompt_transcript` and
+    `continuation` are its two sides of the separator, both None unless `text_boundary` is SEPARATED.
+    """
+
+    text: str
+    prompt_transcript: Optional[str]
+    continuation: Optional[str]
+    text_boundary: str
     prompt_frames: np.ndarray
     frames: np.ndarray
     waveform: np.ndarray
@@ -57,27 +70,33 @@ class InferenceResult:
     timings: dict
 
 
-def _split_text(tokens: Sequence[int], tokenizer, sep_id: Optional[int]) -> tuple[str, str]:
-    """Decodes the generated ids into (transcript, continuation): split at the phi-split separator when the
-    model writes one, otherwise the whole text is returned as the continuation's transcript part."""
+def split_text(tokens: Sequence[int], tokenizer,
+               sep_id: Optional[int]) -> tuple[str, Optional[str], Optional[str], str]:
+    """Decodes the generated ids [tokens] (eos excluded) into (text, prompt transcript, continuation,
+    text_boundary): split at the first separator when the model writes one; else the text is whole and
+    the two parts None (MISSING when the model has a separator, UNMARKED when it has none)."""
     tokens = [int(t) for t in tokens]
+
+    def decode(ids):
+        return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+
     if sep_id is not None and sep_id in tokens:
         i = tokens.index(sep_id)
-        return tokenizer.decode(tokens[:i]), tokenizer.decode(tokens[i + 1:])
-    text = tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens))
-    return text, ""
+        head, tail = decode(tokens[:i]), decode([t for t in tokens[i + 1:] if t != sep_id])
+        return " ".join(p for p in (head, tail) if p), head, tail, SEPARATED
+    return decode(tokens), None, None, MISSING if sep_id is not None else UNMARKED
 
 
 class Inferencer:
     """Runs a bundle on batches of waveforms (16 kHz mono float32)."""
 
     def __init__(self, bundle, decode_config: decoding.DecodeConfig = decoding.DecodeConfig(), vocoder=None,
-                 batch_size: int = 8, sep_id: Optional[int] = None):
+                 batch_size: int = 8):
         self.bundle = bundle
         self.config = decode_config
         self.vocoder = vocoder if vocoder is not None else vocoder_lib.GriffinLimVocoder(bundle.feature_spec)
         self.batch_size = batch_size
-        self.sep_id = sep_id
+        self.sep_id = getattr(bundle.model.config, "sep_id", None)  # where the text is split (None: not at all)
         self.spec = bundle.feature_spec
 
     def prompt_frames(self, wave: np.ndarray) -> np.ndarray:
@@ -124,19 +143,31 @@ class Inferencer:
         results = []
         for i, (prompt, wave) in enumerate(zip(prompts, waves)):
             n = int(out["text_lengths"][i])
-            transcript, continuation = _split_text(out["text_tokens"][i, :n], self.bundle.tokenizer, self.sep_id)
+            text, transcript, continuation, boundary = split_text(out["text_tokens"][i, :n], self.bundle.tokenizer,
+                                                                  self.sep_id)
             gen = out["frames"][i, :int(out["num_frames"][i])]
             timings = {"features": (t1 - t0) / len(prompts), "generate": (t2 - t1) / len(prompts),
                        "vocoder": (t3 - t2) / len(prompts)}
             results.append(InferenceResult(
-                prompt_transcript=transcript, text_continuation=continuation, prompt_frames=prompt, frames=gen,
+                text=text, prompt_transcript=transcript, continuation=continuation, text_boundary=boundary,
+                prompt_frames=prompt, frames=gen,
                 waveform=np.asarray(wave, np.float32),
                 stop_reason="stop_head" if bool(out["stopped"][i]) else "budget", timings=timings))
         return results
 
+    def text_ids(self, transcript: str, prompt_share: float) -> list[int]:
+        """The ids of `transcript` as the model was trained to write it: with the separator at phi (the
+        Tasks' letter rule, `data.phi`, for a prompt of `prompt_share` of the utterance) when it has one."""
+        encode = self.bundle.tokenizer.encode
+        if self.sep_id is None:
+            return [int(t) for t in encode(transcript)]
+        head, tail = phi.split_transcript(transcript, prompt_share)
+        tail = f" {tail}" if head and tail else tail  # as the Tasks tokenise it (tokenizers without a dummy prefix)
+        return [int(t) for t in encode(head)] + [int(self.sep_id)] + [int(t) for t in encode(tail)]
+
     def teacher_forced_frames(self, waveforms: Sequence[np.ndarray], transcripts: Sequence[str]) -> list[np.ndarray]:
         """Post-net frames [frames, mel] predicted under teacher forcing on the true continuation (the
-        audio after the prompt) and `transcripts` (its text)."""
+        audio after the prompt) and `transcripts` (its text, with the separator at phi: `text_ids`)."""
         import jax.numpy as jnp
 
         model, params, cfg = self.bundle.model, self.bundle.params, self.bundle.model.config
@@ -148,7 +179,7 @@ class Inferencer:
             cont = full[p:]
             cont_len = max(r, -(-len(cont) // r) * r)
             prompt_frames, prompt_mask = self._pad([self.encoder_input(wave)])
-            ids = [cfg.sos_id] + [int(t) for t in self.bundle.tokenizer.encode(text)]
+            ids = [cfg.sos_id] + self.text_ids(text, p / max(len(full), 1))
             cont_frames = np.zeros((1, cont_len, self.spec.num_mel), np.float32)
             cont_frames[0, :len(cont)] = cont
             cont_mask = np.zeros((1, cont_len), np.int32)
@@ -173,7 +204,8 @@ def write_outputs(result: InferenceResult, prompt_wave: np.ndarray, output_dir: 
     vocoder_lib.write_wav(str(out / "prompt_plus_continuation.wav"),
                           np.concatenate([prompt_wave[:prompt_len], result.waveform]), sample_rate)
     _plot(result, str(out / "spectrogram.png"))
-    info = {"prompt_transcript": result.prompt_transcript, "text_continuation": result.text_continuation,
+    info = {"text": result.text, "prompt_transcript": result.prompt_transcript, "continuation": result.continuation,
+            "text_boundary": result.text_boundary,
             "prompt_frames": int(len(result.prompt_frames)), "generated_frames": int(len(result.frames)),
             "stop_reason": result.stop_reason, "timings": result.timings}
     (out / "result.json").write_text(json.dumps(info, indent=2))
@@ -263,9 +295,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 folder = epath.Path(args.output_dir) if args.audio else epath.Path(args.output_dir) / names[start + j]
                 info = write_outputs(result, chunk[j], str(folder), bundle.feature_spec.sample_rate)
                 done += 1
-                if args.audio:
+                if args.audio and info["text_boundary"] == SEPARATED:
                     print(f"transcript: {info['prompt_transcript']}")
-                    print(f"continuation: {info['text_continuation']}")
+                    print(f"continuation: {info['continuation']}")
+                elif args.audio:
+                    why = "no separator written" if info["text_boundary"] == MISSING else "the model has no separator"
+                    print(f"text ({why}: transcript and continuation not told apart): {info['text']}")
                     print(f"frames: {info['generated_frames']} ({info['stop_reason']})")
             bar.update(len(chunk))
     if not args.audio:

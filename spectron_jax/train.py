@@ -633,12 +633,14 @@ def _parser() -> cli.ArgumentParser:
     return parser
 
 
-def _tokenizer_of_run(config, model_config):
+def _tokenizer_of_run(config, model_config, task_config=None):
     """`config` with the run's tokenizer resolved and checked against the model.
 
     Without `TrainConfig.vocab_path`, a run initialised from a converted LM (`PretrainedInit.lm_checkpoint`)
     uses that checkpoint's `tokenizer.model`. The tokenizer's bos / eos / pad must be the model's
     sos / eos / pad ids (a converted `decoder.gin` binds them) and its pieces must fit the vocabulary.
+    With a text separator (`TaskConfig.sep_id`), the model records the same id (`SpectronConfig.sep_id`)
+    and the tokenizer holds it as a reserved piece.
     """
     from etils import epath
 
@@ -650,7 +652,8 @@ def _tokenizer_of_run(config, model_config):
         config = dataclasses.replace(config, vocab_path=str(epath.Path(lm) / checkpoints.TOKENIZER_FILENAME))
     path = config.vocab_path or tasks_lib.DEFAULT_VOCAB_PATH
     try:
-        ids = tasks_lib.token_ids(tasks_lib.load_vocabulary(path))
+        vocabulary = tasks_lib.load_vocabulary(path)
+        ids = tasks_lib.token_ids(vocabulary)
     except (FileNotFoundError, ValueError) as e:
         raise cli.InputError(" ".join(str(e).split())) from None
     for name, got in (("sos_id", ids.bos_id), ("eos_id", ids.eos_id), ("pad_id", ids.pad_id)):
@@ -660,6 +663,15 @@ def _tokenizer_of_run(config, model_config):
     if ids.vocab_size > model_config.decoder.vocab_size:
         raise cli.UsageError(f"DecoderConfig.vocab_size={model_config.decoder.vocab_size} is smaller than the "
                              f"{ids.vocab_size} pieces of the tokenizer {path}")
+    sep_id = getattr(model_config, "sep_id", None)
+    if task_config is not None and task_config.sep_id != sep_id:
+        raise cli.UsageError(f"TaskConfig.sep_id={task_config.sep_id} but SpectronConfig.sep_id={sep_id}; "
+                             "bind both the same (the run gins' SEP_ID)")
+    if sep_id is not None:
+        try:
+            tasks_lib.check_separator(vocabulary, sep_id, path)
+        except ValueError as e:
+            raise cli.UsageError(f"{e}; rebuild it with a reserved separator or set SEP_ID = None") from None
     return config
 
 
@@ -698,7 +710,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     vocab = config.vocab_path
     if vocab and not filesystem.is_file(vocab):
         raise cli.InputError(f"TrainConfig.vocab_path: {vocab} not found")
-    config = _tokenizer_of_run(config, model_config)
+    config = _tokenizer_of_run(config, model_config, task_config)
     try:
         train(model_dir, train_steps, task_name, config, model_config, task_config, converter,
               write_config=gin_config.write_operative_config)

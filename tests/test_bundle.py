@@ -2,6 +2,7 @@
 export's format (OCDBT or one zarr store per array) follows `use_ocdbt`, and both load back exactly."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +72,20 @@ def test_bundle_round_trip_loss_fp32_and_bf16(tmp_path):
         meta = json.loads((out / bundle.BUNDLE_FILENAME).read_text())
         assert meta["step"] == 5 and meta["reduction_factor"] == 1 and meta["stop_head"] is False
         assert sum(meta["num_params_per_component"].values()) == meta["num_params"]
+        assert meta["sep_id"] is None  # a model without a text separator
         loaded = bundle.load_bundle(str(out))
         assert loaded.model.config == model.config  # rebuilt from config.gin alone
         assert "opt_state" not in loaded.params and set(loaded.params) == set(params)
         restored = jax.tree.map(lambda x: x.astype(jnp.float32), loaded.params)
         losses[dtype] = float(loaded.model.eval_fn(restored, batch)[0])
     assert losses["float32"] == float(reference)
+    # a run with a text separator: bundle.json and the rebuilt model record its id
+    marked = tmp_path / "marked"
+    shutil.copytree(tmp_path / "float32", marked)
+    (marked / "config.gin").write_text((marked / "config.gin").read_text() + "\nSpectronConfig.sep_id = 5\n")
+    info = json.loads((marked / "export.json").read_text())
+    assert bundle.write_bundle_json(str(marked), info)["sep_id"] == 5
+    assert bundle.load_bundle(str(marked)).model.config.sep_id == 5
     # bf16 rounds every weight to 8 bits of mantissa: the loss moves by well under 1%.
     assert abs(losses["bfloat16"] - float(reference)) <= 1e-2 * abs(float(reference))
 

@@ -196,6 +196,7 @@ def test_cli_converts_checks_and_writes(tmp_path, capsys):
     assert info["family"] == "gemma3_text" and info["max_logits_diff"] <= 1e-4 and info["tokenizer"]
     assert (out / "tokenizer.model").read_bytes() == b"spm"
     assert "DecoderConfig.sliding_window = 5" in (out / "decoder.gin").read_text()
+    assert "SEP_ID = None" in (out / "decoder.gin").read_text() and info["sep_id"] is None  # no SentencePiece
     # the written params restore under the decoder's own layout
     from spectron_jax import checkpoints
 
@@ -203,6 +204,34 @@ def test_cli_converts_checks_and_writes(tmp_path, capsys):
     assert "layers/3/attn/q_norm/scale" in paths and "embedder/table" in paths
     with pytest.raises(Exception, match="already holds"):
         convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--no-check"])
+
+
+def test_a_converted_gemma_tokenizer_lends_its_first_unused_piece_as_separator(tmp_path, embedded_dir):
+    """A Gemma-style tokenizer (pad 0, eos 1, bos 2, unk 3, '<mask>', '<unused0>', '<unused1>') gives
+    SEP_ID = the id of '<unused0>' in decoder.gin and convert.json; training then accepts it."""
+    import sentencepiece as spm
+
+    from spectron_jax.data import tasks
+
+    source = tmp_path / "hf"
+    _save_random_model("gemma3_gqa", source)
+    rows = (embedded_dir / "manifest.tsv").read_text().splitlines()[1:60]
+    (tmp_path / "text.txt").write_text("\n".join(r.split("\t")[2] for r in rows))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "text.txt"), model_prefix=str(source / "tokenizer"), vocab_size=100, pad_id=0,
+        eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=["<mask>", "<unused1>", "<unused0>"],
+        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    expected = sp.piece_to_id("<unused0>")
+    assert expected == 6  # after '<mask>' 4 and '<unused1>' 5: the lowest-numbered unused piece, not the first id
+    out = tmp_path / "out"
+    assert convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--no-check"]) == 0
+    assert f"SEP_ID = {expected}" in (out / "decoder.gin").read_text().splitlines()
+    assert json.loads((out / "convert.json").read_text())["sep_id"] == expected
+    vocabulary = tasks.load_vocabulary(str(out / "tokenizer.model"))
+    tasks.check_separator(vocabulary, expected)
+    with pytest.raises(ValueError, match="lacks the separator"):
+        tasks.check_separator(vocabulary, sp.piece_to_id("▁the"))
 
 
 @pytest.mark.parametrize("size, layers, dim, mlp", [("270m", 18, 640, 2048), ("1b", 26, 1152, 6912)])

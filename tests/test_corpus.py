@@ -87,9 +87,10 @@ def test_tokenizer_round_trips_every_transcript(rows, embedded_dir):
     sp = spm.SentencePieceProcessor(model_file=str(embedded_dir / "spm" / "spectron_tiny.model"))
     assert sp.get_piece_size() == 512
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, 3)
+    assert sp.piece_to_id("<sep>") == 4  # the reserved separator (TaskConfig.sep_id)
     for r in rows:
         ids = sp.encode(r["transcript"])
-        assert sp.unk_id() not in ids, r["id"]
+        assert sp.unk_id() not in ids and 4 not in ids, r["id"]
         assert sp.decode(ids) == r["transcript"], r["id"]
 
 

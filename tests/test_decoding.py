@@ -124,3 +124,10 @@ def test_prenet_dropout_draws_a_fresh_mask_each_step():
     a2 = model.speech_step(params, previous, cache, rng=jax.random.key(0))[0]
     assert not np.allclose(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
+
+
+def test_frame_budget_counts_the_tokens_after_the_separator():
+    tokens = jnp.asarray([[5, 6, 4, 7, 8, 0], [5, 6, 7, 0, 0, 0], [4, 9, 9, 9, 0, 0], [5, 6, 7, 4, 4, 0]], jnp.int32)
+    lengths = jnp.asarray([5, 3, 4, 3], jnp.int32)  # row 4: its separators lie past its length
+    np.testing.assert_array_equal(decoding.continuation_lengths(tokens, lengths, 4), [2, 3, 3, 3])
+    np.testing.assert_array_equal(decoding.continuation_lengths(tokens, lengths, None), lengths)

@@ -1,4 +1,9 @@
-"""Greedy decoding of a tiny model overfit on one corpus utterance reproduces its text and frames."""
+"""Greedy decoding of a tiny model overfit on one corpus utterance reproduces its text and frames.
+
+The text target carries the separator at phi ("transcript <sep> continuation", as the project's runs
+train), so the test also shows the model writing the separator where it learnt it and `infer`
+splitting the text there exactly.
+"""
 
 import csv
 import dataclasses
@@ -9,9 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from spectron_jax import decoding
+from spectron_jax import decoding, infer
 from spectron_jax.data import converter as converter_lib
-from spectron_jax.data import features, tasks
+from spectron_jax.data import features, phi, tasks
 from spectron_jax.models.decoder import DecoderConfig
 from spectron_jax.models.spectron_model import SpectronModel
 from tests.test_spectron import tiny_config
@@ -21,14 +26,19 @@ STEPS = 300  # teacher-forced loss ~0.23 (from ~10); 200 steps already decode ex
 
 
 def _one_batch(embedded_dir):
-    """The converter's batch of one row: the shortest corpus utterance, cropped; and its transcript ids."""
+    """The converter's batch of one row: the shortest corpus utterance, cropped; its text ids (the prompt's
+    words, the separator, the rest, cut at phi for a 3 s prompt as the Tasks cut it); the vocabulary; the
+    two halves of the transcript."""
     manifest = embedded_dir / "manifest.tsv"
     if not manifest.is_file():
         pytest.skip("embedded corpus not built")
     with open(manifest, newline="") as f:
         row = min(csv.DictReader(f, delimiter="\t"), key=lambda r: float(r["duration"]))
     vocab = tasks.load_vocabulary(str(embedded_dir / "spm" / "spectron_tiny.model"))
-    tokens = np.asarray(vocab.encode(row["transcript"]), np.int32)
+    head, tail = phi.split_transcript(row["transcript"], 3.0 / float(row["duration"]))
+    assert head and tail, row["transcript"]
+    sep = vocab.tokenizer.piece_to_id(tasks.SEP_PIECE)
+    tokens = np.asarray(vocab.encode(head) + [sep] + vocab.encode(tail), np.int32)
     frames = features.log_mel(features.load_audio(embedded_dir / row["path"]))  # [frames, 128]
     # Start inside the speech (the first frames of a recording are near-silence).
     start = len(frames) // 3
@@ -39,15 +49,17 @@ def _one_batch(embedded_dir):
     example, _ = conv.convert_example({"prompt": prompt, "continuation": continuation, "text": tokens})
     batch = {k: np.asarray(v)[None] for k, v in example.items()}
     assert batch["prompt_mask"].sum() == PROMPT_FRAMES and batch["cont_mask"].sum() == CONT_FRAMES  # nothing padded
-    return batch, tokens, vocab.vocab_size
+    return batch, tokens, vocab, (head, tail)
 
 
 @pytest.mark.slow  # ~300 jitted training steps of a micro model + one generate compile
 def test_greedy_decoding_of_an_overfit_model_reproduces_its_utterance(embedded_dir):
-    batch, tokens, vocab_size = _one_batch(embedded_dir)
+    batch, tokens, vocab, (head, tail) = _one_batch(embedded_dir)
+    sep = vocab.tokenizer.piece_to_id(tasks.SEP_PIECE)
     cfg = tiny_config()  # dropout off; SpecAugment is a pipeline preprocessor, not applied to this batch
-    cfg = dataclasses.replace(cfg, decoder=DecoderConfig(vocab_size=vocab_size, model_dim=64, num_layers=1,
-                                                         num_heads=2, num_kv_heads=1, head_dim=32, mlp_dim=128))
+    cfg = dataclasses.replace(cfg, decoder=DecoderConfig(vocab_size=vocab.vocab_size, model_dim=64, num_layers=1,
+                                                         num_heads=2, num_kv_heads=1, head_dim=32, mlp_dim=128),
+                              sep_id=sep)
     model = SpectronModel(cfg)
     params, _ = model.init(seed=0)
     tx = optax.adam(3e-3)
@@ -69,7 +81,9 @@ def test_greedy_decoding_of_an_overfit_model_reproduces_its_utterance(embedded_d
     out = decoding.to_host(decoding.generate(model, params, batch["prompt_frames"], batch["prompt_mask"], config))
     n = int(out["text_lengths"][0])
     decoded = out["text_tokens"][0, :n].tolist()
-    assert decoded == tokens.tolist() and bool(out["text_ended"][0]), decoded  # the transcript, then eos
+    assert decoded == tokens.tolist() and bool(out["text_ended"][0]), decoded  # transcript <sep> continuation, eos
+    text, transcript, continuation, boundary = infer.split_text(decoded, vocab, cfg.sep_id)
+    assert (transcript, continuation, boundary) == (head, tail, infer.SEPARATED) and text == f"{head} {tail}"
     assert int(out["num_frames"][0]) == CONT_FRAMES
     target = batch["cont_frames"][0]
     error = float(np.mean(np.abs(out["frames"][0, :CONT_FRAMES] - target)))

@@ -43,7 +43,8 @@ class ScriptedInferencer:
             reply = np.ascontiguousarray(wave[::-1]).astype(np.float32)
             frames = features.log_mel(reply)
             out.append(types.SimpleNamespace(
-                prompt_transcript="old maren had kept", text_continuation=self.text,
+                text=f"old maren had kept {self.text}", prompt_transcript="old maren had kept", continuation=self.text,
+                text_boundary="separator",
                 prompt_frames=features.log_mel(wave), frames=frames, waveform=reply,
                 stop_reason="stop_head" if len(self.prompt_samples) % self.stop_every else "budget", timings={}))
         return out
@@ -90,6 +91,44 @@ def test_bundle_text_lm_equals_stepwise_decoding(bundle):
             total += float(jax.nn.log_softmax(logits[0])[token])
             logits, cache = text_step(params, np.array([token]), cache)
         assert score.log_likelihood == pytest.approx(total, rel=1e-4, abs=1e-4)
+
+
+def _continuation_row(boundary, prompt_transcript, continuation, reference="the keeper climbed the stairs"):
+    from spectron_jax.data import phi
+
+    ref_prompt, ref_cont = phi.split_transcript(reference, 0.4)  # 'the keeper' | 'climbed the stairs'
+    whole = " ".join(p for p in (prompt_transcript, continuation) if p)
+    return {"reference": reference, "reference_prompt": ref_prompt, "reference_continuation": ref_cont,
+            "text_boundary": boundary, "prompt_transcript": prompt_transcript if boundary == "separator" else None,
+            "text_continuation": continuation if boundary == "separator" else whole, "model_text": whole,
+            "stop_reason": "budget", "generated_frames": 10, "true_frames": 10, "generated_seconds": 1.0,
+            "true_seconds": 1.0}
+
+
+def test_continuation_scores_the_prompt_transcript_and_the_continuation_apart():
+    from spectron_jax.evaluation import continuation, spoken_qa
+
+    split = _continuation_row("separator", "the keeper", "climbed the hill")
+    assert (split["reference_prompt"], split["reference_continuation"]) == ("the keeper", "climbed the stairs")
+    missing = _continuation_row("missing", "a b c d", "")
+    values = continuation.metrics([split, missing])
+    assert values["prompt_transcript_wer"] == 0.0 and values["continuation_wer"] == pytest.approx(1 / 3)
+    assert values["separator_fraction"] == 0.5  # the row without a separator is left out of both
+    assert values["text_wer"] == pytest.approx((1 + 5) / 10)  # whole texts vs whole references
+    assert "1 of 2 rows carry no text separator" in runner.boundary_note([split, missing])
+    assert runner.boundary_note([split]) is None
+    unmarked = [_continuation_row("unmarked", "the keeper", "climbed the hill")]
+    values = continuation.metrics(unmarked)
+    assert "prompt_transcript_wer" not in values and "separator_fraction" not in values
+    assert "writes no text separator" in runner.boundary_note(unmarked)
+    # spoken QA: the answer is the part after the separator; a model without one is scored on its whole text
+    qa = [{"question": "who climbed", "text_correct": True, "stop_reason": "budget", "answer_seconds": 1.0,
+           "text_boundary": b, "prompt_transcript": t, "model_text": "who climbed the keeper"}
+          for b, t in (("separator", "who climbed"), ("missing", None))]
+    assert spoken_qa.metrics(qa)["question_wer"] == 0.0 and spoken_qa.metrics(qa)["separator_fraction"] == 0.5
+    for row in qa:
+        row["text_boundary"], row["prompt_transcript"] = "unmarked", None
+    assert spoken_qa.metrics(qa)["question_wer"] == 1.0  # 'who climbed' vs 'who climbed the keeper': 2 inserted
 
 
 def _args(**kw):

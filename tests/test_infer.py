@@ -41,6 +41,8 @@ def test_infer_writes_every_output_and_rejects_bad_files(export_dir, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["generated_frames"] > 0 and result["stop_reason"] == "budget"
     assert result["prompt_frames"] == 81  # 1 s (shorter than the 3 s prompt): 16000 / 200 + 1 frames
+    # a model without a separator: its text is reported whole, not as a transcript
+    assert result["text_boundary"] == "unmarked" and result["prompt_transcript"] is None
     for name in ("continuation.wav", "prompt_plus_continuation.wav", "spectrogram.png"):
         assert (out / name).stat().st_size > 0, name
     cont, rate = soundfile.read(str(out / "continuation.wav"))
@@ -86,3 +88,41 @@ def test_teacher_forced_frames_shape(export_dir):
     wave = _speechlike(1.0, 16000)
     frames = inferencer.teacher_forced_frames([wave], ["ab"])
     assert frames[0].shape == (81 - 40, 128) and np.all(np.isfinite(frames[0]))
+
+
+def test_text_is_split_at_the_separator_and_reported_whole_without_one(embedded_dir, tmp_path):
+    from spectron_jax.data import tasks
+
+    vocab = tasks.load_vocabulary(str(embedded_dir / "spm" / "spectron_tiny.model"))
+    head, tail = vocab.encode("old maren had kept"), vocab.encode("the lighthouse on gull point")
+    assert infer.split_text(head + [4] + tail, vocab, 4) == (
+        "old maren had kept the lighthouse on gull point", "old maren had kept", "the lighthouse on gull point",
+        infer.SEPARATED)
+    assert infer.split_text([4] + tail, vocab, 4)[1:] == ("", "the lighthouse on gull point", infer.SEPARATED)
+    # a model with a separator that wrote none, and a model without one: the text whole, no parts
+    assert infer.split_text(head + tail, vocab, 4) == ("old maren had kept the lighthouse on gull point", None, None,
+                                                       infer.MISSING)
+    assert infer.split_text(head + tail, vocab, None)[1:] == (None, None, infer.UNMARKED)
+
+    frames = np.zeros((4, 128), np.float32)
+    result = infer.InferenceResult(text="a b", prompt_transcript=None, continuation=None, text_boundary=infer.MISSING,
+                                   prompt_frames=frames, frames=frames, waveform=np.zeros(800, np.float32),
+                                   stop_reason="budget", timings={})
+    info = infer.write_outputs(result, np.zeros(1600, np.float32), str(tmp_path), 16000)
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written == info and written["text"] == "a b" and written["text_boundary"] == "missing"
+    assert written["prompt_transcript"] is None and written["continuation"] is None
+
+
+def test_teacher_forced_text_carries_the_separator_at_phi(embedded_dir):
+    import types
+
+    from spectron_jax.data import features, tasks
+
+    vocab = tasks.load_vocabulary(str(embedded_dir / "spm" / "spectron_tiny.model"))
+    text = "old maren had kept the lighthouse"  # letters 3 5 3 4 3 10 of 28: half is 14, nearest start 15
+    for sep_id, expected in ((4, vocab.encode("old maren had kept") + [4] + vocab.encode("the lighthouse")),
+                             (None, vocab.encode(text))):
+        bundle = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(sep_id=sep_id)),
+                                       tokenizer=vocab, feature_spec=features.SPECTRON_FEATURES)
+        assert infer.Inferencer(bundle).text_ids(text, 0.5) == expected

@@ -59,7 +59,8 @@ def test_parse_example_restores_row_major_frames():
     parsed = preprocessors.decode_serialized_example(tf.constant(_serialized_example("u1", log_mel, "hello there")))
     np.testing.assert_array_equal(parsed["log_mel"].numpy(), log_mel)
     assert parsed["id"].numpy() == b"u1" and parsed["transcript"].numpy() == b"hello there"
-    assert set(parsed) == {"id", "transcript", "speaker", "log_mel"}
+    assert set(parsed) == {"id", "transcript", "speaker", "log_mel", "word_starts"}
+    assert parsed["word_starts"].shape == (0,)  # a record without word timings
 
 
 def test_parse_example_rejects_inconsistent_frame_count():
@@ -139,23 +140,102 @@ def test_spec_augment_seed_and_zero_fill():
         preprocessors.SpecAugmentConfig(mask_value="noise")
 
 
-@pytest.mark.parametrize("total_frames, max_cont", [(600, None), (2000, 800)])
-def test_phi_split_covers_tokens_in_order_in_proportion(sp_model, total_frames, max_cont):
-    transcript = " ".join(WORDS[:12])
-    tokens = spm.SentencePieceProcessor(model_file=sp_model).encode(transcript)
-    n = len(tokens)
+@pytest.mark.parametrize("transcript, share, expected", [
+    ("one two three four", 0.5, 2),      # letters 3 3 5 4: starts 0 3 6 11 (of 15), 7.5 is nearest 6
+    ("one two three four", 0.6, 3),      # 9 is nearer 11 than 6: phi moves past 'three'
+    ("one two three four", 0.0, 0),
+    ("one two three four", 1.0, 4),
+    ("Hello, world! Fine.", 0.45, 1),    # punctuation is not spoken: letters 5 5 4, 6.3 is nearest 5
+    ("a bb ccccccccc", 0.2, 2),          # 2.4 of 12: start 3 (after 'bb') is nearer than 1
+    ("single", 0.3, 0),                  # 1.8 of 6: nearer the start than the end
+])
+def test_phi_by_letters_snaps_to_the_nearest_word_start(transcript, share, expected):
+    words = tf.strings.split(tf.constant(transcript))
+    assert int(preprocessors.phi_word_index(words, tf.constant(share))) == expected
+
+
+def test_phi_from_word_timings_takes_the_nearest_word_start():
+    words = tf.strings.split(tf.constant("one two three four"))
+
+    def phi(starts, prompt_seconds=3.0, share=0.5):
+        return int(preprocessors.phi_word_index(words, tf.constant(share), tf.constant(starts, tf.float32),
+                                                tf.constant(prompt_seconds)))
+
+    assert phi([0.1, 0.9, 2.6, 3.2]) == 3   # 3.2 is 0.2 s from the prompt's end, 2.6 is 0.4
+    assert phi([0.1, 0.9, 2.6, 3.5]) == 2
+    assert phi([0.1, 0.9, 1.5, 2.0], share=0.5) == 3   # the end (6 s) is farther than the start of 'four'
+    assert phi([0.1, 0.9, 1.5, 2.0], share=0.9) == 4   # the end (3.33 s) is nearest: all four words
+    assert phi([0.1, 3.1, 4.0, 5.0]) == 1
+    assert phi([0.5, 1.0]) == 2             # timings that do not match the words: the letter rule (share 0.5)
+
+
+def test_manifest_word_timings_reach_the_shards_and_place_phi(tmp_path, sp_model):
+    """A manifest's `word_starts` column -> Segment -> the record -> phi at the timed boundary; rows whose
+    timings do not fit their words are skipped with the column named."""
+    from spectron_jax.data import sources, tfrecords
+
+    words = WORDS[:6]
+    (tmp_path / "m.tsv").write_text(
+        "id\tpath\ttranscript\tword_starts\n"
+        f"a\ta.flac\t{' '.join(words)}\t0.0 0.5 1.2 2.0 2.9 4.4\n"
+        f"b\tb.flac\t{' '.join(words)}\t0.0 0.5 1.2\n"
+        f"c\tc.flac\t{' '.join(words)}\t0.0 0.5 0.4 2.0 2.9 4.4\n"
+        f"d\td.flac\t{' '.join(words)}\t\n")
+    listing = sources.read_manifest(str(tmp_path / "m.tsv"))
+    segments = {seg.id: seg for src in listing.sources for seg in src.segments}
+    assert segments["a"].word_starts == (0.0, 0.5, 1.2, 2.0, 2.9, 4.4) and segments["d"].word_starts is None
+    assert sorted((k.id, k.reason) for k in listing.skips) == [("b", "malformed_line"), ("c", "malformed_line")]
+    assert all("word_starts" in k.detail for k in listing.skips)
+    record = tfrecords.encode_example(segments["a"], 6.0, np.zeros((480, MEL), np.float32), "float32")
+    ds = preprocessors.parse_example(tf.data.Dataset.from_tensors(record).map(
+        lambda r: tf.io.parse_single_example(r, preprocessors.FEATURE_DESCRIPTION)))
+    ds = preprocessors.split_prompt_continuation(ds, prompt_frames=PROMPT_FRAMES, max_continuation_frames=None)
+    features = {"text": seqio.Feature(seqio.SentencePieceVocabulary(sp_model), add_eos=False)}
+    (ex,) = _numpy(preprocessors.tokenize_transcript(ds, features, phi_split=True))
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    head = sp.encode(" ".join(words[:4]))  # 'jumps' starts at 2.9 s, the word start nearest 3 s
+    np.testing.assert_array_equal(ex["text_segments"], [1] * len(head) + [2] * (len(ex["text"]) - len(head)))
+    assert "word_starts" not in ex
+
+
+def _tokenized(sp_model, transcript, total_frames, max_cont, sep_id, word_starts=None):
     log_mel = np.zeros((total_frames, MEL), np.float32)
     ds = _parsed_dataset([_serialized_example("u", log_mel, transcript)])
+    if word_starts is not None:
+        ds = ds.map(lambda ex: {**ex, preprocessors.WORD_STARTS_KEY: tf.constant(word_starts, tf.float32)})
     ds = preprocessors.split_prompt_continuation(ds, prompt_frames=PROMPT_FRAMES, max_continuation_frames=max_cont)
     features = {"text": seqio.Feature(seqio.SentencePieceVocabulary(sp_model), add_eos=False)}
-    (ex,) = _numpy(preprocessors.tokenize_transcript(ds, features, phi_split=True, trim_to_kept_audio=True))
+    (ex,) = _numpy(preprocessors.tokenize_transcript(ds, features, phi_split=True, trim_to_kept_audio=True,
+                                                     sep_id=sep_id))
+    return ex
 
-    kept_frames = total_frames if max_cont is None else PROMPT_FRAMES + max_cont
-    num_kept = math.floor(fractions.Fraction(n * kept_frames, total_frames) + fractions.Fraction(1, 2))
-    num_prompt = math.floor(fractions.Fraction(n * PROMPT_FRAMES, total_frames) + fractions.Fraction(1, 2))
-    np.testing.assert_array_equal(ex["text"], tokens[:num_kept])
-    np.testing.assert_array_equal(ex["text_segments"], [1] * num_prompt + [2] * (num_kept - num_prompt))
-    assert abs(num_prompt / n - PROMPT_FRAMES / total_frames) <= 0.5 / n
+
+@pytest.mark.parametrize("total_frames, max_cont", [(600, None), (2000, 800)])
+def test_phi_split_writes_the_separator_at_a_word_boundary(embedded_dir, total_frames, max_cont):
+    model = str(embedded_dir / "spm" / "spectron_tiny.model")
+    sp = spm.SentencePieceProcessor(model_file=model)
+    sep = sp.piece_to_id(tasks.SEP_PIECE)
+    words = WORDS[:12]
+    ex = _tokenized(model, " ".join(words), total_frames, max_cont, sep)
+    # the reference: the letters before each word start, the one nearest the prompt's share of them
+    starts = np.concatenate([[0], np.cumsum([len(w) for w in words])])
+    k = int(np.argmin(np.abs(starts - PROMPT_FRAMES / total_frames * starts[-1])))
+    head, tail = sp.encode(" ".join(words[:k])), sp.encode(" ".join(words[k:]))
+    assert head + tail == sp.encode(" ".join(words))  # a word boundary: no piece is cut
+    kept_cont = len(tail) if max_cont is None else math.floor(
+        fractions.Fraction(len(tail) * max_cont, total_frames - PROMPT_FRAMES) + fractions.Fraction(1, 2))
+    np.testing.assert_array_equal(ex["text"], head + [sep] + tail[:kept_cont])
+    np.testing.assert_array_equal(ex["text_segments"], [1] * (len(head) + 1) + [2] * kept_cont)
+    assert list(ex["text"]).count(sep) == 1
+
+
+def test_phi_split_without_separator_and_with_word_timings(sp_model):
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    words = WORDS[:6]  # the quick brown fox jumps over; the prompt is 240 of 480 frames = 3 of 6 s
+    ex = _tokenized(sp_model, " ".join(words), 480, None, None, word_starts=[0.0, 0.5, 1.2, 2.0, 2.9, 4.4])
+    head, tail = sp.encode(" ".join(words[:4])), sp.encode(" ".join(words[4:]))  # 'jumps' starts at 2.9 s
+    np.testing.assert_array_equal(ex["text"], head + tail)
+    np.testing.assert_array_equal(ex["text_segments"], [1] * len(head) + [2] * len(tail))
 
 
 def test_converter_row_matches_numpy_construction():
@@ -242,3 +322,16 @@ def test_spec_augment_draws_new_masks_each_epoch_and_repeats_them_on_resume():
     # Literature defaults (Park et al. 2019, LB): one frequency and one time mask.
     changed = np.frombuffer(masks[0], bool).reshape(PROMPT_FRAMES, MEL)
     assert changed.all(axis=0).sum() <= 27 and changed.all(axis=1).sum() <= PROMPT_FRAMES // 3
+
+
+def test_phi_rule_of_the_tasks_and_of_the_evaluation_agree_on_the_corpus(embedded_dir):
+    """The TensorFlow rule (Tasks) and the Python one (`data.phi`, evaluation) cut every transcript alike."""
+    from spectron_jax.data import phi
+
+    rows = [line.split("\t") for line in (embedded_dir / "manifest.tsv").read_text().splitlines()[1:]]
+    shares = np.random.default_rng(0).uniform(0.0, 1.0, len(rows)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices(([r[2] for r in rows], shares)).map(
+        lambda text, share: preprocessors.phi_word_index(tf.strings.split(text), share))
+    got = list(ds.as_numpy_iterator())
+    assert got == [phi.prompt_word_count(r[2].split(), float(s)) for r, s in zip(rows, shares)]
+    assert 0 < np.mean([0 < k < len(r[2].split()) for k, r in zip(got, rows)])  # not all at an end

@@ -663,6 +663,31 @@ def test_run_files_parse_and_build(name):
         assert config.data_dir == "runs/embedded_tfrecords" and model.decoder.vocab_size == 512
     assert (weights.text == 0.0) == (name == "ablation_no_text_ce.gin")
     assert (weights.time_delta == 0.0) == (name == "ablation_no_delta_losses.gin")
+    # every run writes the text separator at phi (beyond the paper): '<sep>' = 4, Gemma 3's '<unused0>' = 6
+    assert gin_config.build("TaskConfig").sep_id == model.sep_id == (6 if "gemma3" in name else 4)
+
+
+def test_a_tokenizer_without_the_separator_is_refused(embedded_dir, throwaway_sp_model):
+    """With TaskConfig.sep_id on, training takes only a tokenizer that reserves that id."""
+    import dataclasses
+
+    from spectron_jax.data import tasks as tasks_lib
+    from spectron_jax.models.spectron import SpectronConfig
+    from spectron_jax.models.decoder import DecoderConfig
+
+    embedded = str(embedded_dir / "spm" / "spectron_tiny.model")
+    model = SpectronConfig(decoder=DecoderConfig(vocab_size=512), sep_id=4)
+    config = train.TrainConfig(vocab_path=embedded)
+    assert train._tokenizer_of_run(config, model, tasks_lib.TaskConfig(sep_id=4)).vocab_path == embedded
+    for vocab, task, message in [
+        (throwaway_sp_model, tasks_lib.TaskConfig(sep_id=4), "lacks the separator sep_id=4"),
+        (embedded, tasks_lib.TaskConfig(sep_id=None), "TaskConfig.sep_id=None but SpectronConfig.sep_id=4"),
+    ]:
+        with pytest.raises(cli.UsageError, match=message) as info:
+            train._tokenizer_of_run(dataclasses.replace(config, vocab_path=vocab), model, task)
+        assert "\n" not in str(info.value)
+    with pytest.raises(cli.UsageError, match="that id is '▁the'"):  # an ordinary piece is no separator
+        train._tokenizer_of_run(config, dataclasses.replace(model, sep_id=7), tasks_lib.TaskConfig(sep_id=7))
 
 
 # ---- a run initialised from a converted Gemma decoder -------------------------------------------------

@@ -7,7 +7,8 @@ reads `DIR/config.json` and its safetensors weights (sharded or not) and writes
     OUT/params/          orbax pytree of the decoder's parameters, paths at its root ('embedder/table', ...),
                          the layout `PretrainedInit.lm_checkpoint` (and `checkpoints.component_init`) loads
     OUT/decoder.gin      the gin bindings of `DecoderConfig` (and the tokenizer ids) that reproduce the
-                         checkpoint's architecture
+                         checkpoint's architecture, and `SEP_ID`: the text separator (`TaskConfig.sep_id`),
+                         the tokenizer's first unused piece ('<unused0>' in Gemma's), None if it has none
     OUT/tokenizer.model  the checkpoint's SentencePiece model (when DIR has one)
     OUT/convert.json     source, family, parameter count and the parity figure of the check
 
@@ -309,8 +310,19 @@ def decoder_logits(decoder, tokens: np.ndarray) -> np.ndarray:
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def gin_bindings(cfg: DecoderConfig, ids: TokenIds, source: str = "") -> str:
-    """`decoder.gin`: the architecture of `cfg` and the tokenizer ids, as gin bindings."""
+def separator_id(tokenizer_bytes: bytes) -> Optional[int]:
+    """The id of the piece a converted tokenizer lends as the text separator: its '<sep>', else its first
+    '<unusedN>' piece (Gemma's '<unused0>'); None when it has neither or is no SentencePiece model."""
+    from spectron_jax.data import tasks
+
+    try:
+        return tasks.separator_candidate(tokenizer_bytes)
+    except Exception:  # noqa: BLE001 - a file sentencepiece cannot parse lends no separator
+        return None
+
+
+def gin_bindings(cfg: DecoderConfig, ids: TokenIds, source: str = "", sep_id: Optional[int] = None) -> str:
+    """`decoder.gin`: the architecture of `cfg`, the tokenizer ids and the separator macro, as gin bindings."""
     lines = [f"# Decoder architecture imported from a Hugging Face checkpoint{': ' + source if source else ''}.",
              "# Written by spectron_jax.convert.decoder; include it after a models/ file to swap in this LM.", ""]
     for name in ARCHITECTURE_FIELDS:
@@ -318,7 +330,10 @@ def gin_bindings(cfg: DecoderConfig, ids: TokenIds, source: str = "") -> str:
         lines.append(f"DecoderConfig.{name} = {_gin_literal(value)}")
     lines += ["", "# The checkpoint's tokenizer ids (the text input starts with its bos).",
               f"SpectronConfig.sos_id = {ids.bos_id}", f"SpectronConfig.eos_id = {ids.eos_id}",
-              f"SpectronConfig.pad_id = {ids.pad_id}", ""]
+              f"SpectronConfig.pad_id = {ids.pad_id}", "",
+              "# The text separator the run gins bind to TaskConfig.sep_id and SpectronConfig.sep_id: the",
+              "# tokenizer's first unused piece (None: it has none, the text carries no separator).",
+              f"SEP_ID = {sep_id}", ""]
     return "\n".join(lines)
 
 
@@ -345,12 +360,14 @@ def write_converted(output_dir: str, params: Mapping[str, Any], cfg: DecoderConf
     target = out / PARAMS_SUBDIR
     saver.save(target if "://" in str(target) else target.resolve(), dict(params))
     saver.wait_until_finished()
-    (out / GIN_FILENAME).write_text(gin_bindings(cfg, ids, str(source_dir)))
     tokenizer = epath.Path(source_dir) / TOKENIZER_FILENAME
+    sep_id = None
     if tokenizer.exists():
         (out / TOKENIZER_FILENAME).write_bytes(tokenizer.read_bytes())
+        sep_id = separator_id(tokenizer.read_bytes())
+    (out / GIN_FILENAME).write_text(gin_bindings(cfg, ids, str(source_dir), sep_id))
     (out / INFO_FILENAME).write_text(json.dumps(
-        {**info, "tokenizer": TOKENIZER_FILENAME if tokenizer.exists() else None}, indent=2) + "\n")
+        {**info, "tokenizer": TOKENIZER_FILENAME if tokenizer.exists() else None, "sep_id": sep_id}, indent=2) + "\n")
 
 
 # ---- the parity check -------------------------------------------------------------------------------

@@ -267,7 +267,8 @@ def write_shard(
                             long["dropped"] += piece.reason == "too_long"
                             continue
                         piece_segment, frames = piece
-                        if piece_segment is not segment:
+                        if piece_segment is not segment:  # a piece's words start elsewhere: no timings
+                            piece_segment = dataclasses.replace(piece_segment, word_starts=None)
                             long["pieces"] += 1
                             duration = frames.shape[0] * seconds_per_frame
                         offset = int(round((piece_segment.start - segment.start) * options.spec.sample_rate))

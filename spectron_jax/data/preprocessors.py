@@ -19,7 +19,8 @@ and the example dict grows like this (frames at 80 per second, 128 mel bins):
     after split_prompt_continuation prompt: float32 [prompt_frames, 128]    (the first 3 s = 240 frames)
                                     continuation: float32 [cont_frames, 128] (the rest, cropped)
                                     total_frames: int32 []                   (before the crop)
-    after tokenize_transcript       text: int32 [tokens]                     (no bos, no eos)
+    after tokenize_transcript       text: int32 [tokens]                     (no bos, no eos; with sep_id
+                                                                             the separator at phi)
                                     text_segments: int32 [tokens]            (with phi_split: 1 / 2)
     after spec_augment              prompt masked (training split only)
 
@@ -43,6 +44,9 @@ from spectron_jax.data import tfrecords
 NUM_MEL_BINS = features_lib.SPECTRON_FEATURES.num_mel
 
 FBANK = prompt_features.FBANK
+
+# Optional word timings of an example: float32 [words], the start of each transcript word in seconds.
+WORD_STARTS_KEY = "word_starts"
 
 # Segment ids of `text_segments` (and of the batch's `text_segments`).
 PROMPT_SEGMENT = 1
@@ -106,7 +110,8 @@ def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL
       num_mel_bins: mel bins per frame.
 
     Returns:
-      `id`, `transcript`, `speaker` (tf.string []), `log_mel` float32 [frames, num_mel_bins] and, when the
+      `id`, `transcript`, `speaker` (tf.string []), `log_mel` float32 [frames, num_mel_bins], `word_starts`
+      float32 [words] (0 values in shards without word timings) and, when the
       Task parses it (`tfrecords.prompt_fbank_feature`), `prompt_fbank` float32 [fbank_frames, 80] (0 frames
       in shards written without it); any other key outside the TFRecord schema passes through.
     """
@@ -126,6 +131,8 @@ def parse_example(features: Mapping[str, tf.Tensor], num_mel_bins: int = NUM_MEL
         speaker=features["speaker"],
         log_mel=log_mel,
     )
+    if WORD_STARTS_KEY in features:
+        out[WORD_STARTS_KEY] = features[WORD_STARTS_KEY]
     if prompt_features.FBANK_KEY in features:
         out[prompt_features.FBANK_KEY] = tf.reshape(features[prompt_features.FBANK_KEY], [-1, FBANK.num_mel])
     return out
@@ -235,27 +242,78 @@ def _round_div(numerator: tf.Tensor, denominator: tf.Tensor) -> tf.Tensor:
     return (2 * numerator + denominator) // (2 * denominator)
 
 
+def phi_word_index(words: tf.Tensor, prompt_share: tf.Tensor, word_starts: tf.Tensor | None = None,
+                   prompt_seconds: tf.Tensor | None = None) -> tf.Tensor:
+    """phi at a word boundary: how many of `words` the prompt's transcript holds (int32 [], 0..words).
+
+    With word timings (`word_starts` float32 [words], seconds from the utterance's start, one per word):
+    the word start nearest to `prompt_seconds` (the end of the utterance counts as the start past the
+    last word). Without them: the prompt's share of the duration `prompt_share` (float []) of the
+    utterance's letters (letters and digits: what is spoken, no spaces or punctuation), snapped to the
+    nearest word start. Ties go to the earlier boundary.
+
+    Args:
+      words: tf.string [words], the transcript split at whitespace.
+      prompt_share: float32 [], prompt frames / total frames.
+      word_starts: optional float32 [words] (or [0]: none known, the letter rule applies).
+      prompt_seconds: float32 [], the prompt's length, with `word_starts`.
+    """
+    letters = tf.strings.length(tf.strings.regex_replace(words, r"[^\pL\pN]", ""), unit="UTF8_CHAR")
+    starts = tf.concat([[0.0], tf.cumsum(tf.cast(letters, tf.float32))], 0)  # [words + 1]
+    by_letters = tf.argmin(tf.abs(starts - tf.cast(prompt_share, tf.float32) * starts[-1]), output_type=tf.int32)
+    if word_starts is None:
+        return by_letters
+    num_words = tf.size(words)
+    timed = tf.size(word_starts) == num_words
+    # the start past the last word: the end of the utterance (prompt_seconds / prompt_share)
+    end = tf.cast(prompt_seconds, tf.float32) / tf.maximum(tf.cast(prompt_share, tf.float32), 1e-6)
+    padded = tf.concat([tf.cast(word_starts, tf.float32), tf.reshape(end, [1])], 0)
+    by_time = tf.argmin(tf.abs(padded - tf.cast(prompt_seconds, tf.float32)), output_type=tf.int32)
+    return tf.where(timed & (num_words > 0), tf.minimum(by_time, num_words), by_letters)
+
+
 @seqio.map_over_dataset
 def _tokenize_and_split(
     features: Mapping[str, tf.Tensor],
     vocabulary: seqio.Vocabulary,
     phi_split: bool,
     trim_to_kept_audio: bool,
+    sep_id: int | None,
+    seconds_per_frame: float,
 ) -> dict:
-    tokens = vocabulary.encode_tf(features["transcript"])
-    num_tokens = tf.cast(tf.size(tokens), tf.int64)
     total = tf.maximum(tf.cast(features["total_frames"], tf.int64), 1)
     prompt = tf.cast(tf.shape(features["prompt"])[0], tf.int64)
     kept = prompt + tf.cast(tf.shape(features["continuation"])[0], tf.int64)
-    # phi: token index of a frame index, in proportion to the share of the utterance's duration.
-    num_kept = _round_div(num_tokens * kept, total) if trim_to_kept_audio else num_tokens
-    num_prompt = tf.minimum(_round_div(num_tokens * prompt, total), num_kept)
-    out = dict(features)
-    out["text"] = tf.cast(tokens[:num_kept], tf.int32)
+    out = {k: v for k, v in features.items() if k != WORD_STARTS_KEY}
+    if not phi_split and sep_id is None:  # the paper's target: the whole transcript, no boundary needed
+        tokens = vocabulary.encode_tf(features["transcript"])
+        num_tokens = tf.cast(tf.size(tokens), tf.int64)
+        num_kept = _round_div(num_tokens * kept, total) if trim_to_kept_audio else num_tokens
+        out["text"] = tf.cast(tokens[:num_kept], tf.int32)
+        return out
+    # phi at a word boundary: the prompt's words and the rest, tokenised apart (SentencePiece pieces never
+    # cross whitespace, so the two together are the whole transcript's tokens)
+    words = tf.strings.split(features["transcript"])
+    share = tf.cast(prompt, tf.float32) / tf.cast(total, tf.float32)
+    word_starts = features.get(WORD_STARTS_KEY)
+    k = phi_word_index(words, share, word_starts, tf.cast(prompt, tf.float32) * seconds_per_frame)
+    head = tf.strings.reduce_join(words[:k], separator=" ")
+    tail = tf.strings.reduce_join(words[k:], separator=" ")
+    # a tokenizer without a dummy prefix (Gemma's) needs the space that precedes a word mid-sentence
+    tail = tf.where((k > 0) & (k < tf.size(words)), tf.strings.join([" ", tail]), tail)
+    prompt_tokens = tf.cast(vocabulary.encode_tf(head), tf.int32)
+    cont_tokens = tf.cast(vocabulary.encode_tf(tail), tf.int32)
+    if sep_id is not None:
+        prompt_tokens = tf.concat([prompt_tokens, tf.constant([sep_id], tf.int32)], 0)
+    num_prompt = tf.cast(tf.size(prompt_tokens), tf.int64)
+    num_cont = tf.cast(tf.size(cont_tokens), tf.int64)
+    if trim_to_kept_audio:  # the continuation's tokens in proportion to its kept audio
+        num_cont = tf.minimum(num_cont, _round_div(num_cont * (kept - prompt), tf.maximum(total - prompt, 1)))
+    out["text"] = tf.concat([prompt_tokens, cont_tokens[:num_cont]], 0)
     if phi_split:
-        positions = tf.range(num_kept)
-        out["text_segments"] = tf.where(positions < num_prompt, PROMPT_SEGMENT, CONTINUATION_SEGMENT)
-        out["text_segments"] = tf.cast(out["text_segments"], tf.int32)
+        positions = tf.range(num_prompt + num_cont)
+        out["text_segments"] = tf.cast(tf.where(positions < num_prompt, PROMPT_SEGMENT, CONTINUATION_SEGMENT),
+                                       tf.int32)
     return out
 
 
@@ -265,29 +323,39 @@ def tokenize_transcript(
     phi_split: bool = False,
     trim_to_kept_audio: bool = True,
     text_key: str = "text",
+    sep_id: int | None = None,
+    seconds_per_frame: float = 1.0 / features_lib.SPECTRON_FEATURES.frames_per_second,
 ) -> tf.data.Dataset:
     """Tokenises `transcript` into `text` int32 [tokens] with the `text` feature's vocabulary.
 
-    The whole transcript is the text target (the paper's loss needs no alignment). Two uses of phi, the
-    map from a frame index to a token index, here taken as proportional to duration: token k belongs to
-    frame round(k * total_frames / tokens). This is an approximation (speaking rate is not constant),
-    good enough for reporting and for trimming; it is not a forced alignment.
+    The whole transcript is the text target (the paper's loss needs no alignment). phi, the map from
+    the prompt's end to a token index, falls at a word boundary (`phi_word_index`): from the word
+    timings when the example has them (`word_starts`), else by the prompt's share of the utterance's
+    letters, snapped to the nearest word start. It is an approximation (speaking rate is not constant)
+    where no timings are known, not a forced alignment.
 
     Args:
-      dataset: examples after `split_prompt_continuation` (`prompt`, `continuation`, `total_frames`).
+      dataset: examples after `split_prompt_continuation` (`prompt`, `continuation`, `total_frames`), with
+        an optional `word_starts` float32 [words].
       output_features: the Task's features; `output_features[text_key].vocabulary` tokenises.
-      phi_split: also write `text_segments` int32 [tokens]: 1 for the first
-        round(tokens * prompt_frames / total_frames) tokens (the prompt's transcript), 2 for the rest.
-      trim_to_kept_audio: when the continuation was cropped, keep only the first
-        round(tokens * (prompt + kept continuation frames) / total_frames) tokens, so the text does not
-        run past the audio. Without a crop this keeps every token.
+      phi_split: also write `text_segments` int32 [tokens]: 1 for the prompt's transcript (and the
+        separator), 2 for the rest.
+      trim_to_kept_audio: when the continuation was cropped, keep only its share of the tokens in
+        proportion to the kept continuation frames (without phi: round(tokens * kept frames / total
+        frames) of the whole transcript), so the text does not run past the audio. Without a crop this
+        keeps every token.
       text_key: the output feature holding the tokens.
+      sep_id: the reserved separator token written at phi (between the prompt's transcript and the
+        continuation's); None writes none (the paper's target).
+      seconds_per_frame: the frame hop, to place the prompt's end among the word timings.
     """
     return _tokenize_and_split(
         dataset,
         vocabulary=output_features[text_key].vocabulary,
         phi_split=phi_split,
         trim_to_kept_audio=trim_to_kept_audio,
+        sep_id=sep_id,
+        seconds_per_frame=seconds_per_frame,
     )
 
 

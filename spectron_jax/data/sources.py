@@ -14,8 +14,10 @@ Formats:
   intervals `{"voice_activity": [[start_s, end_s], ...]}`; see `read_librilight` for the segmentation
   and the transcript manifest.
 - `manifest`: a TSV (header row) or JSONL file with `path` (or `audio`), `transcript` (or `text`) and
-  optionally `id`, `speaker`, `split`, `start`, `end` (seconds); paths are relative to the manifest's
-  folder. The default id is the file name without its extension (plus `-<start ms>-<end ms>` when the
+  optionally `id`, `speaker`, `split`, `start`, `end` (seconds) and `word_starts` (word timings: the
+  start of each transcript word, whitespace-separated, in seconds from the utterance's start, e.g. from a
+  forced alignment; the Tasks put phi, the prompt's end in the text, at the nearest one); paths are
+  relative to the manifest's folder. The default id is the file name without its extension (plus `-<start ms>-<end ms>` when the
   row cuts a segment); the default split is `split=` or `train`.
 - `embedded`: the project's corpus, `manifest.tsv` with columns
   `id path transcript speaker passage split duration`.
@@ -62,6 +64,25 @@ class Segment:
     speaker: str
     start: float = 0.0  # seconds into the file
     end: float | None = None  # seconds into the file; None = to the end
+    # start of each word of `transcript` (split at whitespace), seconds from `start`; None = not known
+    word_starts: tuple[float, ...] | None = None
+
+
+def parse_word_starts(value: str | None, transcript: str) -> tuple[float, ...] | None:
+    """The `word_starts` column: whitespace-separated seconds, one per transcript word, non-decreasing
+    and >= 0; None for an empty value. ValueError (naming the column) otherwise."""
+    if value is None or not value.strip():
+        return None
+    try:
+        starts = tuple(float(v) for v in value.split())
+    except ValueError:
+        raise ValueError(f"word_starts {value[:40]!r} is not a list of seconds") from None
+    words = len(transcript.split())
+    if len(starts) != words:
+        raise ValueError(f"word_starts has {len(starts)} times for {words} words")
+    if any(not math.isfinite(t) or t < 0 for t in starts) or any(b < a for a, b in zip(starts, starts[1:])):
+        raise ValueError("word_starts must be finite, >= 0 and non-decreasing")
+    return starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,9 +408,14 @@ def read_manifest(path: str, split: str | None = None, columns: tuple[str, ...] 
         if utt_id in seen:
             listing.skips.append(Skip(utt_id, audio, row_split, "duplicate_id", where))
             continue
+        try:
+            word_starts = parse_word_starts(row.get("word_starts"), text)
+        except ValueError as e:
+            listing.skips.append(Skip(utt_id, audio, row_split, "malformed_line", f"{where}: {e}"))
+            continue
         seen.add(utt_id)
         display[full] = audio
-        segment = Segment(utt_id, text.strip(), (row.get("speaker") or "").strip(), start, end)
+        segment = Segment(utt_id, text.strip(), (row.get("speaker") or "").strip(), start, end, word_starts)
         groups.setdefault((full, row_split), []).append(segment)
     if not any_row:
         raise SourceError(f"{path}: manifest has no rows")

@@ -12,7 +12,8 @@ Each reads `DATA_DIR/<split>.tfrecord-NNNNN-of-NNNNN` (split in train / validati
     prompt         float32 [prompt_frames, 128]  the first 3 s (240 frames), SpecAugmented on train
                    or [149, 160] with TaskConfig.prompt_features='w2v_bert_fbank' (stacked fbank)
     continuation   float32 [cont_frames, 128]    the frames after the prompt, cropped
-    text           int32   [tokens]              the whole transcript, tokenised (no bos / eos)
+    text           int32   [tokens]              the whole transcript, tokenised (no bos / eos); with
+                                                 TaskConfig.sep_id the separator token at phi
     text_segments  int32   [tokens]              with TaskConfig.phi_split: 1 prompt part, 2 the rest
     id, transcript, speaker (tf.string []), split (tf.string []), total_frames (int32 [])
 
@@ -65,6 +66,11 @@ class TaskConfig:
     max_continuation_seconds: float | None = 10.0
     # Write `text_segments` (1 = prompt's share of the tokens, 2 = continuation's) from the phi split.
     phi_split: bool = False
+    # The reserved separator token written into the text target at phi (the prompt's end, at a word
+    # boundary), between the prompt's transcript and the continuation's: `SpectronConfig.sep_id`, a
+    # reserved piece of the tokenizer (`check_separator`; the project's model has '<sep>' at 4).
+    # None: no marker. Beyond the paper (its target is the whole transcript with no marker).
+    sep_id: int | None = None
     # When the continuation is cropped, drop the tokens past the kept audio (phi approximation).
     # DEFAULT, not in the paper.
     trim_transcript_to_audio: bool = True
@@ -90,6 +96,8 @@ class TaskConfig:
             raise ValueError(f"TaskConfig.max_continuation_seconds must be > 0 or None, got {self.max_continuation_seconds}")
         if self.max_continuation_seconds is not None and self.max_continuation_seconds < self.min_continuation_seconds:
             raise ValueError("TaskConfig.max_continuation_seconds is below min_continuation_seconds")
+        if self.sep_id is not None and self.sep_id < 0:
+            raise ValueError(f"TaskConfig.sep_id must be >= 0 or None, got {self.sep_id}")
         if self.prompt_features not in prompt_features_lib.KINDS:
             raise ValueError(f"TaskConfig.prompt_features must be one of {prompt_features_lib.KINDS}, "
                              f"got {self.prompt_features!r}")
@@ -162,6 +170,48 @@ def load_vocabulary(vocab_path: str) -> seqio.SentencePieceVocabulary:
     return vocabulary
 
 
+# The project's separator piece (a user-defined symbol of data/build_corpus.py's tokenizer) and the
+# pieces of a pretrained LM's tokenizer that may serve as one (Gemma's '<unused0>', '<unused1>', ...).
+SEP_PIECE = "<sep>"
+UNUSED_PIECE_PREFIX = "<unused"
+
+
+def reserved_piece_ids(model_proto: bytes) -> dict[int, str]:
+    """{id: piece} of the pieces of a serialised SentencePiece model that no text segmentation yields
+    (user-defined, control and unused pieces, other than pad / eos / unk / bos)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_proto)
+    kinds = (model.SentencePiece.USER_DEFINED, model.SentencePiece.CONTROL, model.SentencePiece.UNUSED)
+    spec = model.trainer_spec
+    special = {spec.pad_id, spec.eos_id, spec.unk_id, spec.bos_id}
+    return {i: p.piece for i, p in enumerate(model.pieces) if p.type in kinds and i not in special}
+
+
+def check_separator(vocabulary: seqio.SentencePieceVocabulary, sep_id: int, where: str = "") -> None:
+    """Raises ValueError (one line) unless `sep_id` is a reserved piece of `vocabulary` (`reserved_piece_ids`)."""
+    reserved = reserved_piece_ids(vocabulary.sp_model)
+    if sep_id not in reserved:
+        got = "out of range" if sep_id >= vocabulary.vocab_size else repr(vocabulary.tokenizer.id_to_piece(sep_id))
+        hint = (f"its reserved pieces: {', '.join(f'{p} = {i}' for i, p in sorted(reserved.items())[:4])}"
+                if reserved else f"it has no reserved piece (train it with user_defined_symbols={SEP_PIECE!r})")
+        raise ValueError(f"tokenizer {where or 'model'} lacks the separator sep_id={sep_id} (that id is {got}; "
+                         f"{hint})")
+
+
+def separator_candidate(model_proto: bytes) -> int | None:
+    """The id of a tokenizer's separator: its '<sep>' piece, else its first '<unusedN>' piece; None if neither."""
+    reserved = reserved_piece_ids(model_proto)
+    by_piece = {p: i for i, p in reserved.items()}
+    if SEP_PIECE in by_piece:
+        return by_piece[SEP_PIECE]
+    number = {i: p[len(UNUSED_PIECE_PREFIX):-1] for i, p in reserved.items()
+              if p.startswith(UNUSED_PIECE_PREFIX) and p.endswith(">")}
+    unused = sorted((int(n), i) for i, n in number.items() if n.isdigit())
+    return unused[0][1] if unused else None
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
     """The special ids of a Task's tokenizer and its size."""
@@ -204,6 +254,8 @@ def task_preprocessors(config: TaskConfig) -> list:
             preprocessors.tokenize_transcript,
             phi_split=config.phi_split,
             trim_to_kept_audio=config.trim_transcript_to_audio,
+            sep_id=config.sep_id,
+            seconds_per_frame=1.0 / config.feature_spec.frames_per_second,
         ),
     ]
     fbank = config.prompt_features == "w2v_bert_fbank"
@@ -261,7 +313,8 @@ def register_tasks(
         DEFAULT_DATA_DIRS[name]. Shards are listed when a dataset is built, so a directory that does
         not exist yet is no error here.
       vocab_path: the SentencePiece model (ids pad 0, eos 1, unk 2, bos 3).
-      config: the preprocessing knobs, shared by the three Tasks.
+      config: the preprocessing knobs, shared by the three Tasks; with `config.sep_id` the tokenizer must
+        hold that id as a reserved piece (ValueError otherwise).
 
     Returns:
       {task name: the registered seqio.Task}.
@@ -272,4 +325,6 @@ def register_tasks(
             raise ValueError(f"unknown Spectron task {name!r}; known: {', '.join(TASK_NAMES)}")
         data_dirs[name] = os.fspath(data_dir)
     vocabulary = load_vocabulary(os.fspath(vocab_path))
+    if config.sep_id is not None:
+        check_separator(vocabulary, config.sep_id, os.fspath(vocab_path))
     return {name: register_task(name, data_dirs[name], vocabulary, config) for name in TASK_NAMES}

@@ -17,6 +17,8 @@ bytes; float16 keeps 11 significant bits, so a value is within 2^-11 of itself r
 the log floor's -11.5).
 Readers accept both: `log_mel_values` gives float32 [T * 128] for either, so shards of both kinds can
 be mixed in one folder. `report.json` names each split's storage dtype.
+    word_starts float_list  optional: start of each transcript word, seconds from the utterance's start
+                            (a manifest's `word_starts` column; absent: 0 values, phi by letters)
     prompt_fbank float_list optional (prepare --prompt_features=w2v_bert_fbank): raw 80-bin fbank of the
                             first seconds, row-major [F, 80] float32 (spectron_jax.data.prompt_features)
 
@@ -51,6 +53,7 @@ def tfrecord_features() -> dict:
         "num_frames": tf.io.FixedLenFeature([], tf.int64),
         "log_mel": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
         "log_mel_f16": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "word_starts": tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True),
     }
 
 
@@ -113,7 +116,8 @@ def count_records(path: str) -> int:
 def encode_example(segment, duration: float, frames, frame_dtype: str = "float16", extra=None) -> bytes:
     """A serialized tf.train.Example of the schema above.
 
-    segment: has `.id`, `.transcript`, `.speaker` (a `sources.Segment`); frames: [T, mel] float32;
+    segment: has `.id`, `.transcript`, `.speaker` and optionally `.word_starts` (a `sources.Segment`);
+    frames: [T, mel] float32;
     frame_dtype: their storage, `float16` (`log_mel_f16`) or `float32` (`log_mel`).
     extra: optional {feature name: float array} of the schema's optional features (e.g. prompt_fbank).
     """
@@ -136,6 +140,8 @@ def encode_example(segment, duration: float, frames, frame_dtype: str = "float16
         feature["log_mel"] = tf.train.Feature(float_list=packed_float_list(tf, frames))
     else:
         raise ValueError(f"frame_dtype must be one of {FRAME_DTYPES}, got {frame_dtype!r}")
+    if getattr(segment, "word_starts", None):
+        feature["word_starts"] = tf.train.Feature(float_list=tf.train.FloatList(value=list(segment.word_starts)))
     for name, values in (extra or {}).items():
         feature[name] = tf.train.Feature(float_list=packed_float_list(tf, values))
     # deterministic: map entries sorted by key, so a shard's bytes do not depend on the process's hash seed

@@ -6,8 +6,16 @@ the vocoder turns into audio. Per example (one row of examples.jsonl) and pooled
 
   text_wer / text_cer        the model's text (prompt transcript + text continuation) vs the reference
                              transcript of the whole utterance (the model is trained to write all of it);
+  prompt_transcript_wer / _cer   the model's transcript of the prompt (its text before the separator) vs
+                             the reference words before phi (`data.phi`: the prompt's share of the
+                             letters, snapped to a word start, as the Tasks cut it): the model as a
+                             recogniser; over the rows with a separator;
+  continuation_wer / _cer    its text after the separator vs the reference words after phi (how close
+                             it comes to the true continuation; over the rows with a separator);
+  separator_fraction         share of rows whose text holds the separator (a model with `sep_id`);
   continuation_text_ppl      perplexity of the model's text continuation under the scoring text LM (its
-                             whole text when it writes no prompt / continuation separator);
+                             whole text when it writes no separator: a bundle without `sep_id`, whose
+                             report says so, or a row where the model wrote none);
   asr_log_ppl                perplexity, under the same LM, of the ASR transcript of the generated speech
                              (the paper's "log-PPL" column; its scorer was GPT-2 Medium, see `text_lm`);
   speech_text_wer            ASR transcript of the generated speech vs the model's text continuation
@@ -31,7 +39,7 @@ import numpy as np
 from etils import epath
 
 from spectron_jax import vocoder as vocoder_lib
-from spectron_jax.data import features
+from spectron_jax.data import features, phi
 from spectron_jax.evaluation import runner, text_metrics
 from spectron_jax.evaluation.datasets import EvalExample, Skip
 from spectron_jax.evaluation.naturalness import KEYS as DNSMOS_KEYS
@@ -65,10 +73,6 @@ def _l1(pred: np.ndarray | None, true: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(pred[:n], np.float64) - np.asarray(true[:n], np.float64))))
 
 
-def _text(*parts: str) -> str:
-    return " ".join(p.strip() for p in parts if p and p.strip())
-
-
 def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Scorers, resynth: Any,
            config: ContinuationConfig, wav_dir: epath.Path, prompt_samples: int, prompt_frames: int) -> dict:
     """One example's row (see the module docstring for its figures); writes its wavs."""
@@ -81,10 +85,12 @@ def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Sc
     except Exception:  # noqa: BLE001 - the figure is left out for this example, the rest is kept
         teacher = None
     generated = np.asarray(result.waveform, np.float32)
+    reference_prompt, reference_continuation = phi.split_transcript(ex.text, prompt_samples / max(item.wave.size, 1))
     row = {
         "id": ex.id, "speaker": ex.speaker, "reference": ex.text,
-        "prompt_transcript": result.prompt_transcript, "text_continuation": runner.continuation_text(result),
-        "model_text": _text(result.prompt_transcript, result.text_continuation),
+        "reference_prompt": reference_prompt, "reference_continuation": reference_continuation,
+        "text_boundary": result.text_boundary, "prompt_transcript": result.prompt_transcript,
+        "text_continuation": runner.continuation_text(result), "model_text": (result.text or "").strip(),
         "stop_reason": result.stop_reason,
         "true_frames": int(len(true_frames)), "generated_frames": int(len(result.frames)),
         "true_seconds": true_wave.size / spec.sample_rate, "generated_seconds": generated.size / spec.sample_rate,
@@ -160,6 +166,16 @@ def metrics(rows: Sequence[dict]) -> dict[str, float]:
         return out
     out["text_wer"] = text_metrics.word_error_rate([r["reference"] for r in rows], [r["model_text"] for r in rows])
     out["text_cer"] = text_metrics.char_error_rate([r["reference"] for r in rows], [r["model_text"] for r in rows])
+    kinds = [r.get("text_boundary") for r in rows]
+    if any(k != runner.UNMARKED for k in kinds):  # a model with a separator
+        out["separator_fraction"] = float(np.mean([k == runner.SEPARATED for k in kinds]))
+    split = [r for r in rows if r.get("text_boundary") == runner.SEPARATED]
+    if split:
+        for name, ref, hyp in (("prompt_transcript", "reference_prompt", "prompt_transcript"),
+                               ("continuation", "reference_continuation", "text_continuation")):
+            refs, hyps = [r[ref] for r in split], [r[hyp] or "" for r in split]
+            out[f"{name}_wer"] = text_metrics.word_error_rate(refs, hyps)
+            out[f"{name}_cer"] = text_metrics.char_error_rate(refs, hyps)
     if any("continuation_lm" in r for r in rows):
         out["continuation_text_ppl"] = perplexity(_scores(rows, "continuation_lm"))
     if any("asr_lm" in r for r in rows):

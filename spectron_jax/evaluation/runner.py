@@ -120,14 +120,32 @@ class RowWriter:
             f.write(json.dumps(row, allow_nan=True) + "\n")
 
 
+# `text_boundary` of a result (`spectron_jax.infer`): split at the separator / not written / not a model's.
+SEPARATED, MISSING, UNMARKED = "separator", "missing", "unmarked"
+
+
 def continuation_text(result: Any) -> str:
     """The model's text after its transcript of the prompt.
 
-    `Inferencer` returns it as `text_continuation` when the model writes a separator between the two;
-    otherwise the whole text is in `prompt_transcript` (there is no word alignment to split it), and the
-    whole text stands for the continuation.
+    `Inferencer` splits the text at the model's separator (`text_boundary` 'separator'); without one
+    (a model without `sep_id`, or a row where it wrote none) the whole text stands for the continuation.
     """
-    return (result.text_continuation or "").strip() or (result.prompt_transcript or "").strip()
+    if getattr(result, "text_boundary", None) == SEPARATED:
+        return (result.continuation or "").strip()
+    return (result.text or "").strip()
+
+
+def boundary_note(rows: Sequence[dict]) -> str | None:
+    """A report note on rows whose text has no separator (None when every row has one)."""
+    kinds = [row.get("text_boundary") for row in rows]
+    if not kinds or all(k == SEPARATED for k in kinds):
+        return None
+    if all(k == UNMARKED for k in kinds):
+        return ("This model writes no text separator (its bundle has no sep_id): the continuation figures "
+                "score its whole text, and the transcript figures its whole text against the reference.")
+    missing = sum(k != SEPARATED for k in kinds)
+    return (f"{missing} of {len(kinds)} rows carry no text separator although the model has one: their "
+            "continuation figures score the whole text, and the prompt-transcript figures leave them out.")
 
 
 def finite_mean(values: Sequence[float]) -> float:

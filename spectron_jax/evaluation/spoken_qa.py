@@ -6,11 +6,14 @@ the question, then a continuation, which is its answer) and then speaks. Two acc
   text_accuracy    a normalised reference answer occurs in the model's text continuation;
   speech_accuracy  it occurs in the ASR transcript of the model's spoken continuation.
 
-(`text_metrics.answer_found`: whole-word match after the evaluation's one normaliser.) The model's
-transcript of the question is not searched, so an answer that the question itself contains does not
-count; when the model writes no separator between the two, its whole text is searched
-(`runner.continuation_text`), so an answer inside the question then counts too. `question_wer` is the
-transcript vs the question text.
+(`text_metrics.answer_found`: whole-word match after the evaluation's one normaliser.) The answer is
+the model's text after its separator (`SpectronConfig.sep_id`): its transcript of the question is not
+searched, so an answer that the question itself contains does not count. When the model writes no
+separator (a bundle without `sep_id`: the report says so; or a row where it wrote none) its whole text
+is searched (`runner.continuation_text`), so an answer inside the question then counts too.
+`question_wer` is the model's transcript of the question (the text before the separator) vs the
+question text, over the rows with a separator; for a model without one, its whole text (as before the
+separator existed).
 
 Questions longer than the prompt window: 122 of LLaMA-Questions' 300 are longer than 3 s. The paper's
 questions were synthesised to fit the window; the released audio was not. `QAConfig.long_questions`
@@ -72,6 +75,7 @@ def _score(item: runner.Loaded, result: Any, scorers: runner.Scorers, config: QA
         "id": ex.id, "question": ex.text, "answers": list(ex.answers),
         "question_seconds": item.wave.size / spec.sample_rate,
         "truncated": bool(item.wave.size > samples),
+        "text_boundary": result.text_boundary, "model_text": (result.text or "").strip(),
         "prompt_transcript": result.prompt_transcript, "text_answer": runner.continuation_text(result),
         "text_correct": text_metrics.any_answer_found(ex.answers, runner.continuation_text(result)),
         "stop_reason": result.stop_reason, "answer_seconds": answer_wave.size / spec.sample_rate,
@@ -130,10 +134,15 @@ def metrics(rows: Sequence[dict]) -> dict[str, float]:
     with_asr = [r for r in rows if "speech_correct" in r]
     if with_asr:
         out["speech_accuracy"] = 100.0 * float(np.mean([r["speech_correct"] for r in with_asr]))
-    with_question = [r for r in rows if r["question"]]
+    kinds = [r.get("text_boundary") for r in rows]
+    if any(k != runner.UNMARKED for k in kinds):
+        out["separator_fraction"] = float(np.mean([k == runner.SEPARATED for k in kinds]))
+    unmarked = all(k == runner.UNMARKED for k in kinds)  # no separator at all: the whole text, as before
+    with_question = [r for r in rows if r["question"] and (unmarked or r.get("text_boundary") == runner.SEPARATED)]
     if with_question:
         out["question_wer"] = text_metrics.word_error_rate(
-            [r["question"] for r in with_question], [r["prompt_transcript"] for r in with_question])
+            [r["question"] for r in with_question],
+            [(r["model_text"] if unmarked else r["prompt_transcript"]) or "" for r in with_question])
     out["stop_head_fraction"] = float(np.mean([r["stop_reason"] == "stop_head" for r in rows]))
     out["answer_seconds"] = runner.finite_mean([r["answer_seconds"] for r in rows])
     return out

@@ -71,6 +71,10 @@ class SpectronConfig:
       loss_weights: weights of the loss terms (all 1 by default; the paper gives none).
       max_time_delta_order: K, the highest time-delta order of the spectrogram loss (3; paper.md: M).
       sos_id, eos_id, pad_id: token ids of the tokenizer contract (sos = bos = 3, eos = 1, pad = 0).
+      sep_id: the reserved separator the model writes between its transcript of the prompt and the text
+        continuation (`TaskConfig.sep_id`, the same id; '<sep>' = 4 in the project's tokenizer, an
+        unused piece of a converted LM's). None: the paper's text, no marker. Inference and the
+        evaluation suites split the text there; the frame budget counts the tokens after it.
       projection_bias: whether P has a bias. DEFAULT, not in the paper ("a linear layer").
       pretrained: optional checkpoints for the encoder and the LM (None: random init).
       prompt_features: what the encoder reads (`spectron_jax.data.prompt_features.KINDS`): 'log_mel'
@@ -86,6 +90,7 @@ class SpectronConfig:
     sos_id: int = 3
     eos_id: int = 1
     pad_id: int = 0
+    sep_id: Optional[int] = None
     projection_bias: bool = True
     pretrained: PretrainedInit = PretrainedInit()
     prompt_features: str = "log_mel"
@@ -109,6 +114,12 @@ class SpectronConfig:
             if not 0 <= value < self.decoder.vocab_size:
                 raise ValueError(f"SpectronConfig.{name}={value} is outside the vocabulary "
                                  f"(decoder.vocab_size={self.decoder.vocab_size})")
+        if self.sep_id is not None:
+            if not 0 <= self.sep_id < self.decoder.vocab_size:
+                raise ValueError(f"SpectronConfig.sep_id={self.sep_id} is outside the vocabulary "
+                                 f"(decoder.vocab_size={self.decoder.vocab_size})")
+            if self.sep_id in (self.sos_id, self.eos_id, self.pad_id):
+                raise ValueError(f"SpectronConfig.sep_id={self.sep_id} is also the sos, eos or pad id")
 
     @property
     def reduction_factor(self) -> int:
