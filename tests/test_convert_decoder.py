@@ -192,7 +192,7 @@ def test_cli_converts_checks_and_writes(tmp_path, capsys):
     assert convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--check_length=12"]) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("max |logits diff| = ")]
     assert line and float(line[0].split("=")[1].split()[0]) <= 1e-4
-    info = json.loads((out / "convert.json").read_text())
+    info = json.loads((out / "conversion.json").read_text())
     assert info["family"] == "gemma3_text" and info["max_logits_diff"] <= 1e-4 and info["tokenizer"]
     assert (out / "tokenizer.model").read_bytes() == b"spm"
     assert "DecoderConfig.sliding_window = 5" in (out / "decoder.gin").read_text()
@@ -258,3 +258,109 @@ def test_cli_bad_input_and_a_failed_check_write_nothing(tmp_path):
         convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o3'}", "--check_length=8",
                       "--tolerance=1e-12"])
     assert not (tmp_path / "o3").exists()
+
+
+def _convert(source, out, *flags):
+    return convert.main(["--format=hf", f"--input={source}", f"--output={out}", *flags])
+
+
+def test_conversion_records_its_architecture_and_refuses_another(tmp_path, caplog):
+    """conversion.json holds every bound DecoderConfig field; a model differing in any is refused (one line)."""
+    import dataclasses
+    import hashlib
+
+    from spectron_jax.convert import metadata
+
+    source, out = tmp_path / "hf", tmp_path / "out"
+    _save_random_model("gemma3_gqa", source)
+    assert _convert(source, out, "--no-check") == 0
+    record = json.loads((out / "conversion.json").read_text())
+    source_config = json.loads((source / "config.json").read_text())
+    assert record["component"] == "decoder" and set(record["architecture"]) == set(convert.ARCHITECTURE_FIELDS)
+    assert record["architecture"]["sliding_window"] == 5 and record["architecture"]["rope_base"] == 1e6
+    assert record["architecture"]["attention_pattern"] == ["local", "local", "global"]
+    assert record["source_config_sha256"] == hashlib.sha256(
+        json.dumps(source_config, sort_keys=True).encode()).hexdigest()
+    cfg = convert.decoder_config_from_hf(source_config)
+    metadata.check_architecture(str(out), cfg, component="decoder")  # the same architecture: accepted
+    # run knobs are not architecture: a scanned, rematerialised bf16 decoder takes the same conversion
+    metadata.check_architecture(str(out), dataclasses.replace(cfg, scan_layers=True, remat_policy="full",
+                                                              dtype="bfloat16", dropout=0.1), component="decoder")
+    wrong = dataclasses.replace(cfg, sliding_window=6, rope_base=1e4)
+    with pytest.raises(ValueError) as refused:
+        metadata.check_architecture(str(out), wrong, component="decoder")
+    message = str(refused.value)
+    assert "\n" not in message and str(out) in message
+    assert "DecoderConfig.sliding_window: checkpoint 5, model 6" in message
+    assert "DecoderConfig.rope_base: checkpoint 1000000.0, model 10000.0" in message
+    assert message.count("DecoderConfig.") == 2  # only the differing fields are named
+    # a deliberate change is accepted when named; the other one still is not
+    metadata.check_architecture(str(out), dataclasses.replace(cfg, sliding_window=6), component="decoder",
+                                allow=("DecoderConfig.sliding_window",))
+    with pytest.raises(ValueError, match="rope_base"):
+        metadata.check_architecture(str(out), wrong, allow=("DecoderConfig.sliding_window",))
+    with pytest.raises(ValueError, match="converted decoder, loaded as the encoder"):
+        metadata.check_architecture(str(out), cfg, component="encoder")
+    # a conversion from before the record: loaded unchecked, with a warning
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "convert.json").write_text(json.dumps({"family": "gemma3_text"}))
+    with caplog.at_level("WARNING"):
+        metadata.check_architecture(str(legacy), wrong, component="decoder")
+    assert "recorded their architecture" in caplog.text
+
+
+def test_training_refuses_a_conversion_of_another_architecture_and_names_a_missing_tokenizer(tmp_path, capsys):
+    """What `train` checks before building anything: the architecture record, then the tokenizer."""
+    import dataclasses
+
+    from spectron_jax import checkpoints, cli, train
+    from spectron_jax.models.spectron import PretrainedInit, SpectronConfig
+
+    source, out = tmp_path / "hf", tmp_path / "out"
+    _save_random_model("gemma3_gqa", source)  # saved without a tokenizer.model
+    assert _convert(source, out, "--no-check") == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and "tokenizer.model" in warnings[0]
+    cfg = convert.decoder_config_from_hf(hf_checkpoint.read_config(str(source)))
+    wrong = dataclasses.replace(cfg, sliding_window=6, rope_base=1e4)
+    with pytest.raises(cli.UsageError, match=r"PretrainedInit.lm_checkpoint: .*DecoderConfig.sliding_window"):
+        train._tokenizer_of_run(train.TrainConfig(), SpectronConfig(
+            decoder=wrong, sos_id=2, pretrained=PretrainedInit(lm_checkpoint=str(out))))
+    init = checkpoints.PartialInit(str(out), target_prefix="decoder/")
+    with pytest.raises(cli.UsageError, match=r"TrainConfig.init_from: .*DecoderConfig.rope_base"):
+        train._tokenizer_of_run(train.TrainConfig(init_from=(init,)), SpectronConfig(decoder=wrong, sos_id=2))
+    # the same architecture passes that check; the missing tokenizer is then named, not blamed on sos_id
+    with pytest.raises(cli.UsageError, match=r"lm_checkpoint=.* has no tokenizer.model.*TrainConfig.vocab_path"):
+        train._tokenizer_of_run(train.TrainConfig(), SpectronConfig(
+            decoder=dataclasses.replace(cfg, scan_layers=True), sos_id=2,
+            pretrained=PretrainedInit(lm_checkpoint=str(out), allow_changes=("DecoderConfig.vocab_size",))))
+    with pytest.raises(ValueError, match="allow_changes"):
+        PretrainedInit(allow_changes=("sliding_window",))
+
+
+def test_scanned_and_per_layer_decoders_load_the_same_conversion(tmp_path):
+    import dataclasses
+
+    from flax import nnx
+
+    from spectron_jax import checkpoints
+    from spectron_jax.models import layer_stacking
+    from spectron_jax.models.decoder import Decoder
+
+    source, out = tmp_path / "hf", tmp_path / "out"
+    _save_random_model("gemma3_gqa", source)  # 4 layers cycling (local, local, global): a stack of 3 + 1
+    assert _convert(source, out, "--no-check") == 0
+    cfg = convert.decoder_config_from_hf(hf_checkpoint.read_config(str(source)))
+    expected = checkpoints.flatten_paths(
+        convert.convert_params(hf_checkpoint.read_tensors(str(source)), cfg))
+    for scan in (False, True):
+        decoder = Decoder(dataclasses.replace(cfg, scan_layers=scan), rngs=nnx.Rngs(0))
+        params = nnx.state(decoder, nnx.Param).to_pure_dict()
+        assert bool(layer_stacking.scan_periods(params)) == scan
+        loaded, copied = checkpoints.apply_partial_init(params, [checkpoints.PartialInit(str(out))])
+        assert len(copied) == len(expected)
+        got = checkpoints.flatten_paths(layer_stacking.unstack_layers(loaded))
+        assert {str(k) for k in got} == set(expected)
+        for path, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(got[path]), value)

@@ -131,3 +131,20 @@ def test_w2v_bert_gin_is_the_published_config_and_summary_counts_its_parameters(
     assert summary.count_parameters(model_config)["encoder"] == total
     assert abs(total / 1e6 - 580.5) < 0.1
     gin.clear_config()
+
+
+def test_conversion_records_its_architecture_and_refuses_another(tmp_path):
+    import dataclasses
+
+    from spectron_jax.convert import metadata
+
+    _save_random_model(tmp_path / "hf")
+    out = tmp_path / "out"
+    assert convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={out}", "--no-check"]) == 0
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["component"] == "encoder" and set(record["architecture"]) == set(convert_encoder.GIN_FIELDS)
+    assert (record["architecture"]["left_relative_distance"], record["architecture"]["model_dim"]) == (6, 16)
+    config = convert_encoder.config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    metadata.check_architecture(str(out), dataclasses.replace(config, scan_layers=True), component="encoder")
+    with pytest.raises(ValueError, match=r"ConformerConfig.left_relative_distance: checkpoint 6, model 64 \(include"):
+        metadata.check_architecture(str(out), dataclasses.replace(config, left_relative_distance=64))

@@ -8,8 +8,11 @@ reads `DIR/config.json` and its safetensors weights (sharded or not) and writes
                          the layout `PretrainedInit.lm_checkpoint` (and `checkpoints.component_init`) loads
     OUT/decoder.gin      the gin bindings of `DecoderConfig` (and the tokenizer ids) that reproduce the
                          checkpoint's architecture
-    OUT/tokenizer.model  the checkpoint's SentencePiece model (when DIR has one)
-    OUT/convert.json     source, family, parameter count and the parity figure of the check
+    OUT/tokenizer.model  the checkpoint's SentencePiece model (when DIR has one; a warning when not)
+    OUT/conversion.json  the architecture (every `DecoderConfig` field decoder.gin binds), the source
+                         config's hash, family, parameter count and the parity figure of the check;
+                         training refuses to load params/ into a decoder of another architecture
+                         (`convert/metadata.py`)
 
 How the Hugging Face modules map onto `DecoderConfig` (read from the transformers sources):
 
@@ -36,14 +39,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from etils import epath
 
 from spectron_jax import cli
-from spectron_jax.convert import hf_checkpoint
+from spectron_jax.convert import hf_checkpoint, metadata
 from spectron_jax.models.decoder import DecoderConfig
 
 FAMILIES = ("gemma", "gemma2", "gemma3_text")
@@ -51,7 +54,6 @@ GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 PARAMS_SUBDIR = "params"
 GIN_FILENAME = "decoder.gin"
 TOKENIZER_FILENAME = "tokenizer.model"
-INFO_FILENAME = "convert.json"
 # DecoderConfig fields an imported checkpoint fixes (the rest, dtype / remat_policy / scan_layers / dropout, stay run knobs).
 ARCHITECTURE_FIELDS = (
     "vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "block",
@@ -335,8 +337,8 @@ def _gin_literal(value: Any) -> str:
 
 
 def write_converted(output_dir: str, params: Mapping[str, Any], cfg: DecoderConfig, ids: TokenIds,
-                    source_dir: str, info: Mapping[str, Any]) -> None:
-    """Writes params/, decoder.gin, tokenizer.model (when the source has one) and convert.json."""
+                    source_dir: str, info: Mapping[str, Any], source_config: Mapping[str, Any]) -> None:
+    """Writes params/, decoder.gin, tokenizer.model (when the source has one) and conversion.json."""
     import orbax.checkpoint as ocp
 
     out = epath.Path(output_dir)
@@ -349,8 +351,9 @@ def write_converted(output_dir: str, params: Mapping[str, Any], cfg: DecoderConf
     tokenizer = epath.Path(source_dir) / TOKENIZER_FILENAME
     if tokenizer.exists():
         (out / TOKENIZER_FILENAME).write_bytes(tokenizer.read_bytes())
-    (out / INFO_FILENAME).write_text(json.dumps(
-        {**info, "tokenizer": TOKENIZER_FILENAME if tokenizer.exists() else None}, indent=2) + "\n")
+    metadata.write(str(out), component="decoder", config=cfg, fields=ARCHITECTURE_FIELDS, source=str(source_dir),
+                   source_config=source_config,
+                   info={**info, "tokenizer": TOKENIZER_FILENAME if tokenizer.exists() else None})
 
 
 # ---- the parity check -------------------------------------------------------------------------------
@@ -434,7 +437,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  f"--tolerance={args.tolerance:g} x max(1, {scale:.3g}); nothing written")
     if (out / PARAMS_SUBDIR).exists():
         (out / PARAMS_SUBDIR).rmtree()
-    write_converted(args.output, params, cfg, ids, args.input, info)
+    if not (epath.Path(args.input) / TOKENIZER_FILENAME).exists():
+        print(f"warning: --input={args.input} has no {TOKENIZER_FILENAME}; the conversion has none, so training "
+              "with it needs TrainConfig.vocab_path (the checkpoint's SentencePiece model)", file=sys.stderr,
+              flush=True)
+    write_converted(args.output, params, cfg, ids, args.input, info, config)
     print(f"converted {info['family']} ({count:,} parameters) to {args.output}", flush=True)
     return 0
 

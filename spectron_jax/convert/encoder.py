@@ -8,7 +8,9 @@ Reads a Hugging Face checkpoint directory (config.json + safetensors, sharded or
     OUTPUT/params/        the encoder's parameters (an orbax pytree at the encoder's root, as
                           `PretrainedInit.encoder_checkpoint` expects)
     OUTPUT/encoder.gin    the `ConformerConfig` bindings that reproduce the architecture
-    OUTPUT/conversion.json  source, config, parameter count, and the --check result
+    OUTPUT/conversion.json  the architecture (every `ConformerConfig` field encoder.gin binds), the source
+                          config's hash, parameter count and the --check result; training refuses to load
+                          params/ into an encoder of another architecture (`convert/metadata.py`)
 
 How the two structures correspond (each point checked against `modeling_wav2vec2_bert.py`):
 
@@ -31,19 +33,17 @@ intermediate FFN before it (`use_intermediate_ffn_before_adapter`).
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from etils import epath
 
 from spectron_jax import cli
-from spectron_jax.convert import hf_checkpoint
+from spectron_jax.convert import hf_checkpoint, metadata
 from spectron_jax.models.conformer import ConformerConfig
 
 PARAMS_SUBDIR = "params"
 GIN_FILE = "encoder.gin"
-INFO_FILE = "conversion.json"
 DEFAULT_TOLERANCE = 1e-4
 # Structural fields written to encoder.gin (dropout rates stay the run's choice).
 GIN_FIELDS = ("input_dim", "model_dim", "num_layers", "num_heads", "ffn_dim", "conv_kernel_size", "conv_norm",
@@ -293,9 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     write_checkpoint(args.output, flat)
     (output / GIN_FILE).write_text(gin_bindings(config, str(args.input)))
-    info = {"format": args.format, "input": str(args.input), "num_params": int(sum(v.size for v in flat.values())),
-            "config": {f: getattr(config, f) for f in GIN_FIELDS}, "max_hidden_diff": diff}
-    (output / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    info = metadata.write(str(output), component="encoder", config=config, fields=GIN_FIELDS, source=str(args.input),
+                          source_config=hf, info={"format": args.format, "input": str(args.input),
+                                                  "num_params": int(sum(v.size for v in flat.values())),
+                                                  "max_hidden_diff": diff})
     print(f"wrote {info['num_params']} encoder parameters to {output}", flush=True)
     return 0
 
