@@ -364,3 +364,38 @@ def test_scanned_and_per_layer_decoders_load_the_same_conversion(tmp_path):
         assert {str(k) for k in got} == set(expected)
         for path, value in expected.items():
             np.testing.assert_array_equal(np.asarray(got[path]), value)
+
+
+@pytest.mark.slow  # three conversions with their check (transformers and ours at 86 tokens)
+def test_default_check_length_catches_a_window_off_by_one(tmp_path, capsys, monkeypatch):
+    """A window mistake is invisible at lengths <= the window: the default check runs 16 tokens past it."""
+    import dataclasses
+
+    from spectron_jax import cli
+
+    source = tmp_path / "hf"
+    config = transformers.Gemma3TextConfig(num_hidden_layers=2, num_key_value_heads=1, sliding_window=70,
+                                           layer_types=["sliding_attention", "full_attention"], **SMALL)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    model.save_pretrained(str(source))
+    assert _convert(source, tmp_path / "right") == 0
+    out = capsys.readouterr().out
+    assert "2 rows of 86 tokens" in out and "max |final hidden diff| = " in out
+    info = json.loads((tmp_path / "right" / "conversion.json").read_text())
+    assert info["check_length"] == 86 and info["max_hidden_diff"] <= 1e-4 * max(1.0, info["max_hidden"])
+
+    real = convert.decoder_config_from_hf
+
+    def off_by_one(hf_config, **overrides):  # the converter's window one too wide
+        cfg = real(hf_config, **overrides)
+        return dataclasses.replace(cfg, sliding_window=cfg.sliding_window + 1)
+
+    monkeypatch.setattr(convert, "decoder_config_from_hf", off_by_one)
+    assert _convert(source, tmp_path / "short", "--check_length=64") == 0  # what the old 64-token default let by
+    with pytest.raises(cli.InputError, match="differ from transformers"):
+        _convert(source, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()

@@ -148,3 +148,30 @@ def test_conversion_records_its_architecture_and_refuses_another(tmp_path):
     metadata.check_architecture(str(out), dataclasses.replace(config, scan_layers=True), component="encoder")
     with pytest.raises(ValueError, match=r"ConformerConfig.left_relative_distance: checkpoint 6, model 64 \(include"):
         metadata.check_architecture(str(out), dataclasses.replace(config, left_relative_distance=64))
+
+
+def test_default_check_frames_catch_an_off_by_one_in_the_left_clipping(tmp_path, capsys):
+    """w2v-BERT's left distance (64) exceeds the old 40-frame check: a clipping mistake only shows past it."""
+    from spectron_jax.convert import hf_checkpoint
+
+    _save_random_model(tmp_path / "hf", num_hidden_layers=1, left_max_position_embeddings=64,
+                       right_max_position_embeddings=8)
+    config = convert_encoder.config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    flat = convert_encoder.convert_tensors(hf_checkpoint.read_tensors(str(tmp_path / "hf")), config)
+    frames = convert_encoder.default_check_frames(config)
+    assert frames == 64 + 8 + 16
+    assert convert_encoder.parity_check(str(tmp_path / "hf"), config, flat, frames=frames) <= 1e-4
+    # clipping at -63 instead of -64 (a table one row shorter, read from the same rows otherwise)
+    import dataclasses
+
+    clipped = dataclasses.replace(config, left_relative_distance=63)
+    wrong = {k: (v[1:] if k.endswith("distance_embedding") else v) for k, v in flat.items()}
+    assert convert_encoder.parity_check(str(tmp_path / "hf"), clipped, wrong, frames=40) <= 1e-4  # invisible
+    assert convert_encoder.parity_check(str(tmp_path / "hf"), clipped, wrong, frames=frames) > 1e-3
+    # the CLI checks at that length by default, and at --check_frames when given
+    assert convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'o1'}"]) == 0
+    assert "(2 rows of 88 frames)" in capsys.readouterr().out
+    assert convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'o2'}",
+                                 "--check_frames=30"]) == 0
+    assert "(2 rows of 30 frames)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o2" / "conversion.json").read_text())["check_frames"] == 30

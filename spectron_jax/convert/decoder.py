@@ -1,6 +1,6 @@
 """Importing Gemma-family decoder LMs (Gemma, Gemma 2, Gemma 3 text) from a Hugging Face checkpoint.
 
-    python -m spectron_jax.convert.decoder --format=hf --input=DIR --output=DIR [--no-check]
+    python -m spectron_jax.convert.decoder --format=hf --input=DIR --output=DIR [--no-check] [--check_length=N]
 
 reads `DIR/config.json` and its safetensors weights (sharded or not) and writes
 
@@ -32,7 +32,7 @@ How the Hugging Face modules map onto `DecoderConfig` (read from the transformer
 A config field this decoder cannot express (biases, scaled RoPE, bidirectional attention, another
 activation) is refused with a one-line error naming it. `--check` (default when torch and
 transformers are installed) runs the source model in transformers and ours on the same random token ids
-and fails above a tolerance.
+(2 rows of max(64, sliding window + 16) tokens, so every window is exceeded) and fails above a tolerance.
 """
 
 from __future__ import annotations
@@ -366,26 +366,64 @@ def transformers_available() -> bool:
     return True
 
 
-def reference_logits(source_dir: str, tokens: np.ndarray) -> np.ndarray:
-    """float32 logits [batch, length, vocab] of the source checkpoint run in transformers (eager, fp32)."""
+def reference_outputs(source_dir: str, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The source checkpoint run in transformers (eager, float32) on tokens int [batch, length]:
+    (logits [batch, length, vocab], final hidden state after the last norm [batch, length, embed])."""
     import torch
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(source_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(np.asarray(tokens, np.int64)), use_cache=False)
-    return out.logits.float().numpy()
+        out = model(input_ids=torch.as_tensor(np.asarray(tokens, np.int64)), use_cache=False,
+                    output_hidden_states=True)
+    return out.logits.float().numpy(), out.hidden_states[-1].float().numpy()
+
+
+MIN_CHECK_LENGTH = 64
+
+
+def default_check_length(cfg: DecoderConfig) -> int:
+    """Tokens per row of `--check`: past the sliding window by 16, so a window mistake changes the logits
+    (at a length <= the window, any window >= the length gives the same result)."""
+    return max(MIN_CHECK_LENGTH, (cfg.sliding_window or 0) + 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+    """Our decoder against transformers on the same tokens: max |difference| and max |reference| of the
+    logits and of the final hidden state (before the head and its soft-cap, which can hide a difference)."""
+
+    logits_diff: float
+    logits_scale: float
+    hidden_diff: float
+    hidden_scale: float
+
+    def within(self, tolerance: float) -> bool:
+        """Both differences <= tolerance x max(1, max |reference|)."""
+        return (self.logits_diff <= tolerance * max(1.0, self.logits_scale)
+                and self.hidden_diff <= tolerance * max(1.0, self.hidden_scale))
 
 
 def parity(source_dir: str, cfg: DecoderConfig, params: Mapping[str, Any], *, batch: int = 2, length: int = 64,
-           seed: int = 0) -> tuple[float, float]:
-    """(max |our logits - transformers' logits|, max |transformers' logits|) on random token ids."""
+           seed: int = 0) -> Parity:
+    """Our decoder of `cfg` holding `params` against the source checkpoint on random token ids [batch, length]."""
+    import jax.numpy as jnp
+
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
-    ref = reference_logits(source_dir, tokens)
-    ours = decoder_logits(build_decoder(cfg, params), tokens)
-    return float(np.max(np.abs(ours - ref))), float(np.max(np.abs(ref)))
+    ref_logits, ref_hidden = reference_outputs(source_dir, tokens)
+    decoder = build_decoder(cfg, params)
+    ids = jnp.asarray(tokens, jnp.int32)
+    valid = jnp.ones(ids.shape, bool)
+    hidden, _ = decoder(decoder.embed(ids), valid, jnp.zeros_like(valid), deterministic=True)
+    logits = np.asarray(decoder.logits(hidden))
+    hidden = np.asarray(hidden, np.float32)
+    return Parity(float(np.max(np.abs(logits - ref_logits))), float(np.max(np.abs(ref_logits))),
+                  float(np.max(np.abs(hidden - ref_hidden))), float(np.max(np.abs(ref_hidden))))
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -397,7 +435,8 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--output", required=True, help="where the converted checkpoint is written")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                         help="compare logits with transformers (default: on when torch and transformers import)")
-    parser.add_argument("--check_length", type=int, default=64, help="tokens per row of the check")
+    parser.add_argument("--check_length", type=int, default=None,
+                        help=f"tokens per row of the check (default: max({MIN_CHECK_LENGTH}, sliding window + 16))")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="the check fails above tolerance * max(1, max |logits|)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint")
@@ -406,7 +445,7 @@ def _parser() -> cli.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.check_length < 1:
+    if args.check_length is not None and args.check_length < 1:
         raise cli.UsageError("--check_length must be >= 1")
     out = epath.Path(args.output)
     if (out / PARAMS_SUBDIR).exists() and not args.overwrite:
@@ -429,12 +468,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info: dict[str, Any] = {"source": str(args.input), "family": text_config(config)["model_type"],
                             "num_params": count}
     if check:
-        diff, scale = parity(args.input, cfg, params, length=args.check_length)
-        print(f"max |logits diff| = {diff:.3g} (max |logits| = {scale:.3g})", flush=True)
-        info.update(max_logits_diff=diff, max_logits=scale)
-        if not diff <= args.tolerance * max(1.0, scale):
-            raise cli.InputError(f"--input={args.input}: logits differ from transformers by {diff:.3g}, above "
-                                 f"--tolerance={args.tolerance:g} x max(1, {scale:.3g}); nothing written")
+        length = args.check_length or default_check_length(cfg)
+        result = parity(args.input, cfg, params, length=length)
+        print(f"max |logits diff| = {result.logits_diff:.3g} (max |logits| = {result.logits_scale:.3g}; "
+              f"2 rows of {length} tokens)", flush=True)
+        print(f"max |final hidden diff| = {result.hidden_diff:.3g} (max |hidden| = {result.hidden_scale:.3g})",
+              flush=True)
+        info.update(max_logits_diff=result.logits_diff, max_logits=result.logits_scale,
+                    max_hidden_diff=result.hidden_diff, max_hidden=result.hidden_scale, check_length=length)
+        if not result.within(args.tolerance):
+            raise cli.InputError(
+                f"--input={args.input}: logits / final hidden state differ from transformers by "
+                f"{result.logits_diff:.3g} / {result.hidden_diff:.3g}, above --tolerance={args.tolerance:g} x "
+                f"max(1, {result.logits_scale:.3g} / {result.hidden_scale:.3g}); nothing written")
     if (out / PARAMS_SUBDIR).exists():
         (out / PARAMS_SUBDIR).rmtree()
     if not (epath.Path(args.input) / TOKENIZER_FILENAME).exists():

@@ -1,6 +1,7 @@
 """Importer of w2v-BERT 2.0 encoders (`Wav2Vec2BertModel` in `transformers`) onto our Conformer.
 
     python -m spectron_jax.convert.encoder --format=hf --input=DIR --output=DIR [--check | --no-check]
+        [--check_frames=N]
 
 Reads a Hugging Face checkpoint directory (config.json + safetensors, sharded or not; a checkpoint of
 `Wav2Vec2BertModel` or of a model wrapping it under `wav2vec2_bert.`) and writes
@@ -196,8 +197,17 @@ def build_encoder(config: ConformerConfig, flat: Mapping[str, np.ndarray]):
     return model
 
 
+MIN_CHECK_FRAMES = 40
+
+
+def default_check_frames(config: ConformerConfig) -> int:
+    """Frames per row of `--check`: the relative-position window (left + right + 1) and 16 beyond, so
+    the distance clipping on both sides is exercised."""
+    return max(MIN_CHECK_FRAMES, config.left_relative_distance + config.right_relative_distance + 16)
+
+
 def parity_check(input_dir: str, config: ConformerConfig, flat: Mapping[str, np.ndarray], *,
-                 frames: int = 40, seed: int = 0) -> float:
+                 frames: int = MIN_CHECK_FRAMES, seed: int = 0) -> float:
     """max |ours - transformers| over valid frames of a padded batch of random features (fp32).
 
     Batch: two rows of ``frames`` random stacked-fbank frames, the second padded after 60 % of them.
@@ -264,6 +274,8 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--output", required=True, help="directory to write params/, encoder.gin, conversion.json")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                         help="compare with transformers after conversion (default: on when torch is installed)")
+    parser.add_argument("--check_frames", type=int, default=None,
+                        help=f"frames per row of the check (default: max({MIN_CHECK_FRAMES}, left + right + 16))")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest max |hidden diff| --check accepts")
     return parser
@@ -271,6 +283,8 @@ def _parser() -> cli.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.check_frames is not None and args.check_frames < 2:
+        raise cli.UsageError("--check_frames must be >= 2")
     try:
         hf = hf_checkpoint.read_config(args.input)
         if hf.get("model_type", "wav2vec2-bert") != "wav2vec2-bert":
@@ -282,10 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = _check_available() if args.check is None else args.check
     if check and not _check_available():
         raise cli.UsageError("--check needs torch and transformers (pip install -e .[convert])")
-    diff = None
+    diff = frames = None
     if check:
-        diff = parity_check(args.input, config, flat)
-        print(f"max |hidden diff| = {diff:.3e}", flush=True)
+        frames = args.check_frames or default_check_frames(config)
+        diff = parity_check(args.input, config, flat, frames=frames)
+        print(f"max |hidden diff| = {diff:.3e} (2 rows of {frames} frames)", flush=True)
         if not diff <= args.tolerance:
             raise cli.InputError(f"{args.input}: converted encoder differs from transformers by {diff:.3e} "
                                  f"(> --tolerance={args.tolerance}); nothing written")
@@ -296,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = metadata.write(str(output), component="encoder", config=config, fields=GIN_FIELDS, source=str(args.input),
                           source_config=hf, info={"format": args.format, "input": str(args.input),
                                                   "num_params": int(sum(v.size for v in flat.values())),
-                                                  "max_hidden_diff": diff})
+                                                  "max_hidden_diff": diff, "check_frames": frames})
     print(f"wrote {info['num_params']} encoder parameters to {output}", flush=True)
     return 0
 
