@@ -175,3 +175,35 @@ def test_default_check_frames_catch_an_off_by_one_in_the_left_clipping(tmp_path,
                                  "--check_frames=30"]) == 0
     assert "(2 rows of 30 frames)" in capsys.readouterr().out
     assert json.loads((tmp_path / "o2" / "conversion.json").read_text())["check_frames"] == 30
+
+
+def test_a_wrapping_model_converts_through_its_base_and_output_needs_overwrite(tmp_path, capsys):
+    """Wav2Vec2BertForCTC: its `wav2vec2_bert.` base is converted (the same as that base saved alone), the CTC
+    head is counted and named; an existing output is replaced only with --overwrite."""
+    from spectron_jax import cli
+    from spectron_jax.convert import hf_checkpoint
+
+    torch.manual_seed(0)
+    ctc = transformers.Wav2Vec2BertForCTC(_tiny_hf_config(vocab_size=12)).eval()
+    with torch.no_grad():
+        for p in ctc.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ctc.save_pretrained(str(tmp_path / "ctc"))
+    ctc.wav2vec2_bert.save_pretrained(str(tmp_path / "base"))
+    out = tmp_path / "out"
+    assert convert_encoder.main([f"--input={tmp_path / 'ctc'}", f"--output={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "left 2 tensors outside it (lm_head.bias, lm_head.weight)" in printed
+    diff = float(printed.split("max |hidden diff| = ")[1].split()[0])
+    assert diff <= 1e-4
+    config = convert_encoder.config_from_hf(json.loads((tmp_path / "base" / "config.json").read_text()))
+    from_ctc = convert_encoder.convert_tensors(hf_checkpoint.read_tensors(str(tmp_path / "ctc")), config)
+    from_base = convert_encoder.convert_tensors(hf_checkpoint.read_tensors(str(tmp_path / "base")), config)
+    assert set(from_ctc) == set(from_base)
+    for path, value in from_base.items():
+        np.testing.assert_array_equal(from_ctc[path], value)
+    assert json.loads((out / "conversion.json").read_text())["left_outside_base"] == ["lm_head.bias", "lm_head.weight"]
+    with pytest.raises(cli.InputError, match="already holds params/ \\(pass --overwrite\\)"):
+        convert_encoder.main([f"--input={tmp_path / 'base'}", f"--output={out}", "--no-check"])
+    assert convert_encoder.main([f"--input={tmp_path / 'base'}", f"--output={out}", "--no-check", "--overwrite"]) == 0
+    assert json.loads((out / "conversion.json").read_text())["left_outside_base"] == []

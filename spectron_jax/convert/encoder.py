@@ -27,8 +27,12 @@ How the two structures correspond (each point checked against `modeling_wav2vec2
   Its outputs at padded frames are not zero; ours are. `--check` compares valid frames only.
 
 Not expressible (refused with a one-line error naming the config field): `position_embeddings_type`
-other than 'relative_key', an activation other than swish, the adapter (`add_adapter`) and the
-intermediate FFN before it (`use_intermediate_ffn_before_adapter`).
+other than 'relative_key', an activation other than swish, the adapter (`add_adapter`; the intermediate
+FFN before it only exists with the adapter).
+
+A wrapping model (`Wav2Vec2BertForCTC`, `...ForSequenceClassification`, ...) is converted through its
+`wav2vec2_bert.` base; the tensors outside it (the task head) are counted and named in the output, not
+converted.
 """
 
 from __future__ import annotations
@@ -65,8 +69,6 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ConformerConfig:
         refuse("hidden_act", "our Conformer uses swish")
     if hf.get("add_adapter", False):
         refuse("add_adapter", "the adapter is not implemented; convert the base model")
-    if hf.get("use_intermediate_ffn_before_adapter", False):
-        refuse("use_intermediate_ffn_before_adapter", "not implemented")
     if int(hf.get("conv_depthwise_kernel_size", 31)) % 2 == 0:
         refuse("conv_depthwise_kernel_size", "transformers requires an odd kernel")
     values = dict(
@@ -157,9 +159,21 @@ def _str_keys(tree):
     return {str(k): _str_keys(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
+def base_tensors(tensors: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the tensors of the `Wav2Vec2BertModel`, named as in it; the sorted names outside it).
+
+    A checkpoint of a wrapping model holds its base under `wav2vec2_bert.` and a task head beside it.
+    """
+    if not any(name.startswith(_WRAPPER_PREFIX) for name in tensors):
+        return dict(tensors), []
+    base = {name[len(_WRAPPER_PREFIX):]: value for name, value in tensors.items() if name.startswith(_WRAPPER_PREFIX)}
+    return base, sorted(name for name in tensors if not name.startswith(_WRAPPER_PREFIX))
+
+
 def convert_tensors(tensors: Mapping[str, np.ndarray], config: ConformerConfig) -> dict[str, np.ndarray]:
-    """Our flat parameters {path: float32 array} from transformers' tensors; ValueError on any mismatch."""
-    tensors = {(k[len(_WRAPPER_PREFIX):] if k.startswith(_WRAPPER_PREFIX) else k): v for k, v in tensors.items()}
+    """Our flat parameters {path: float32 array} from transformers' tensors (of the model or of a wrapper's
+    `wav2vec2_bert.` base; see `base_tensors`); ValueError on any mismatch."""
+    tensors, _ = base_tensors(tensors)
     rules = name_map(config)
     shapes = expected_shapes(config)
     flat: dict[str, np.ndarray] = {}
@@ -269,8 +283,9 @@ def _check_available() -> bool:
 
 def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="spectron_jax.convert.encoder", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--format", required=True, choices=["hf"], help="source format (hf: transformers)")
-    parser.add_argument("--input", required=True, help="Hugging Face checkpoint directory of Wav2Vec2BertModel")
+    parser.add_argument("--format", default="hf", choices=("hf",), help="the source layout (Hugging Face)")
+    parser.add_argument("--input", required=True,
+                        help="Hugging Face checkpoint directory of Wav2Vec2BertModel or of a model wrapping it")
     parser.add_argument("--output", required=True, help="directory to write params/, encoder.gin, conversion.json")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                         help="compare with transformers after conversion (default: on when torch is installed)")
@@ -278,6 +293,7 @@ def _parser() -> cli.ArgumentParser:
                         help=f"frames per row of the check (default: max({MIN_CHECK_FRAMES}, left + right + 16))")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest max |hidden diff| --check accepts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint")
     return parser
 
 
@@ -285,12 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.check_frames is not None and args.check_frames < 2:
         raise cli.UsageError("--check_frames must be >= 2")
+    if (epath.Path(args.output) / PARAMS_SUBDIR).exists() and not args.overwrite:
+        raise cli.InputError(f"--output={args.output}: already holds {PARAMS_SUBDIR}/ (pass --overwrite)")
     try:
         hf = hf_checkpoint.read_config(args.input)
         if hf.get("model_type", "wav2vec2-bert") != "wav2vec2-bert":
             raise cli.InputError(f"{args.input}: model_type {hf.get('model_type')!r} is not wav2vec2-bert")
         config = config_from_hf(hf)
-        flat = convert_tensors(hf_checkpoint.read_tensors(args.input), config)
+        tensors = hf_checkpoint.read_tensors(args.input)
+        _, outside = base_tensors(tensors)
+        flat = convert_tensors(tensors, config)
     except (hf_checkpoint.CheckpointError, ValueError) as e:
         raise cli.InputError(f"{args.input}: {e}") from None
     check = _check_available() if args.check is None else args.check
@@ -311,7 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = metadata.write(str(output), component="encoder", config=config, fields=GIN_FIELDS, source=str(args.input),
                           source_config=hf, info={"format": args.format, "input": str(args.input),
                                                   "num_params": int(sum(v.size for v in flat.values())),
-                                                  "max_hidden_diff": diff, "check_frames": frames})
+                                                  "max_hidden_diff": diff, "check_frames": frames,
+                                                  "left_outside_base": outside})
+    if outside:
+        shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
+        print(f"converted the {_WRAPPER_PREFIX} base; left {len(outside)} tensors outside it ({shown})", flush=True)
     print(f"wrote {info['num_params']} encoder parameters to {output}", flush=True)
     return 0
 
