@@ -399,3 +399,37 @@ def test_default_check_length_catches_a_window_off_by_one(tmp_path, capsys, monk
     with pytest.raises(cli.InputError, match="differ from transformers"):
         _convert(source, tmp_path / "wrong")
     assert not (tmp_path / "wrong").exists()
+
+
+def test_multimodal_layout_untied_head_and_the_counts_of_source_tensors(converted):
+    """The text model under 'language_model.model.', its untied head under 'language_model.', a vision tower
+    beside it: the head is found and converted, the rest counted as left over; errors name the tensor."""
+    import dataclasses
+
+    _, directory, cfg, _ = converted["gemma3_mqa"]
+    tensors = {"language_model." + name: value for name, value in hf_checkpoint.read_tensors(str(directory)).items()}
+    rng = np.random.default_rng(0)
+    head = rng.normal(size=(VOCAB, 32)).astype(np.float32)
+    tensors["language_model.lm_head.weight"] = head
+    tensors["language_model.model.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    tensors["vision_tower.patch_embedding.weight"] = np.ones((4, 3), np.float32)
+    tensors["multi_modal_projector.mm_input_projection_weight"] = np.ones((3, 32), np.float32)
+    untied = dataclasses.replace(cfg, tie_embeddings=False)
+    flat, counts = convert.map_checkpoint(tensors, untied)
+    np.testing.assert_array_equal(flat["embedder/output"], head.T)
+    assert counts.used == len(flat) == len(convert.expected_shapes(untied)) == 2 + 1 + 6 * 13  # embedding, final norm, head; 13 per layer
+    assert counts.ignored == 1
+    assert counts.left_over == ("multi_modal_projector.mm_input_projection_weight",
+                                "vision_tower.patch_embedding.weight")
+    assert "2 left over (multi_modal_projector" in counts.summary()
+    with pytest.raises(hf_checkpoint.CheckpointError, match="tie_word_embeddings is true but language_model.lm_head"):
+        convert.map_checkpoint(tensors, cfg)
+    stray = {**tensors, "language_model.model.layers.0.self_attn.q_proj.bias": np.ones(32, np.float32)}
+    with pytest.raises(hf_checkpoint.CheckpointError, match=r"q_proj.bias has no counterpart .* \(1 such"):
+        convert.map_checkpoint(stray, untied)
+    bad = {**tensors, "language_model.model.layers.2.self_attn.k_proj.weight": np.ones((16, 32), np.float32)}
+    with pytest.raises(hf_checkpoint.CheckpointError, match=r"layers.2.self_attn.k_proj.weight has shape \(16, 32\)"):
+        convert.map_checkpoint(bad, untied)
+    del tensors["language_model.model.layers.5.mlp.up_proj.weight"]
+    with pytest.raises(hf_checkpoint.CheckpointError, match="layers.5.mlp.up_proj.weight is missing"):
+        convert.map_checkpoint(tensors, untied)

@@ -170,10 +170,10 @@ def test_default_check_frames_catch_an_off_by_one_in_the_left_clipping(tmp_path,
     assert convert_encoder.parity_check(str(tmp_path / "hf"), clipped, wrong, frames=frames) > 1e-3
     # the CLI checks at that length by default, and at --check_frames when given
     assert convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'o1'}"]) == 0
-    assert "(2 rows of 88 frames)" in capsys.readouterr().out
+    assert "2 rows of 88 frames)" in capsys.readouterr().out
     assert convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'o2'}",
                                  "--check_frames=30"]) == 0
-    assert "(2 rows of 30 frames)" in capsys.readouterr().out
+    assert "2 rows of 30 frames)" in capsys.readouterr().out
     assert json.loads((tmp_path / "o2" / "conversion.json").read_text())["check_frames"] == 30
 
 
@@ -193,7 +193,7 @@ def test_a_wrapping_model_converts_through_its_base_and_output_needs_overwrite(t
     out = tmp_path / "out"
     assert convert_encoder.main([f"--input={tmp_path / 'ctc'}", f"--output={out}"]) == 0
     printed = capsys.readouterr().out
-    assert "left 2 tensors outside it (lm_head.bias, lm_head.weight)" in printed
+    assert "ignored by rule, 2 left over (lm_head.bias, lm_head.weight)" in printed
     diff = float(printed.split("max |hidden diff| = ")[1].split()[0])
     assert diff <= 1e-4
     config = convert_encoder.config_from_hf(json.loads((tmp_path / "base" / "config.json").read_text()))
@@ -202,8 +202,30 @@ def test_a_wrapping_model_converts_through_its_base_and_output_needs_overwrite(t
     assert set(from_ctc) == set(from_base)
     for path, value in from_base.items():
         np.testing.assert_array_equal(from_ctc[path], value)
-    assert json.loads((out / "conversion.json").read_text())["left_outside_base"] == ["lm_head.bias", "lm_head.weight"]
+    assert json.loads((out / "conversion.json").read_text())["left_over"] == ["lm_head.bias", "lm_head.weight"]
     with pytest.raises(cli.InputError, match="already holds params/ \\(pass --overwrite\\)"):
         convert_encoder.main([f"--input={tmp_path / 'base'}", f"--output={out}", "--no-check"])
     assert convert_encoder.main([f"--input={tmp_path / 'base'}", f"--output={out}", "--no-check", "--overwrite"]) == 0
-    assert json.loads((out / "conversion.json").read_text())["left_outside_base"] == []
+    assert json.loads((out / "conversion.json").read_text())["left_over"] == []
+
+
+def test_both_importers_share_flags_tolerance_rule_and_error_type():
+    from spectron_jax.convert import decoder as convert_decoder
+    from spectron_jax.convert import hf_checkpoint
+
+    def options(module):
+        return {a.dest: a for a in module._parser()._actions if a.option_strings and a.dest != "help"}
+
+    dec, enc = options(convert_decoder), options(convert_encoder)
+    shared = {"format", "input", "output", "check", "tolerance", "overwrite"}
+    assert shared <= set(dec) and shared <= set(enc)
+    for name in shared:
+        assert (dec[name].default, dec[name].required) == (enc[name].default, enc[name].required), name
+    assert dec["tolerance"].help == enc["tolerance"].help == hf_checkpoint.TOLERANCE_HELP
+    assert "max(1, max |transformers|)" in hf_checkpoint.TOLERANCE_HELP
+    assert (dec["check_length"].default, enc["check_frames"].default) == (None, None)  # derived from the windows
+    assert hf_checkpoint.within_tolerance(0.5, 10_000.0, 1e-4) and not hf_checkpoint.within_tolerance(2e-4, 0.5, 1e-4)
+    assert hf_checkpoint.is_remote("gs://bucket/gemma") and not hf_checkpoint.is_remote("/data/gemma")
+    assert convert_decoder.UnsupportedConfig is hf_checkpoint.CheckpointError
+    with pytest.raises(hf_checkpoint.CheckpointError, match="add_adapter"):
+        convert_encoder.config_from_hf({"add_adapter": True})
