@@ -190,9 +190,13 @@ def test_cli_converts_checks_and_writes(tmp_path, capsys):
     (source / "tokenizer.model").write_bytes(b"spm")
     out = tmp_path / "out"
     assert convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--check_length=12"]) == 0
-    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("max |logits diff| = ")]
+    printed = capsys.readouterr().out.splitlines()
+    line = [l for l in printed if l.startswith("max |logits diff| = ")]
     assert line and float(line[0].split("=")[1].split()[0]) <= 1e-4
+    assert any(l.startswith("bfloat16: max |logits diff| = ") for l in printed)
     info = json.loads((out / "conversion.json").read_text())
+    # bfloat16 (weights and computation, on both sides): close, though far from the float32 agreement
+    assert 1e-3 < info["bf16_max_logits_diff"] <= convert.BF16_TOLERANCE * max(1.0, info["max_logits"])
     assert info["family"] == "gemma3_text" and info["max_logits_diff"] <= 1e-4 and info["tokenizer"]
     assert (out / "tokenizer.model").read_bytes() == b"spm"
     assert "DecoderConfig.sliding_window = 5" in (out / "decoder.gin").read_text()
@@ -258,6 +262,11 @@ def test_cli_bad_input_and_a_failed_check_write_nothing(tmp_path):
         convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o3'}", "--check_length=8",
                       "--tolerance=1e-12"])
     assert not (tmp_path / "o3").exists()
+    # the bfloat16 run has its own tolerance (float32 passes here; bfloat16 cannot agree to 1e-5)
+    with pytest.raises(cli.InputError, match="in bfloat16, logits / final hidden state differ"):
+        convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o4'}", "--check_length=8",
+                      "--bf16_tolerance=1e-5"])
+    assert not (tmp_path / "o4").exists()
 
 
 def _convert(source, out, *flags):

@@ -374,9 +374,11 @@ def write_converted(output_dir: str, params: Mapping[str, Any], cfg: DecoderConf
 transformers_available = hf_checkpoint.transformers_available
 
 
-def reference_outputs(source_dir: str, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The source checkpoint run in transformers (eager, float32) on tokens int [batch, length]:
-    (logits [batch, length, vocab], final hidden state after the last norm [batch, length, embed])."""
+def reference_outputs(source_dir: str, tokens: np.ndarray,
+                      dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """The source checkpoint run in transformers (eager, weights and computation in `dtype`) on tokens
+    int [batch, length]: float32 (logits [batch, length, vocab], final hidden state after the last norm
+    [batch, length, embed])."""
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
@@ -384,7 +386,7 @@ def reference_outputs(source_dir: str, tokens: np.ndarray) -> tuple[np.ndarray, 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(source_dir), dtype=torch.float32, attn_implementation="eager")
+        str(source_dir), dtype=getattr(torch, dtype), attn_implementation="eager")
     model.eval()
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(np.asarray(tokens, np.int64)), use_cache=False,
@@ -393,6 +395,7 @@ def reference_outputs(source_dir: str, tokens: np.ndarray) -> tuple[np.ndarray, 
 
 
 MIN_CHECK_LENGTH = 64
+BF16_TOLERANCE = 0.1  # random tiny Gemma / Gemma 2 / Gemma 3 models differ by 2-6 % of max |logits| in bf16
 
 
 def default_check_length(cfg: DecoderConfig) -> int:
@@ -418,18 +421,19 @@ class Parity:
 
 
 def parity(source_dir: str, cfg: DecoderConfig, params: Mapping[str, Any], *, batch: int = 2, length: int = 64,
-           seed: int = 0) -> Parity:
-    """Our decoder of `cfg` holding `params` against the source checkpoint on random token ids [batch, length]."""
+           seed: int = 0, dtype: str = "float32") -> Parity:
+    """Our decoder of `cfg` holding `params` against the source checkpoint on random token ids [batch, length],
+    both with weights and computation in `dtype` ('float32' or 'bfloat16')."""
     import jax.numpy as jnp
 
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
-    ref_logits, ref_hidden = reference_outputs(source_dir, tokens)
-    decoder = build_decoder(cfg, params)
+    ref_logits, ref_hidden = reference_outputs(source_dir, tokens, dtype)
+    decoder = build_decoder(dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), params)
     ids = jnp.asarray(tokens, jnp.int32)
     valid = jnp.ones(ids.shape, bool)
     hidden, _ = decoder(decoder.embed(ids), valid, jnp.zeros_like(valid), deterministic=True)
     logits = np.asarray(decoder.logits(hidden))
-    hidden = np.asarray(hidden, np.float32)
+    hidden = np.asarray(hidden.astype(jnp.float32))
     return Parity(float(np.max(np.abs(logits - ref_logits))), float(np.max(np.abs(ref_logits))),
                   float(np.max(np.abs(hidden - ref_hidden))), float(np.max(np.abs(ref_hidden))))
 
@@ -449,6 +453,11 @@ def _parser() -> cli.ArgumentParser:
                         help=f"tokens per row of the check (default: max({MIN_CHECK_LENGTH}, sliding window + 16))")
     parser.add_argument("--tolerance", type=float, default=hf_checkpoint.DEFAULT_TOLERANCE,
                         help=hf_checkpoint.TOLERANCE_HELP)
+    parser.add_argument("--check_bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --check, also run both models in bfloat16 (weights and computation)")
+    parser.add_argument("--bf16_tolerance", type=float, default=BF16_TOLERANCE,
+                        help="the tolerance of the bfloat16 run, by the same rule (bfloat16 keeps 8 bits of "
+                             "mantissa: two implementations differ by a few %% of the output's scale)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint")
     return parser
 
@@ -495,6 +504,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"--input={args.input}: logits / final hidden state differ from transformers by "
                 f"{result.logits_diff:.3g} / {result.hidden_diff:.3g}, above --tolerance={args.tolerance:g} x "
                 f"max(1, {result.logits_scale:.3g} / {result.hidden_scale:.3g}); nothing written")
+        if args.check_bf16:
+            bf16 = parity(args.input, cfg, params, length=length, dtype="bfloat16")
+            print(f"bfloat16: max |logits diff| = {bf16.logits_diff:.3g}, max |final hidden diff| = "
+                  f"{bf16.hidden_diff:.3g}", flush=True)
+            info.update(bf16_max_logits_diff=bf16.logits_diff, bf16_max_hidden_diff=bf16.hidden_diff)
+            if not bf16.within(args.bf16_tolerance):
+                raise cli.InputError(
+                    f"--input={args.input}: in bfloat16, logits / final hidden state differ from transformers by "
+                    f"{bf16.logits_diff:.3g} / {bf16.hidden_diff:.3g}, above --bf16_tolerance="
+                    f"{args.bf16_tolerance:g} x max(1, {bf16.logits_scale:.3g} / {bf16.hidden_scale:.3g}); "
+                    "nothing written")
     if not (epath.Path(args.input) / TOKENIZER_FILENAME).exists():
         print(f"warning: --input={args.input} has no {TOKENIZER_FILENAME}; the conversion has none, so training "
               "with it needs TrainConfig.vocab_path (the checkpoint's SentencePiece model)", file=sys.stderr,
