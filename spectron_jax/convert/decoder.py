@@ -32,7 +32,10 @@ How the Hugging Face modules map onto `DecoderConfig` (read from the transformer
 A config field this decoder cannot express (biases, scaled RoPE, bidirectional attention, another
 activation) is refused with a one-line error naming it. `--check` (default when torch and
 transformers are installed) runs the source model in transformers and ours on the same random token ids
-(2 rows of max(64, sliding window + 16) tokens, so every window is exceeded) and fails above a tolerance.
+(2 rows of max(64, sliding window + 16) tokens, so every window is exceeded), compares the logits and
+the final hidden state (before the head's soft-cap) in float32 and again in bfloat16, and fails above
+`hf_checkpoint.within_tolerance`. Source tensors map onto ours by a name table (`name_map`) checked
+against the decoder's traced shapes (`hf_checkpoint.map_tensors`).
 """
 
 from __future__ import annotations

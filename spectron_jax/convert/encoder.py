@@ -48,7 +48,7 @@ from spectron_jax.convert import hf_checkpoint, metadata
 from spectron_jax.models.conformer import ConformerConfig
 
 PARAMS_SUBDIR = hf_checkpoint.PARAMS_SUBDIR
-GIN_FILE = "encoder.gin"
+GIN_FILENAME = "encoder.gin"
 DEFAULT_TOLERANCE = hf_checkpoint.DEFAULT_TOLERANCE
 # Structural fields written to encoder.gin (dropout rates stay the run's choice).
 GIN_FIELDS = ("input_dim", "model_dim", "num_layers", "num_heads", "ffn_dim", "conv_kernel_size", "conv_norm",
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"above --tolerance={args.tolerance:g} x max(1, {scale:.3g}); nothing written")
     hf_checkpoint.write_params(args.output, flat)
     output = epath.Path(args.output)
-    (output / GIN_FILE).write_text(gin_bindings(config, str(args.input)))
+    (output / GIN_FILENAME).write_text(gin_bindings(config, str(args.input)))
     info = metadata.write(str(output), component="encoder", config=config, fields=GIN_FIELDS, source=str(args.input),
                           source_config=hf, info={"format": args.format, "input": str(args.input),
                                                   "num_params": int(sum(v.size for v in flat.values())),
