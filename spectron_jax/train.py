@@ -634,21 +634,45 @@ def _parser() -> cli.ArgumentParser:
 
 
 def _tokenizer_of_run(config, model_config, task_config=None):
-    """`config` with the run's tokenizer resolved and checked against the model.
+    """`config` with the run's tokenizer resolved and checked against the model, as are the conversions it loads.
 
-    Without `TrainConfig.vocab_path`, a run initialised from a converted LM (`PretrainedInit.lm_checkpoint`)
-    uses that checkpoint's `tokenizer.model`. The tokenizer's bos / eos / pad must be the model's
-    sos / eos / pad ids (a converted `decoder.gin` binds them) and its pieces must fit the vocabulary.
-    With a text separator (`TaskConfig.sep_id`), the model records the same id (`SpectronConfig.sep_id`)
-    and the tokenizer holds it as a reserved piece.
+    Every converted checkpoint the run initialises from (`PretrainedInit`, `TrainConfig.init_from`) must
+    record the architecture of the model part it fills (`convert/metadata.py`; `PretrainedInit.allow_changes`
+    accepts deliberate differences). Without `TrainConfig.vocab_path`, a run initialised from a converted
+    LM (`PretrainedInit.lm_checkpoint`) uses that checkpoint's `tokenizer.model` (and is refused when it
+    has none). The tokenizer's bos / eos / pad must be the model's sos / eos / pad ids (a converted
+    `decoder.gin` binds them) and its pieces must fit the vocabulary. With a text separator
+    (`TaskConfig.sep_id`), the model records the same id (`SpectronConfig.sep_id`) and the tokenizer holds
+    it as a reserved piece.
     """
     from etils import epath
 
     from spectron_jax import checkpoints
+    from spectron_jax.convert import metadata
     from spectron_jax.data import tasks as tasks_lib
 
-    lm = getattr(getattr(model_config, "pretrained", None), "lm_checkpoint", None)
-    if not config.vocab_path and lm and (epath.Path(lm) / checkpoints.TOKENIZER_FILENAME).exists():
+    pretrained = getattr(model_config, "pretrained", None)
+    allow = getattr(pretrained, "allow_changes", ())
+    loads = [(getattr(pretrained, "encoder_checkpoint", None), "encoder", "PretrainedInit.encoder_checkpoint"),
+             (getattr(pretrained, "lm_checkpoint", None), "decoder", "PretrainedInit.lm_checkpoint")]
+    loads += [(init.checkpoint, init.target_prefix.split("/")[0] or None, "TrainConfig.init_from")
+              for init in config.init_from]
+    for path, component, knob in loads:
+        record = metadata.read(path) if path and filesystem.is_dir(path) else None
+        component = component or (record or {}).get("component")
+        part = getattr(model_config, component or "", None)
+        if record is None or part is None:
+            continue
+        try:
+            metadata.check_record(path, record, part, component=component, allow=allow)
+        except ValueError as e:
+            raise cli.UsageError(f"{knob}: {e}") from None
+    lm = getattr(pretrained, "lm_checkpoint", None)
+    if not config.vocab_path and lm and filesystem.is_dir(lm):
+        if not (epath.Path(lm) / checkpoints.TOKENIZER_FILENAME).exists():
+            raise cli.UsageError(f"PretrainedInit.lm_checkpoint={lm} has no {checkpoints.TOKENIZER_FILENAME} (its "
+                                 "source checkpoint had none): set TrainConfig.vocab_path to the LM's SentencePiece "
+                                 "model")
         config = dataclasses.replace(config, vocab_path=str(epath.Path(lm) / checkpoints.TOKENIZER_FILENAME))
     path = config.vocab_path or tasks_lib.DEFAULT_VOCAB_PATH
     try:

@@ -190,9 +190,13 @@ def test_cli_converts_checks_and_writes(tmp_path, capsys):
     (source / "tokenizer.model").write_bytes(b"spm")
     out = tmp_path / "out"
     assert convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--check_length=12"]) == 0
-    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("max |logits diff| = ")]
+    printed = capsys.readouterr().out.splitlines()
+    line = [l for l in printed if l.startswith("max |logits diff| = ")]
     assert line and float(line[0].split("=")[1].split()[0]) <= 1e-4
-    info = json.loads((out / "convert.json").read_text())
+    assert any(l.startswith("bfloat16: max |logits diff| = ") for l in printed)
+    info = json.loads((out / "conversion.json").read_text())
+    # bfloat16 (weights and computation, on both sides): close, though far from the float32 agreement
+    assert 1e-3 < info["bf16_max_logits_diff"] <= convert.BF16_TOLERANCE * max(1.0, info["max_logits"])
     assert info["family"] == "gemma3_text" and info["max_logits_diff"] <= 1e-4 and info["tokenizer"]
     assert (out / "tokenizer.model").read_bytes() == b"spm"
     assert "DecoderConfig.sliding_window = 5" in (out / "decoder.gin").read_text()
@@ -208,7 +212,7 @@ def test_cli_converts_checks_and_writes(tmp_path, capsys):
 
 def test_a_converted_gemma_tokenizer_lends_its_first_unused_piece_as_separator(tmp_path, embedded_dir):
     """A Gemma-style tokenizer (pad 0, eos 1, bos 2, unk 3, '<mask>', '<unused0>', '<unused1>') gives
-    SEP_ID = the id of '<unused0>' in decoder.gin and convert.json; training then accepts it."""
+    SEP_ID = the id of '<unused0>' in decoder.gin and conversion.json; training then accepts it."""
     import sentencepiece as spm
 
     from spectron_jax.data import tasks
@@ -227,7 +231,7 @@ def test_a_converted_gemma_tokenizer_lends_its_first_unused_piece_as_separator(t
     out = tmp_path / "out"
     assert convert.main(["--format=hf", f"--input={source}", f"--output={out}", "--no-check"]) == 0
     assert f"SEP_ID = {expected}" in (out / "decoder.gin").read_text().splitlines()
-    assert json.loads((out / "convert.json").read_text())["sep_id"] == expected
+    assert json.loads((out / "conversion.json").read_text())["sep_id"] == expected
     vocabulary = tasks.load_vocabulary(str(out / "tokenizer.model"))
     tasks.check_separator(vocabulary, expected)
     with pytest.raises(ValueError, match="lacks the separator"):
@@ -287,3 +291,183 @@ def test_cli_bad_input_and_a_failed_check_write_nothing(tmp_path):
         convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o3'}", "--check_length=8",
                       "--tolerance=1e-12"])
     assert not (tmp_path / "o3").exists()
+    # the bfloat16 run has its own tolerance (float32 passes here; bfloat16 cannot agree to 1e-5)
+    with pytest.raises(cli.InputError, match="in bfloat16, logits / final hidden state differ"):
+        convert.main(["--format=hf", f"--input={source}", f"--output={tmp_path / 'o4'}", "--check_length=8",
+                      "--bf16_tolerance=1e-5"])
+    assert not (tmp_path / "o4").exists()
+
+
+def _convert(source, out, *flags):
+    return convert.main(["--format=hf", f"--input={source}", f"--output={out}", *flags])
+
+
+def test_conversion_records_its_architecture_and_refuses_another(tmp_path, caplog):
+    """conversion.json holds every bound DecoderConfig field; a model differing in any is refused (one line)."""
+    import dataclasses
+    import hashlib
+
+    from spectron_jax.convert import metadata
+
+    source, out = tmp_path / "hf", tmp_path / "out"
+    _save_random_model("gemma3_gqa", source)
+    assert _convert(source, out, "--no-check") == 0
+    record = json.loads((out / "conversion.json").read_text())
+    source_config = json.loads((source / "config.json").read_text())
+    assert record["component"] == "decoder" and set(record["architecture"]) == set(convert.ARCHITECTURE_FIELDS)
+    assert record["architecture"]["sliding_window"] == 5 and record["architecture"]["rope_base"] == 1e6
+    assert record["architecture"]["attention_pattern"] == ["local", "local", "global"]
+    assert record["source_config_sha256"] == hashlib.sha256(
+        json.dumps(source_config, sort_keys=True).encode()).hexdigest()
+    cfg = convert.decoder_config_from_hf(source_config)
+    metadata.check_architecture(str(out), cfg, component="decoder")  # the same architecture: accepted
+    # run knobs are not architecture: a scanned, rematerialised bf16 decoder takes the same conversion
+    metadata.check_architecture(str(out), dataclasses.replace(cfg, scan_layers=True, remat_policy="full",
+                                                              dtype="bfloat16", dropout=0.1), component="decoder")
+    wrong = dataclasses.replace(cfg, sliding_window=6, rope_base=1e4)
+    with pytest.raises(ValueError) as refused:
+        metadata.check_architecture(str(out), wrong, component="decoder")
+    message = str(refused.value)
+    assert "\n" not in message and str(out) in message
+    assert "DecoderConfig.sliding_window: checkpoint 5, model 6" in message
+    assert "DecoderConfig.rope_base: checkpoint 1000000.0, model 10000.0" in message
+    assert message.count("DecoderConfig.") == 2  # only the differing fields are named
+    # a deliberate change is accepted when named; the other one still is not
+    metadata.check_architecture(str(out), dataclasses.replace(cfg, sliding_window=6), component="decoder",
+                                allow=("DecoderConfig.sliding_window",))
+    with pytest.raises(ValueError, match="rope_base"):
+        metadata.check_architecture(str(out), wrong, allow=("DecoderConfig.sliding_window",))
+    with pytest.raises(ValueError, match="converted decoder, loaded as the encoder"):
+        metadata.check_architecture(str(out), cfg, component="encoder")
+    # a conversion from before the record: loaded unchecked, with a warning
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "convert.json").write_text(json.dumps({"family": "gemma3_text"}))
+    with caplog.at_level("WARNING"):
+        metadata.check_architecture(str(legacy), wrong, component="decoder")
+    assert "recorded their architecture" in caplog.text
+
+
+def test_training_refuses_a_conversion_of_another_architecture_and_names_a_missing_tokenizer(tmp_path, capsys):
+    """What `train` checks before building anything: the architecture record, then the tokenizer."""
+    import dataclasses
+
+    from spectron_jax import checkpoints, cli, train
+    from spectron_jax.models.spectron import PretrainedInit, SpectronConfig
+
+    source, out = tmp_path / "hf", tmp_path / "out"
+    _save_random_model("gemma3_gqa", source)  # saved without a tokenizer.model
+    assert _convert(source, out, "--no-check") == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and "tokenizer.model" in warnings[0]
+    cfg = convert.decoder_config_from_hf(hf_checkpoint.read_config(str(source)))
+    wrong = dataclasses.replace(cfg, sliding_window=6, rope_base=1e4)
+    with pytest.raises(cli.UsageError, match=r"PretrainedInit.lm_checkpoint: .*DecoderConfig.sliding_window"):
+        train._tokenizer_of_run(train.TrainConfig(), SpectronConfig(
+            decoder=wrong, sos_id=2, pretrained=PretrainedInit(lm_checkpoint=str(out))))
+    init = checkpoints.PartialInit(str(out), target_prefix="decoder/")
+    with pytest.raises(cli.UsageError, match=r"TrainConfig.init_from: .*DecoderConfig.rope_base"):
+        train._tokenizer_of_run(train.TrainConfig(init_from=(init,)), SpectronConfig(decoder=wrong, sos_id=2))
+    # the same architecture passes that check; the missing tokenizer is then named, not blamed on sos_id
+    with pytest.raises(cli.UsageError, match=r"lm_checkpoint=.* has no tokenizer.model.*TrainConfig.vocab_path"):
+        train._tokenizer_of_run(train.TrainConfig(), SpectronConfig(
+            decoder=dataclasses.replace(cfg, scan_layers=True), sos_id=2,
+            pretrained=PretrainedInit(lm_checkpoint=str(out), allow_changes=("DecoderConfig.vocab_size",))))
+    with pytest.raises(ValueError, match="allow_changes"):
+        PretrainedInit(allow_changes=("sliding_window",))
+
+
+def test_scanned_and_per_layer_decoders_load_the_same_conversion(tmp_path):
+    import dataclasses
+
+    from flax import nnx
+
+    from spectron_jax import checkpoints
+    from spectron_jax.models import layer_stacking
+    from spectron_jax.models.decoder import Decoder
+
+    source, out = tmp_path / "hf", tmp_path / "out"
+    _save_random_model("gemma3_gqa", source)  # 4 layers cycling (local, local, global): a stack of 3 + 1
+    assert _convert(source, out, "--no-check") == 0
+    cfg = convert.decoder_config_from_hf(hf_checkpoint.read_config(str(source)))
+    expected = checkpoints.flatten_paths(
+        convert.convert_params(hf_checkpoint.read_tensors(str(source)), cfg))
+    for scan in (False, True):
+        decoder = Decoder(dataclasses.replace(cfg, scan_layers=scan), rngs=nnx.Rngs(0))
+        params = nnx.state(decoder, nnx.Param).to_pure_dict()
+        assert bool(layer_stacking.scan_periods(params)) == scan
+        loaded, copied = checkpoints.apply_partial_init(params, [checkpoints.PartialInit(str(out))])
+        assert len(copied) == len(expected)
+        got = checkpoints.flatten_paths(layer_stacking.unstack_layers(loaded))
+        assert {str(k) for k in got} == set(expected)
+        for path, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(got[path]), value)
+
+
+@pytest.mark.slow  # three conversions with their check (transformers and ours at 86 tokens)
+def test_default_check_length_catches_a_window_off_by_one(tmp_path, capsys, monkeypatch):
+    """A window mistake is invisible at lengths <= the window: the default check runs 16 tokens past it."""
+    import dataclasses
+
+    from spectron_jax import cli
+
+    source = tmp_path / "hf"
+    config = transformers.Gemma3TextConfig(num_hidden_layers=2, num_key_value_heads=1, sliding_window=70,
+                                           layer_types=["sliding_attention", "full_attention"], **SMALL)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    model.save_pretrained(str(source))
+    assert _convert(source, tmp_path / "right") == 0
+    out = capsys.readouterr().out
+    assert "2 rows of 86 tokens" in out and "max |final hidden diff| = " in out
+    info = json.loads((tmp_path / "right" / "conversion.json").read_text())
+    assert info["check_length"] == 86 and info["max_hidden_diff"] <= 1e-4 * max(1.0, info["max_hidden"])
+
+    real = convert.decoder_config_from_hf
+
+    def off_by_one(hf_config, **overrides):  # the converter's window one too wide
+        cfg = real(hf_config, **overrides)
+        return dataclasses.replace(cfg, sliding_window=cfg.sliding_window + 1)
+
+    monkeypatch.setattr(convert, "decoder_config_from_hf", off_by_one)
+    assert _convert(source, tmp_path / "short", "--check_length=64") == 0  # what the old 64-token default let by
+    with pytest.raises(cli.InputError, match="differ from transformers"):
+        _convert(source, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
+
+
+def test_multimodal_layout_untied_head_and_the_counts_of_source_tensors(converted):
+    """The text model under 'language_model.model.', its untied head under 'language_model.', a vision tower
+    beside it: the head is found and converted, the rest counted as left over; errors name the tensor."""
+    import dataclasses
+
+    _, directory, cfg, _ = converted["gemma3_mqa"]
+    tensors = {"language_model." + name: value for name, value in hf_checkpoint.read_tensors(str(directory)).items()}
+    rng = np.random.default_rng(0)
+    head = rng.normal(size=(VOCAB, 32)).astype(np.float32)
+    tensors["language_model.lm_head.weight"] = head
+    tensors["language_model.model.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    tensors["vision_tower.patch_embedding.weight"] = np.ones((4, 3), np.float32)
+    tensors["multi_modal_projector.mm_input_projection_weight"] = np.ones((3, 32), np.float32)
+    untied = dataclasses.replace(cfg, tie_embeddings=False)
+    flat, counts = convert.map_checkpoint(tensors, untied)
+    np.testing.assert_array_equal(flat["embedder/output"], head.T)
+    assert counts.used == len(flat) == len(convert.expected_shapes(untied)) == 2 + 1 + 6 * 13  # embedding, final norm, head; 13 per layer
+    assert counts.ignored == 1
+    assert counts.left_over == ("multi_modal_projector.mm_input_projection_weight",
+                                "vision_tower.patch_embedding.weight")
+    assert "2 left over (multi_modal_projector" in counts.summary()
+    with pytest.raises(hf_checkpoint.CheckpointError, match="tie_word_embeddings is true but language_model.lm_head"):
+        convert.map_checkpoint(tensors, cfg)
+    stray = {**tensors, "language_model.model.layers.0.self_attn.q_proj.bias": np.ones(32, np.float32)}
+    with pytest.raises(hf_checkpoint.CheckpointError, match=r"q_proj.bias has no counterpart .* \(1 such"):
+        convert.map_checkpoint(stray, untied)
+    bad = {**tensors, "language_model.model.layers.2.self_attn.k_proj.weight": np.ones((16, 32), np.float32)}
+    with pytest.raises(hf_checkpoint.CheckpointError, match=r"layers.2.self_attn.k_proj.weight has shape \(16, 32\)"):
+        convert.map_checkpoint(bad, untied)
+    del tensors["language_model.model.layers.5.mlp.up_proj.weight"]
+    with pytest.raises(hf_checkpoint.CheckpointError, match="layers.5.mlp.up_proj.weight is missing"):
+        convert.map_checkpoint(tensors, untied)

@@ -131,3 +131,101 @@ def test_w2v_bert_gin_is_the_published_config_and_summary_counts_its_parameters(
     assert summary.count_parameters(model_config)["encoder"] == total
     assert abs(total / 1e6 - 580.5) < 0.1
     gin.clear_config()
+
+
+def test_conversion_records_its_architecture_and_refuses_another(tmp_path):
+    import dataclasses
+
+    from spectron_jax.convert import metadata
+
+    _save_random_model(tmp_path / "hf")
+    out = tmp_path / "out"
+    assert convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={out}", "--no-check"]) == 0
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["component"] == "encoder" and set(record["architecture"]) == set(convert_encoder.GIN_FIELDS)
+    assert (record["architecture"]["left_relative_distance"], record["architecture"]["model_dim"]) == (6, 16)
+    config = convert_encoder.config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    metadata.check_architecture(str(out), dataclasses.replace(config, scan_layers=True), component="encoder")
+    with pytest.raises(ValueError, match=r"ConformerConfig.left_relative_distance: checkpoint 6, model 64 \(include"):
+        metadata.check_architecture(str(out), dataclasses.replace(config, left_relative_distance=64))
+
+
+def test_default_check_frames_catch_an_off_by_one_in_the_left_clipping(tmp_path, capsys):
+    """w2v-BERT's left distance (64) exceeds the old 40-frame check: a clipping mistake only shows past it."""
+    from spectron_jax.convert import hf_checkpoint
+
+    _save_random_model(tmp_path / "hf", num_hidden_layers=1, left_max_position_embeddings=64,
+                       right_max_position_embeddings=8)
+    config = convert_encoder.config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    flat = convert_encoder.convert_tensors(hf_checkpoint.read_tensors(str(tmp_path / "hf")), config)
+    frames = convert_encoder.default_check_frames(config)
+    assert frames == 64 + 8 + 16
+    assert convert_encoder.parity_check(str(tmp_path / "hf"), config, flat, frames=frames) <= 1e-4
+    # clipping at -63 instead of -64 (a table one row shorter, read from the same rows otherwise)
+    import dataclasses
+
+    clipped = dataclasses.replace(config, left_relative_distance=63)
+    wrong = {k: (v[1:] if k.endswith("distance_embedding") else v) for k, v in flat.items()}
+    assert convert_encoder.parity_check(str(tmp_path / "hf"), clipped, wrong, frames=40) <= 1e-4  # invisible
+    assert convert_encoder.parity_check(str(tmp_path / "hf"), clipped, wrong, frames=frames) > 1e-3
+    # the CLI checks at that length by default, and at --check_frames when given
+    assert convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'o1'}"]) == 0
+    assert "2 rows of 88 frames)" in capsys.readouterr().out
+    assert convert_encoder.main(["--format=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'o2'}",
+                                 "--check_frames=30"]) == 0
+    assert "2 rows of 30 frames)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o2" / "conversion.json").read_text())["check_frames"] == 30
+
+
+def test_a_wrapping_model_converts_through_its_base_and_output_needs_overwrite(tmp_path, capsys):
+    """Wav2Vec2BertForCTC: its `wav2vec2_bert.` base is converted (the same as that base saved alone), the CTC
+    head is counted and named; an existing output is replaced only with --overwrite."""
+    from spectron_jax import cli
+    from spectron_jax.convert import hf_checkpoint
+
+    torch.manual_seed(0)
+    ctc = transformers.Wav2Vec2BertForCTC(_tiny_hf_config(vocab_size=12)).eval()
+    with torch.no_grad():
+        for p in ctc.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ctc.save_pretrained(str(tmp_path / "ctc"))
+    ctc.wav2vec2_bert.save_pretrained(str(tmp_path / "base"))
+    out = tmp_path / "out"
+    assert convert_encoder.main([f"--input={tmp_path / 'ctc'}", f"--output={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "ignored by rule, 2 left over (lm_head.bias, lm_head.weight)" in printed
+    diff = float(printed.split("max |hidden diff| = ")[1].split()[0])
+    assert diff <= 1e-4
+    config = convert_encoder.config_from_hf(json.loads((tmp_path / "base" / "config.json").read_text()))
+    from_ctc = convert_encoder.convert_tensors(hf_checkpoint.read_tensors(str(tmp_path / "ctc")), config)
+    from_base = convert_encoder.convert_tensors(hf_checkpoint.read_tensors(str(tmp_path / "base")), config)
+    assert set(from_ctc) == set(from_base)
+    for path, value in from_base.items():
+        np.testing.assert_array_equal(from_ctc[path], value)
+    assert json.loads((out / "conversion.json").read_text())["left_over"] == ["lm_head.bias", "lm_head.weight"]
+    with pytest.raises(cli.InputError, match="already holds params/ \\(pass --overwrite\\)"):
+        convert_encoder.main([f"--input={tmp_path / 'base'}", f"--output={out}", "--no-check"])
+    assert convert_encoder.main([f"--input={tmp_path / 'base'}", f"--output={out}", "--no-check", "--overwrite"]) == 0
+    assert json.loads((out / "conversion.json").read_text())["left_over"] == []
+
+
+def test_both_importers_share_flags_tolerance_rule_and_error_type():
+    from spectron_jax.convert import decoder as convert_decoder
+    from spectron_jax.convert import hf_checkpoint
+
+    def options(module):
+        return {a.dest: a for a in module._parser()._actions if a.option_strings and a.dest != "help"}
+
+    dec, enc = options(convert_decoder), options(convert_encoder)
+    shared = {"format", "input", "output", "check", "tolerance", "overwrite"}
+    assert shared <= set(dec) and shared <= set(enc)
+    for name in shared:
+        assert (dec[name].default, dec[name].required) == (enc[name].default, enc[name].required), name
+    assert dec["tolerance"].help == enc["tolerance"].help == hf_checkpoint.TOLERANCE_HELP
+    assert "max(1, max |transformers|)" in hf_checkpoint.TOLERANCE_HELP
+    assert (dec["check_length"].default, enc["check_frames"].default) == (None, None)  # derived from the windows
+    assert hf_checkpoint.within_tolerance(0.5, 10_000.0, 1e-4) and not hf_checkpoint.within_tolerance(2e-4, 0.5, 1e-4)
+    assert hf_checkpoint.is_remote("gs://bucket/gemma") and not hf_checkpoint.is_remote("/data/gemma")
+    assert convert_decoder.UnsupportedConfig is hf_checkpoint.CheckpointError
+    with pytest.raises(hf_checkpoint.CheckpointError, match="add_adapter"):
+        convert_encoder.config_from_hf({"add_adapter": True})

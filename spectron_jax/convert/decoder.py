@@ -1,6 +1,6 @@
 """Importing Gemma-family decoder LMs (Gemma, Gemma 2, Gemma 3 text) from a Hugging Face checkpoint.
 
-    python -m spectron_jax.convert.decoder --format=hf --input=DIR --output=DIR [--no-check]
+    python -m spectron_jax.convert.decoder --format=hf --input=DIR --output=DIR [--no-check] [--check_length=N]
 
 reads `DIR/config.json` and its safetensors weights (sharded or not) and writes
 
@@ -9,8 +9,11 @@ reads `DIR/config.json` and its safetensors weights (sharded or not) and writes
     OUT/decoder.gin      the gin bindings of `DecoderConfig` (and the tokenizer ids) that reproduce the
                          checkpoint's architecture, and `SEP_ID`: the text separator (`TaskConfig.sep_id`),
                          the tokenizer's first unused piece ('<unused0>' in Gemma's), None if it has none
-    OUT/tokenizer.model  the checkpoint's SentencePiece model (when DIR has one)
-    OUT/convert.json     source, family, parameter count and the parity figure of the check
+    OUT/tokenizer.model  the checkpoint's SentencePiece model (when DIR has one; a warning when not)
+    OUT/conversion.json  the architecture (every `DecoderConfig` field decoder.gin binds), the source
+                         config's hash, family, parameter count, `sep_id` and the parity figure of the
+                         check; training refuses to load params/ into a decoder of another architecture
+                         (`convert/metadata.py`)
 
 How the Hugging Face modules map onto `DecoderConfig` (read from the transformers sources):
 
@@ -30,29 +33,32 @@ How the Hugging Face modules map onto `DecoderConfig` (read from the transformer
 A config field this decoder cannot express (biases, scaled RoPE, bidirectional attention, another
 activation) is refused with a one-line error naming it. `--check` (default when torch and
 transformers are installed) runs the source model in transformers and ours on the same random token ids
-and fails above a tolerance.
+(2 rows of max(64, sliding window + 16) tokens, so every window is exceeded), compares the logits and
+the final hidden state (before the head's soft-cap) in float32 and again in bfloat16, and fails above
+`hf_checkpoint.within_tolerance`. Source tensors map onto ours by a name table (`name_map`) checked
+against the decoder's traced shapes (`hf_checkpoint.map_tensors`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import re
+import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from etils import epath
 
 from spectron_jax import cli
-from spectron_jax.convert import hf_checkpoint
+from spectron_jax.convert import hf_checkpoint, metadata
 from spectron_jax.models.decoder import DecoderConfig
 
 FAMILIES = ("gemma", "gemma2", "gemma3_text")
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
-PARAMS_SUBDIR = "params"
+PARAMS_SUBDIR = hf_checkpoint.PARAMS_SUBDIR
 GIN_FILENAME = "decoder.gin"
 TOKENIZER_FILENAME = "tokenizer.model"
-INFO_FILENAME = "convert.json"
 # DecoderConfig fields an imported checkpoint fixes (the rest, dtype / remat_policy / scan_layers / dropout, stay run knobs).
 ARCHITECTURE_FIELDS = (
     "vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "block",
@@ -62,8 +68,8 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-class UnsupportedConfig(ValueError):
-    """A checkpoint config field our decoder cannot express; the message names the field."""
+# A checkpoint config field our decoder cannot express (the message names it): the importers' one error type.
+UnsupportedConfig = hf_checkpoint.CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,92 +201,114 @@ def token_ids(config: Mapping[str, Any]) -> TokenIds:
 
 
 # ---- safetensors -> our parameter tree ------------------------------------------------------------
+# Source tensors dropped on purpose: RoPE frequency buffers (recomputed from the config).
+_IGNORED = (r"rotary_emb\.inv_freq$",)
+
+
 def _prefix(tensors: Mapping[str, np.ndarray]) -> str:
-    """The name prefix of the text model's modules ('model.' for Gemma*ForCausalLM)."""
+    """The name prefix of the text model's modules ('model.' for Gemma*ForCausalLM, 'model.language_model.'
+    or 'language_model.model.' in a multimodal Gemma 3)."""
     for name in tensors:
-        if name.endswith("embed_tokens.weight"):
+        if name.endswith("embed_tokens.weight") and "vision" not in name:
             return name[: -len("embed_tokens.weight")]
     raise hf_checkpoint.CheckpointError("checkpoint: no '*embed_tokens.weight' tensor (not a Gemma text model?)")
 
 
-def convert_params(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig) -> dict[str, Any]:
-    """Our decoder's parameters (the nested `to_pure_dict` layout, float32) from Hugging Face tensors.
+def _head_name(tensors: Mapping[str, np.ndarray]) -> Optional[str]:
+    """The output head's tensor name ('lm_head.weight', 'language_model.lm_head.weight', ...) or None."""
+    names = sorted(name for name in tensors if name == "lm_head.weight" or name.endswith(".lm_head.weight"))
+    if len(names) > 1:
+        raise hf_checkpoint.CheckpointError(f"checkpoint: several output heads ({', '.join(names)})")
+    return names[0] if names else None
+
+
+def name_map(cfg: DecoderConfig, prefix: str = "model.", head: Optional[str] = None) -> dict[str, tuple[str, Any]]:
+    """{Hugging Face tensor name: (our parameter path, transform of the NumPy tensor or None)}.
 
     Linear weights are stored [out, in] by torch; ours are [in, ...]: q [embed, heads, head_dim],
     k / v [embed, kv_heads, head_dim], o [heads, head_dim, embed], gate / up [embed, mlp], down [mlp, embed].
+    `head` (the untied output head's name) is mapped when `cfg.tie_embeddings` is false.
+    """
+    d, n, k, h = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rules: dict[str, tuple[str, Any]] = {
+        prefix + "embed_tokens.weight": ("embedder/table", None),
+        prefix + "norm.weight": ("final_norm/scale", None),
+    }
+    if not cfg.tie_embeddings and head is not None:
+        rules[head] = ("embedder/output", lambda w: w.T)
+    norms = {"input_layernorm": "attn_norm"}
+    if cfg.post_norms:  # Gemma 2 / 3
+        norms.update(post_attention_layernorm="post_attn_norm", pre_feedforward_layernorm="mlp_norm",
+                     post_feedforward_layernorm="post_mlp_norm")
+    else:  # Gemma: its 'post_attention_layernorm' is the norm in front of the MLP
+        norms.update(post_attention_layernorm="mlp_norm")
+    for i in range(cfg.num_layers):
+        src, ours = f"{prefix}layers.{i}.", f"layers/{i}/"
+        rules.update({
+            src + "self_attn.q_proj.weight": (ours + "attn/q", lambda w: w.T.reshape(d, n, h)),
+            src + "self_attn.k_proj.weight": (ours + "attn/k", lambda w: w.T.reshape(d, k, h)),
+            src + "self_attn.v_proj.weight": (ours + "attn/v", lambda w: w.T.reshape(d, k, h)),
+            src + "self_attn.o_proj.weight": (ours + "attn/o", lambda w: w.T.reshape(n, h, d)),
+            src + "mlp.gate_proj.weight": (ours + "mlp/gate", lambda w: w.T),
+            src + "mlp.up_proj.weight": (ours + "mlp/up", lambda w: w.T),
+            src + "mlp.down_proj.weight": (ours + "mlp/down", lambda w: w.T),
+        })
+        if cfg.qk_norm:
+            rules[src + "self_attn.q_norm.weight"] = (ours + "attn/q_norm/scale", None)
+            rules[src + "self_attn.k_norm.weight"] = (ours + "attn/k_norm/scale", None)
+        for theirs, mine in norms.items():
+            rules[f"{src}{theirs}.weight"] = (f"{ours}{mine}/scale", None)
+    return rules
+
+
+def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """{parameter path: shape} of our decoder (per-layer), traced without allocating."""
+    from flax import nnx
+
+    from spectron_jax.models.decoder import Decoder
+
+    return hf_checkpoint.traced_shapes(lambda: Decoder(dataclasses.replace(cfg, scan_layers=False),
+                                                       rngs=nnx.Rngs(0)))
+
+
+def map_checkpoint(tensors: Mapping[str, np.ndarray],
+                   cfg: DecoderConfig) -> tuple[dict[str, np.ndarray], hf_checkpoint.Counts]:
+    """Our flat float32 parameters {path: array} and the counts of the source tensors (a multimodal
+    checkpoint's vision tower is left over; a tied head equal to the embedding is ignored).
+
+    Raises:
+      CheckpointError: a tensor missing, misshapen or without counterpart in the text model; a head that
+        contradicts tie_word_embeddings.
     """
     prefix = _prefix(tensors)
-    used: set[str] = set()
-
-    def get(name: str, shape: tuple) -> np.ndarray:
-        key = prefix + name
-        if key not in tensors:
-            raise hf_checkpoint.CheckpointError(f"checkpoint: tensor {key} is missing")
-        value = np.asarray(tensors[key], np.float32)
-        if value.shape != shape:
-            raise hf_checkpoint.CheckpointError(f"checkpoint: tensor {key} has shape {value.shape}, config gives {shape}")
-        used.add(key)
-        return value
-
-    d, n, k, h, m = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-    params: dict[str, Any] = {
-        "embedder": {"table": get("embed_tokens.weight", (cfg.vocab_size, d))},
-        "final_norm": {"scale": get("norm.weight", (d,))},
-        "layers": {},
-    }
-    if cfg.tie_embeddings and "lm_head.weight" in tensors:
-        if not np.array_equal(tensors["lm_head.weight"], tensors[prefix + "embed_tokens.weight"]):
-            raise UnsupportedConfig("checkpoint: tie_word_embeddings is true but lm_head.weight differs from "
-                                    "the embedding table")
-    if not cfg.tie_embeddings:
-        head = "lm_head.weight"
-        if head not in tensors:
-            raise hf_checkpoint.CheckpointError(f"checkpoint: tie_word_embeddings is false but {head} is missing")
-        params["embedder"]["output"] = np.asarray(tensors[head], np.float32).T
-        used.add(head)
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        attn = {
-            "q": get(p + "self_attn.q_proj.weight", (n * h, d)).T.reshape(d, n, h),
-            "k": get(p + "self_attn.k_proj.weight", (k * h, d)).T.reshape(d, k, h),
-            "v": get(p + "self_attn.v_proj.weight", (k * h, d)).T.reshape(d, k, h),
-            "o": get(p + "self_attn.o_proj.weight", (d, n * h)).T.reshape(n, h, d),
-        }
-        if cfg.qk_norm:
-            attn["q_norm"] = {"scale": get(p + "self_attn.q_norm.weight", (h,))}
-            attn["k_norm"] = {"scale": get(p + "self_attn.k_norm.weight", (h,))}
-        layer = {
-            "attn": attn,
-            "attn_norm": {"scale": get(p + "input_layernorm.weight", (d,))},
-            "mlp": {
-                "gate": get(p + "mlp.gate_proj.weight", (m, d)).T,
-                "up": get(p + "mlp.up_proj.weight", (m, d)).T,
-                "down": get(p + "mlp.down_proj.weight", (d, m)).T,
-            },
-        }
-        if cfg.post_norms:  # Gemma 2 / 3
-            layer["post_attn_norm"] = {"scale": get(p + "post_attention_layernorm.weight", (d,))}
-            layer["mlp_norm"] = {"scale": get(p + "pre_feedforward_layernorm.weight", (d,))}
-            layer["post_mlp_norm"] = {"scale": get(p + "post_feedforward_layernorm.weight", (d,))}
-        else:  # Gemma: its 'post_attention_layernorm' is the norm in front of the MLP
-            layer["mlp_norm"] = {"scale": get(p + "post_attention_layernorm.weight", (d,))}
-        params["layers"][i] = layer
-    leftover = sorted(name for name in tensors if name.startswith(prefix) and name not in used
-                      and not name.endswith("rotary_emb.inv_freq"))
-    if leftover:
-        raise UnsupportedConfig(f"checkpoint: tensor {leftover[0]} has no place in the decoder "
-                                f"({len(leftover)} unused)")
-    return _contiguous(params)
+    head = _head_name(tensors)
+    ignore = list(_IGNORED)
+    if cfg.tie_embeddings and head is not None:
+        if not np.array_equal(tensors[head], tensors[prefix + "embed_tokens.weight"]):
+            raise UnsupportedConfig(f"checkpoint: tie_word_embeddings is true but {head} differs from the "
+                                    "embedding table")
+        ignore.append("^" + re.escape(head) + "$")
+    if not cfg.tie_embeddings and head is None:
+        raise hf_checkpoint.CheckpointError("checkpoint: tie_word_embeddings is false but there is no lm_head.weight")
+    flat, counts = hf_checkpoint.map_tensors(tensors, name_map(cfg, prefix, head), expected_shapes(cfg), scope=prefix,
+                                             ignore=ignore, what="decoder")
+    if cfg.tie_embeddings and head in counts.left_over:  # ignored by rule, though outside the text model's prefix
+        left_over = tuple(name for name in counts.left_over if name != head)
+        counts = hf_checkpoint.Counts(counts.used, counts.ignored + 1, left_over)
+    return flat, counts
 
 
-def _contiguous(tree: Any) -> Any:
-    """Nested dict with every array made C-contiguous (transposes are views)."""
-    return _map(np.ascontiguousarray, tree)
+def convert_params(tensors: Mapping[str, np.ndarray], cfg: DecoderConfig) -> dict[str, Any]:
+    """Our decoder's parameters (the nested `to_pure_dict` layout, float32) from Hugging Face tensors."""
+    from spectron_jax.checkpoints import unflatten_paths
+
+    return unflatten_paths(map_checkpoint(tensors, cfg)[0])
 
 
 # ---- our decoder from a parameter tree ------------------------------------------------------------
 def build_decoder(cfg: DecoderConfig, params: Mapping[str, Any]):
     """A `Decoder` of `cfg` holding `params` (the nested layout of `convert_params`); nothing random."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -288,15 +316,9 @@ def build_decoder(cfg: DecoderConfig, params: Mapping[str, Any]):
 
     decoder = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(decoder, nnx.Param)
-    state.replace_by_pure_dict(_map(lambda a: jnp.asarray(a, jnp.dtype(cfg.param_dtype)), params))
+    state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(cfg.param_dtype)), dict(params)))
     nnx.update(decoder, state)
     return decoder
-
-
-def _map(fn, tree):
-    if isinstance(tree, Mapping):
-        return {key: _map(fn, value) for key, value in tree.items()}
-    return fn(tree)
 
 
 def decoder_logits(decoder, tokens: np.ndarray) -> np.ndarray:
@@ -350,56 +372,90 @@ def _gin_literal(value: Any) -> str:
 
 
 def write_converted(output_dir: str, params: Mapping[str, Any], cfg: DecoderConfig, ids: TokenIds,
-                    source_dir: str, info: Mapping[str, Any]) -> None:
-    """Writes params/, decoder.gin, tokenizer.model (when the source has one) and convert.json."""
-    import orbax.checkpoint as ocp
+                    source_dir: str, info: Mapping[str, Any], source_config: Mapping[str, Any]) -> None:
+    """Writes params/ (replacing an older one), decoder.gin, tokenizer.model (when the source has one) and
+    conversion.json."""
+    from spectron_jax.checkpoints import flatten_paths
 
     out = epath.Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    saver = ocp.StandardCheckpointer()
-    target = out / PARAMS_SUBDIR
-    saver.save(target if "://" in str(target) else target.resolve(), dict(params))
-    saver.wait_until_finished()
+    hf_checkpoint.write_params(str(out), flatten_paths({str(k): v for k, v in params.items()}))
     tokenizer = epath.Path(source_dir) / TOKENIZER_FILENAME
     sep_id = None
     if tokenizer.exists():
         (out / TOKENIZER_FILENAME).write_bytes(tokenizer.read_bytes())
         sep_id = separator_id(tokenizer.read_bytes())
     (out / GIN_FILENAME).write_text(gin_bindings(cfg, ids, str(source_dir), sep_id))
-    (out / INFO_FILENAME).write_text(json.dumps(
-        {**info, "tokenizer": TOKENIZER_FILENAME if tokenizer.exists() else None, "sep_id": sep_id}, indent=2) + "\n")
+    metadata.write(str(out), component="decoder", config=cfg, fields=ARCHITECTURE_FIELDS, source=str(source_dir),
+                   source_config=source_config,
+                   info={**info, "tokenizer": TOKENIZER_FILENAME if tokenizer.exists() else None, "sep_id": sep_id})
 
 
 # ---- the parity check -------------------------------------------------------------------------------
-def transformers_available() -> bool:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+transformers_available = hf_checkpoint.transformers_available
 
 
-def reference_logits(source_dir: str, tokens: np.ndarray) -> np.ndarray:
-    """float32 logits [batch, length, vocab] of the source checkpoint run in transformers (eager, fp32)."""
+def reference_outputs(source_dir: str, tokens: np.ndarray,
+                      dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """The source checkpoint run in transformers (eager, weights and computation in `dtype`) on tokens
+    int [batch, length]: float32 (logits [batch, length, vocab], final hidden state after the last norm
+    [batch, length, embed])."""
     import torch
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(source_dir), dtype=torch.float32, attn_implementation="eager")
+        str(source_dir), dtype=getattr(torch, dtype), attn_implementation="eager")
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(np.asarray(tokens, np.int64)), use_cache=False)
-    return out.logits.float().numpy()
+        out = model(input_ids=torch.as_tensor(np.asarray(tokens, np.int64)), use_cache=False,
+                    output_hidden_states=True)
+    return out.logits.float().numpy(), out.hidden_states[-1].float().numpy()
+
+
+MIN_CHECK_LENGTH = 64
+BF16_TOLERANCE = 0.1  # random tiny Gemma / Gemma 2 / Gemma 3 models differ by 2-6 % of max |logits| in bf16
+
+
+def default_check_length(cfg: DecoderConfig) -> int:
+    """Tokens per row of `--check`: past the sliding window by 16, so a window mistake changes the logits
+    (at a length <= the window, any window >= the length gives the same result)."""
+    return max(MIN_CHECK_LENGTH, (cfg.sliding_window or 0) + 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+    """Our decoder against transformers on the same tokens: max |difference| and max |reference| of the
+    logits and of the final hidden state (before the head and its soft-cap, which can hide a difference)."""
+
+    logits_diff: float
+    logits_scale: float
+    hidden_diff: float
+    hidden_scale: float
+
+    def within(self, tolerance: float) -> bool:
+        """Both differences within `hf_checkpoint.within_tolerance` of their reference's scale."""
+        return (hf_checkpoint.within_tolerance(self.logits_diff, self.logits_scale, tolerance)
+                and hf_checkpoint.within_tolerance(self.hidden_diff, self.hidden_scale, tolerance))
 
 
 def parity(source_dir: str, cfg: DecoderConfig, params: Mapping[str, Any], *, batch: int = 2, length: int = 64,
-           seed: int = 0) -> tuple[float, float]:
-    """(max |our logits - transformers' logits|, max |transformers' logits|) on random token ids."""
+           seed: int = 0, dtype: str = "float32") -> Parity:
+    """Our decoder of `cfg` holding `params` against the source checkpoint on random token ids [batch, length],
+    both with weights and computation in `dtype` ('float32' or 'bfloat16')."""
+    import jax.numpy as jnp
+
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
-    ref = reference_logits(source_dir, tokens)
-    ours = decoder_logits(build_decoder(cfg, params), tokens)
-    return float(np.max(np.abs(ours - ref))), float(np.max(np.abs(ref)))
+    ref_logits, ref_hidden = reference_outputs(source_dir, tokens, dtype)
+    decoder = build_decoder(dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), params)
+    ids = jnp.asarray(tokens, jnp.int32)
+    valid = jnp.ones(ids.shape, bool)
+    hidden, _ = decoder(decoder.embed(ids), valid, jnp.zeros_like(valid), deterministic=True)
+    logits = np.asarray(decoder.logits(hidden))
+    hidden = np.asarray(hidden.astype(jnp.float32))
+    return Parity(float(np.max(np.abs(logits - ref_logits))), float(np.max(np.abs(ref_logits))),
+                  float(np.max(np.abs(hidden - ref_hidden))), float(np.max(np.abs(ref_hidden))))
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -407,25 +463,33 @@ def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="spectron_jax.convert.decoder",
                                 description="Import a Gemma-family decoder LM from a Hugging Face checkpoint.")
     parser.add_argument("--format", default="hf", choices=("hf",), help="the source layout (Hugging Face)")
-    parser.add_argument("--input", required=True, help="checkpoint directory (config.json + safetensors)")
+    parser.add_argument("--input", required=True, help="checkpoint directory (config.json + safetensors) of a "
+                        "Gemma / Gemma 2 / Gemma 3 (text or multimodal) model")
     parser.add_argument("--output", required=True, help="where the converted checkpoint is written")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
-                        help="compare logits with transformers (default: on when torch and transformers import)")
-    parser.add_argument("--check_length", type=int, default=64, help="tokens per row of the check")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="the check fails above tolerance * max(1, max |logits|)")
+                        help="compare with transformers (default: on when torch and transformers import and "
+                             "--input is local)")
+    parser.add_argument("--check_length", type=int, default=None,
+                        help=f"tokens per row of the check (default: max({MIN_CHECK_LENGTH}, sliding window + 16))")
+    parser.add_argument("--tolerance", type=float, default=hf_checkpoint.DEFAULT_TOLERANCE,
+                        help=hf_checkpoint.TOLERANCE_HELP)
+    parser.add_argument("--check_bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --check, also run both models in bfloat16 (weights and computation)")
+    parser.add_argument("--bf16_tolerance", type=float, default=BF16_TOLERANCE,
+                        help="the tolerance of the bfloat16 run, by the same rule (bfloat16 keeps 8 bits of "
+                             "mantissa: two implementations differ by a few %% of the output's scale)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.check_length < 1:
+    if args.check_length is not None and args.check_length < 1:
         raise cli.UsageError("--check_length must be >= 1")
     out = epath.Path(args.output)
     if (out / PARAMS_SUBDIR).exists() and not args.overwrite:
         raise cli.InputError(f"--output={args.output}: already holds {PARAMS_SUBDIR}/ (pass --overwrite)")
-    remote = "://" in str(args.input)  # transformers reads local directories only
+    remote = hf_checkpoint.is_remote(args.input)  # transformers reads local directories only
     check = (transformers_available() and not remote) if args.check is None else args.check
     if check and remote:
         raise cli.UsageError(f"--check needs a local --input (got {args.input}); pass --no-check")
@@ -435,33 +499,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = hf_checkpoint.read_config(args.input)
         cfg = decoder_config_from_hf(config)
         ids = token_ids(config)
-        params = convert_params(hf_checkpoint.read_tensors(args.input), cfg)
-    except (hf_checkpoint.CheckpointError, UnsupportedConfig, KeyError, ValueError) as e:
-        message = f"missing field {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        flat, counts = map_checkpoint(hf_checkpoint.read_tensors(args.input), cfg)
+    except (hf_checkpoint.CheckpointError, KeyError, ValueError) as e:
+        message = f"config.json: missing field {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise cli.InputError(f"--input={args.input}: {message}") from None
-    count = int(sum(a.size for a in _leaves(params)))
+    from spectron_jax.checkpoints import unflatten_paths
+
+    params = unflatten_paths(flat)
+    count = int(sum(a.size for a in flat.values()))
     info: dict[str, Any] = {"source": str(args.input), "family": text_config(config)["model_type"],
-                            "num_params": count}
+                            "num_params": count, "tensors_used": counts.used, "tensors_ignored": counts.ignored,
+                            "left_over": list(counts.left_over)}
     if check:
-        diff, scale = parity(args.input, cfg, params, length=args.check_length)
-        print(f"max |logits diff| = {diff:.3g} (max |logits| = {scale:.3g})", flush=True)
-        info.update(max_logits_diff=diff, max_logits=scale)
-        if not diff <= args.tolerance * max(1.0, scale):
-            raise cli.InputError(f"--input={args.input}: logits differ from transformers by {diff:.3g}, above "
-                                 f"--tolerance={args.tolerance:g} x max(1, {scale:.3g}); nothing written")
-    if (out / PARAMS_SUBDIR).exists():
-        (out / PARAMS_SUBDIR).rmtree()
-    write_converted(args.output, params, cfg, ids, args.input, info)
+        length = args.check_length or default_check_length(cfg)
+        result = parity(args.input, cfg, params, length=length)
+        print(f"max |logits diff| = {result.logits_diff:.3g} (max |logits| = {result.logits_scale:.3g}; "
+              f"2 rows of {length} tokens)", flush=True)
+        print(f"max |final hidden diff| = {result.hidden_diff:.3g} (max |hidden| = {result.hidden_scale:.3g})",
+              flush=True)
+        info.update(max_logits_diff=result.logits_diff, max_logits=result.logits_scale,
+                    max_hidden_diff=result.hidden_diff, max_hidden=result.hidden_scale, check_length=length)
+        if not result.within(args.tolerance):
+            raise cli.InputError(
+                f"--input={args.input}: logits / final hidden state differ from transformers by "
+                f"{result.logits_diff:.3g} / {result.hidden_diff:.3g}, above --tolerance={args.tolerance:g} x "
+                f"max(1, {result.logits_scale:.3g} / {result.hidden_scale:.3g}); nothing written")
+        if args.check_bf16:
+            bf16 = parity(args.input, cfg, params, length=length, dtype="bfloat16")
+            print(f"bfloat16: max |logits diff| = {bf16.logits_diff:.3g}, max |final hidden diff| = "
+                  f"{bf16.hidden_diff:.3g}", flush=True)
+            info.update(bf16_max_logits_diff=bf16.logits_diff, bf16_max_hidden_diff=bf16.hidden_diff)
+            if not bf16.within(args.bf16_tolerance):
+                raise cli.InputError(
+                    f"--input={args.input}: in bfloat16, logits / final hidden state differ from transformers by "
+                    f"{bf16.logits_diff:.3g} / {bf16.hidden_diff:.3g}, above --bf16_tolerance="
+                    f"{args.bf16_tolerance:g} x max(1, {bf16.logits_scale:.3g} / {bf16.hidden_scale:.3g}); "
+                    "nothing written")
+    if not (epath.Path(args.input) / TOKENIZER_FILENAME).exists():
+        print(f"warning: --input={args.input} has no {TOKENIZER_FILENAME}; the conversion has none, so training "
+              "with it needs TrainConfig.vocab_path (the checkpoint's SentencePiece model)", file=sys.stderr,
+              flush=True)
+    write_converted(args.output, params, cfg, ids, args.input, info, config)
+    print(f"source tensors: {counts.summary()}", flush=True)
     print(f"converted {info['family']} ({count:,} parameters) to {args.output}", flush=True)
     return 0
-
-
-def _leaves(tree):
-    if isinstance(tree, Mapping):
-        for value in tree.values():
-            yield from _leaves(value)
-    else:
-        yield tree
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Importer of w2v-BERT 2.0 encoders (`Wav2Vec2BertModel` in `transformers`) onto our Conformer.
 
     python -m spectron_jax.convert.encoder --format=hf --input=DIR --output=DIR [--check | --no-check]
+        [--check_frames=N]
 
 Reads a Hugging Face checkpoint directory (config.json + safetensors, sharded or not; a checkpoint of
 `Wav2Vec2BertModel` or of a model wrapping it under `wav2vec2_bert.`) and writes
@@ -8,7 +9,9 @@ Reads a Hugging Face checkpoint directory (config.json + safetensors, sharded or
     OUTPUT/params/        the encoder's parameters (an orbax pytree at the encoder's root, as
                           `PretrainedInit.encoder_checkpoint` expects)
     OUTPUT/encoder.gin    the `ConformerConfig` bindings that reproduce the architecture
-    OUTPUT/conversion.json  source, config, parameter count, and the --check result
+    OUTPUT/conversion.json  the architecture (every `ConformerConfig` field encoder.gin binds), the source
+                          config's hash, parameter count and the --check result; training refuses to load
+                          params/ into an encoder of another architecture (`convert/metadata.py`)
 
 How the two structures correspond (each point checked against `modeling_wav2vec2_bert.py`):
 
@@ -24,39 +27,41 @@ How the two structures correspond (each point checked against `modeling_wav2vec2
   Its outputs at padded frames are not zero; ours are. `--check` compares valid frames only.
 
 Not expressible (refused with a one-line error naming the config field): `position_embeddings_type`
-other than 'relative_key', an activation other than swish, the adapter (`add_adapter`) and the
-intermediate FFN before it (`use_intermediate_ffn_before_adapter`).
+other than 'relative_key', an activation other than swish, the adapter (`add_adapter`; the intermediate
+FFN before it only exists with the adapter).
+
+A wrapping model (`Wav2Vec2BertForCTC`, `...ForSequenceClassification`, ...) is converted through its
+`wav2vec2_bert.` base; the tensors outside it (the task head) are counted and named in the output, not
+converted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from etils import epath
 
 from spectron_jax import cli
-from spectron_jax.convert import hf_checkpoint
+from spectron_jax.convert import hf_checkpoint, metadata
 from spectron_jax.models.conformer import ConformerConfig
 
-PARAMS_SUBDIR = "params"
-GIN_FILE = "encoder.gin"
-INFO_FILE = "conversion.json"
-DEFAULT_TOLERANCE = 1e-4
+PARAMS_SUBDIR = hf_checkpoint.PARAMS_SUBDIR
+GIN_FILENAME = "encoder.gin"
+DEFAULT_TOLERANCE = hf_checkpoint.DEFAULT_TOLERANCE
 # Structural fields written to encoder.gin (dropout rates stay the run's choice).
 GIN_FIELDS = ("input_dim", "model_dim", "num_layers", "num_heads", "ffn_dim", "conv_kernel_size", "conv_norm",
               "norm_epsilon", "frontend", "position_encoding", "left_relative_distance",
               "right_relative_distance", "causal_conv", "conv_bias")
 _WRAPPER_PREFIX = "wav2vec2_bert."
-_IGNORED = ("masked_spec_embed",)  # the pre-training mask vector; unused at encoding time
+_IGNORED = (r"(^|\.)masked_spec_embed$",)  # the pre-training mask vector; unused at encoding time
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ConformerConfig:
-    """The `ConformerConfig` equal to a `Wav2Vec2BertConfig` dict; ValueError naming a field we lack."""
+    """The `ConformerConfig` equal to a `Wav2Vec2BertConfig` dict; CheckpointError naming a field we lack."""
     def refuse(field, why):
-        raise ValueError(f"config.json: {field}={hf.get(field)!r} is not supported ({why})")
+        raise hf_checkpoint.CheckpointError(f"config.json: {field}={hf.get(field)!r} is not supported ({why})")
 
     if hf.get("position_embeddings_type", "relative_key") != "relative_key":
         refuse("position_embeddings_type", "only 'relative_key' maps onto our encoder")
@@ -64,8 +69,6 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ConformerConfig:
         refuse("hidden_act", "our Conformer uses swish")
     if hf.get("add_adapter", False):
         refuse("add_adapter", "the adapter is not implemented; convert the base model")
-    if hf.get("use_intermediate_ffn_before_adapter", False):
-        refuse("use_intermediate_ffn_before_adapter", "not implemented")
     if int(hf.get("conv_depthwise_kernel_size", 31)) % 2 == 0:
         refuse("conv_depthwise_kernel_size", "transformers requires an odd kernel")
     values = dict(
@@ -106,8 +109,9 @@ def _norm(prefix: str) -> dict:
     return {f"{prefix}.weight": ("scale", None), f"{prefix}.bias": ("bias", None)}
 
 
-def name_map(config: ConformerConfig) -> dict[str, tuple[str, Any]]:
-    """{transformers tensor name: (our parameter path, transform of the NumPy tensor or None)}."""
+def name_map(config: ConformerConfig, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """{transformers tensor name: (our parameter path, transform of the NumPy tensor or None)}; names start
+    with `prefix` ('wav2vec2_bert.' in a wrapping model's checkpoint)."""
     heads = (config.num_heads, config.model_dim // config.num_heads)
     rules: dict[str, tuple[str, Any]] = {}
 
@@ -137,48 +141,35 @@ def name_map(config: ConformerConfig) -> dict[str, tuple[str, Any]]:
         add(f"{ours}/conv/conv_norm", _norm(f"{conv}.depthwise_layer_norm"))
         rules[f"{conv}.pointwise_conv2.weight"] = (f"{ours}/conv/pointwise_out/kernel", lambda w: w[:, :, 0].T)
         add(f"{ours}/final_norm", _norm(f"{hf}.final_layer_norm"))
-    return rules
+    return {prefix + name: rule for name, rule in rules.items()}
 
 
 def expected_shapes(config: ConformerConfig) -> dict[str, tuple[int, ...]]:
     """{parameter path: shape} of our encoder, traced without allocating."""
     from flax import nnx
 
-    from spectron_jax.checkpoints import flatten_paths
     from spectron_jax.models.conformer import ConformerEncoder
 
-    abstract = nnx.eval_shape(lambda: ConformerEncoder(config, rngs=nnx.Rngs(0)))
-    pure = nnx.state(abstract, nnx.Param).to_pure_dict()
-    return {path: tuple(leaf.shape) for path, leaf in flatten_paths(_str_keys(pure)).items()}
+    return hf_checkpoint.traced_shapes(lambda: ConformerEncoder(config, rngs=nnx.Rngs(0)))
 
 
-def _str_keys(tree):
-    return {str(k): _str_keys(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+def base_prefix(tensors: Mapping[str, Any]) -> str:
+    """'wav2vec2_bert.' when the checkpoint is of a model wrapping the encoder, else ''."""
+    return _WRAPPER_PREFIX if any(name.startswith(_WRAPPER_PREFIX) for name in tensors) else ""
+
+
+def map_checkpoint(tensors: Mapping[str, np.ndarray],
+                   config: ConformerConfig) -> tuple[dict[str, np.ndarray], hf_checkpoint.Counts]:
+    """Our flat parameters {path: float32 array} and the counts of the source tensors (a wrapper's head is
+    left over); CheckpointError on any mismatch."""
+    prefix = base_prefix(tensors)
+    return hf_checkpoint.map_tensors(tensors, name_map(config, prefix), expected_shapes(config), scope=prefix,
+                                     ignore=_IGNORED, what="encoder")
 
 
 def convert_tensors(tensors: Mapping[str, np.ndarray], config: ConformerConfig) -> dict[str, np.ndarray]:
-    """Our flat parameters {path: float32 array} from transformers' tensors; ValueError on any mismatch."""
-    tensors = {(k[len(_WRAPPER_PREFIX):] if k.startswith(_WRAPPER_PREFIX) else k): v for k, v in tensors.items()}
-    rules = name_map(config)
-    shapes = expected_shapes(config)
-    flat: dict[str, np.ndarray] = {}
-    unknown = [k for k in tensors if k not in rules and not k.startswith(_IGNORED)]
-    if unknown:
-        raise ValueError(f"checkpoint tensor {unknown[0]} has no counterpart in our encoder "
-                         f"({len(unknown)} such tensors)")
-    for name, (path, fn) in rules.items():
-        if name not in tensors:
-            raise ValueError(f"checkpoint lacks tensor {name}")
-        value = np.asarray(fn(tensors[name]) if fn is not None else tensors[name], np.float32)
-        if path not in shapes:
-            raise ValueError(f"{name} maps to {path}, which our encoder lacks")
-        if value.shape != shapes[path]:
-            raise ValueError(f"{name}: shape {value.shape} after conversion, our {path} has {shapes[path]}")
-        flat[path] = value
-    missing = sorted(set(shapes) - set(flat))
-    if missing:
-        raise ValueError(f"our encoder parameter {missing[0]} is not filled by the checkpoint")
-    return flat
+    """`map_checkpoint` without the counts."""
+    return map_checkpoint(tensors, config)[0]
 
 
 def build_encoder(config: ConformerConfig, flat: Mapping[str, np.ndarray]):
@@ -196,9 +187,19 @@ def build_encoder(config: ConformerConfig, flat: Mapping[str, np.ndarray]):
     return model
 
 
-def parity_check(input_dir: str, config: ConformerConfig, flat: Mapping[str, np.ndarray], *,
-                 frames: int = 40, seed: int = 0) -> float:
-    """max |ours - transformers| over valid frames of a padded batch of random features (fp32).
+MIN_CHECK_FRAMES = 40
+
+
+def default_check_frames(config: ConformerConfig) -> int:
+    """Frames per row of `--check`: the relative-position window (left + right + 1) and 16 beyond, so
+    the distance clipping on both sides is exercised."""
+    return max(MIN_CHECK_FRAMES, config.left_relative_distance + config.right_relative_distance + 16)
+
+
+def parity(input_dir: str, config: ConformerConfig, flat: Mapping[str, np.ndarray], *,
+           frames: int = MIN_CHECK_FRAMES, seed: int = 0) -> tuple[float, float]:
+    """(max |ours - transformers|, max |transformers|) over valid frames of a padded batch of random
+    features, in float32.
 
     Batch: two rows of ``frames`` random stacked-fbank frames, the second padded after 60 % of them.
     """
@@ -219,7 +220,14 @@ def parity_check(input_dir: str, config: ConformerConfig, flat: Mapping[str, np.
     model = build_encoder(config, flat)
     ours, _ = nnx.jit(lambda m, f, k: m(f, k, deterministic=True))(model, features, mask.astype(bool))
     valid = mask.astype(bool)
-    return float(np.abs(np.asarray(ours)[valid] - expected.numpy()[valid]).max())
+    expected = expected.numpy()[valid]
+    return float(np.abs(np.asarray(ours)[valid] - expected).max()), float(np.abs(expected).max())
+
+
+def parity_check(input_dir: str, config: ConformerConfig, flat: Mapping[str, np.ndarray], *,
+                 frames: int = MIN_CHECK_FRAMES, seed: int = 0) -> float:
+    """max |ours - transformers| of `parity`."""
+    return parity(input_dir, config, flat, frames=frames, seed=seed)[0]
 
 
 def gin_bindings(config: ConformerConfig, source: str) -> str:
@@ -233,69 +241,63 @@ def gin_bindings(config: ConformerConfig, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_checkpoint(output_dir: str, flat: Mapping[str, np.ndarray]) -> None:
-    """Writes the parameters as an orbax pytree under ``OUTPUT/params`` (replacing an older one)."""
-    import orbax.checkpoint as ocp
-
-    from spectron_jax.checkpoints import unflatten_paths
-
-    target = epath.Path(output_dir) / PARAMS_SUBDIR
-    if target.exists():
-        target.rmtree()
-    saver = ocp.StandardCheckpointer()
-    local = not str(target).startswith("gs://")
-    saver.save(target.resolve() if local else target, unflatten_paths(dict(flat)))
-    saver.wait_until_finished()
-
-
-def _check_available() -> bool:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="spectron_jax.convert.encoder", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--format", required=True, choices=["hf"], help="source format (hf: transformers)")
-    parser.add_argument("--input", required=True, help="Hugging Face checkpoint directory of Wav2Vec2BertModel")
-    parser.add_argument("--output", required=True, help="directory to write params/, encoder.gin, conversion.json")
+    parser.add_argument("--format", default="hf", choices=("hf",), help="the source layout (Hugging Face)")
+    parser.add_argument("--input", required=True,
+                        help="checkpoint directory (config.json + safetensors) of Wav2Vec2BertModel or a model "
+                             "wrapping it")
+    parser.add_argument("--output", required=True, help="where the converted checkpoint is written")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
-                        help="compare with transformers after conversion (default: on when torch is installed)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="largest max |hidden diff| --check accepts")
+                        help="compare with transformers (default: on when torch and transformers import and "
+                             "--input is local)")
+    parser.add_argument("--check_frames", type=int, default=None,
+                        help=f"frames per row of the check (default: max({MIN_CHECK_FRAMES}, left + right + 16))")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help=hf_checkpoint.TOLERANCE_HELP)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.check_frames is not None and args.check_frames < 2:
+        raise cli.UsageError("--check_frames must be >= 2")
+    if (epath.Path(args.output) / PARAMS_SUBDIR).exists() and not args.overwrite:
+        raise cli.InputError(f"--output={args.output}: already holds {PARAMS_SUBDIR}/ (pass --overwrite)")
+    remote = hf_checkpoint.is_remote(args.input)  # transformers reads local directories only
+    check = (hf_checkpoint.transformers_available() and not remote) if args.check is None else args.check
+    if check and remote:
+        raise cli.UsageError(f"--check needs a local --input (got {args.input}); pass --no-check")
+    if check and not hf_checkpoint.transformers_available():
+        raise cli.UsageError("--check needs torch and transformers (pip install -e '.[convert]')")
     try:
         hf = hf_checkpoint.read_config(args.input)
         if hf.get("model_type", "wav2vec2-bert") != "wav2vec2-bert":
-            raise cli.InputError(f"{args.input}: model_type {hf.get('model_type')!r} is not wav2vec2-bert")
+            raise hf_checkpoint.CheckpointError(f"config.json: model_type {hf.get('model_type')!r} is not "
+                                                "wav2vec2-bert")
         config = config_from_hf(hf)
-        flat = convert_tensors(hf_checkpoint.read_tensors(args.input), config)
-    except (hf_checkpoint.CheckpointError, ValueError) as e:
-        raise cli.InputError(f"{args.input}: {e}") from None
-    check = _check_available() if args.check is None else args.check
-    if check and not _check_available():
-        raise cli.UsageError("--check needs torch and transformers (pip install -e .[convert])")
-    diff = None
+        flat, counts = map_checkpoint(hf_checkpoint.read_tensors(args.input), config)
+    except hf_checkpoint.CheckpointError as e:
+        raise cli.InputError(f"--input={args.input}: {' '.join(str(e).split())}") from None
+    diff = scale = frames = None
     if check:
-        diff = parity_check(args.input, config, flat)
-        print(f"max |hidden diff| = {diff:.3e}", flush=True)
-        if not diff <= args.tolerance:
-            raise cli.InputError(f"{args.input}: converted encoder differs from transformers by {diff:.3e} "
-                                 f"(> --tolerance={args.tolerance}); nothing written")
+        frames = args.check_frames or default_check_frames(config)
+        diff, scale = parity(args.input, config, flat, frames=frames)
+        print(f"max |hidden diff| = {diff:.3e} (max |hidden| = {scale:.3g}; 2 rows of {frames} frames)", flush=True)
+        if not hf_checkpoint.within_tolerance(diff, scale, args.tolerance):
+            raise cli.InputError(f"--input={args.input}: converted encoder differs from transformers by {diff:.3e}, "
+                                 f"above --tolerance={args.tolerance:g} x max(1, {scale:.3g}); nothing written")
+    hf_checkpoint.write_params(args.output, flat)
     output = epath.Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(args.output, flat)
-    (output / GIN_FILE).write_text(gin_bindings(config, str(args.input)))
-    info = {"format": args.format, "input": str(args.input), "num_params": int(sum(v.size for v in flat.values())),
-            "config": {f: getattr(config, f) for f in GIN_FIELDS}, "max_hidden_diff": diff}
-    (output / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (output / GIN_FILENAME).write_text(gin_bindings(config, str(args.input)))
+    info = metadata.write(str(output), component="encoder", config=config, fields=GIN_FIELDS, source=str(args.input),
+                          source_config=hf, info={"format": args.format, "input": str(args.input),
+                                                  "num_params": int(sum(v.size for v in flat.values())),
+                                                  "max_hidden_diff": diff, "max_hidden": scale,
+                                                  "check_frames": frames, "tensors_used": counts.used,
+                                                  "tensors_ignored": counts.ignored,
+                                                  "left_over": list(counts.left_over)})
+    print(f"source tensors: {counts.summary()}", flush=True)
     print(f"wrote {info['num_params']} encoder parameters to {output}", flush=True)
     return 0
 

@@ -51,13 +51,29 @@ class PretrainedInit:
     The paper starts from a pre-trained encoder and a pre-trained LM; the pre-net, post-net and the
     projection P are always random. Loading is done by the training code, not by the model.
 
+    A conversion records its architecture (`convert/metadata.py`); training refuses to load it into an
+    encoder / decoder whose config differs in any recorded field, naming each.
+
     Attributes:
       encoder_checkpoint: path of a converted encoder checkpoint, or None (random encoder).
       lm_checkpoint: path of a converted decoder-LM checkpoint, or None (random LM).
+      allow_changes: recorded fields the model deliberately differs in, as 'DecoderConfig.sliding_window' /
+        'ConformerConfig.left_relative_distance' (e.g. a longer window than the checkpoint's). Also applies
+        to conversions loaded through `TrainConfig.init_from`.
     """
 
     encoder_checkpoint: Optional[str] = None
     lm_checkpoint: Optional[str] = None
+    allow_changes: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "allow_changes", tuple(self.allow_changes))
+        known = {"DecoderConfig": DecoderConfig, "ConformerConfig": ConformerConfig}
+        for name in self.allow_changes:
+            cls, _, field = str(name).partition(".")
+            if cls not in known or field not in {f.name for f in dataclasses.fields(known[cls])}:
+                raise ValueError(f"PretrainedInit.allow_changes: {name!r} is not 'DecoderConfig.<field>' or "
+                                 "'ConformerConfig.<field>'")
 
 
 @dataclasses.dataclass(frozen=True)
