@@ -228,7 +228,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         return [vocoder(frames_out[i, :max(int(num_frames[i]), 2)]) for i in range(frames_out.shape[0])]
 
     def end_to_end():
-        out = jax.block_until_ready(decoding.generate(model, params, prompt, prompt_mask, dcfg, key, state))
+        out = jax.block_until_ready(decoding.generate(model, params, prompt, prompt_mask, dcfg, state=state))
         vocode(out["frames"], out["num_frames"])
         return out
 
