@@ -24,7 +24,8 @@ One run on whatever devices JAX finds, in four parts:
            (`data.benchmark_data` on the embedded corpus or `--data_dir`).
 
 Compute dtype: `auto` (default) is float32 on CPU and bfloat16 (steps and modules) on accelerators.
-Timings block on the results (`block_until_ready`); compilation is never timed. `--json` prints one
+Timings block on the results (`block_until_ready`); compilation is never in them, but reported apart:
+`compile_seconds` of decode is the trace + lowering + compile time of its first (untimed) call. `--json` prints one
 JSON object with every field (null where a figure does not exist, e.g. the datasheet peak of a CPU);
 otherwise a table. Parameters are random: speed does not depend on their values.
 """
@@ -195,6 +196,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
       vocoder: a `vocoder.Vocoder` (default: Griffin-Lim) run on every row's frames on the host.
 
     Returns a dict of the configuration, `end_to_end_seconds` (the one jitted `generate` call + vocoder),
+    `compile_seconds` (tracing + lowering + compiling during the untimed first call, `first_call_seconds`),
     `parts` (encode, prefill, text, speech, vocoder: each its own jitted call on the outputs of the
     previous, timed back to back in one run; `parts_total_seconds` is that run's wall time, so the parts
     add up to no more than it), text tokens/s, and the speech / text step time against the
@@ -221,7 +223,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
     rng = np.random.default_rng(seed)
     prompt = jnp.asarray(rng.normal(-4.0, 2.0, (batch, prompt_len, config.prompt_dim)), jnp.float32)
     prompt_mask = jnp.ones((batch, prompt_len), jnp.int32)
-    key = jax.random.key(seed)
+    keys = decoding.row_keys(seed, jnp.arange(batch))  # the per-row keys `generate` derives
 
     def vocode(frames_out, num_frames):
         frames_out, num_frames = np.asarray(frames_out), np.asarray(num_frames)
@@ -232,7 +234,12 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         vocode(out["frames"], out["num_frames"])
         return out
 
-    out = end_to_end()  # compile + warm-up
+    from spectron_jax import compile_time
+
+    first = time.perf_counter()
+    with compile_time.CompileTimer() as compiling:
+        out = end_to_end()  # compile + warm-up
+    first_call_seconds = time.perf_counter() - first
     e2e_seconds, _ = _median_seconds(end_to_end, repeats)
     text_steps = int(np.max(np.asarray(out["text_lengths"]) + np.asarray(out["text_ended"])))
     speech_steps = int(np.max(np.asarray(out["num_frames"]))) // r
@@ -262,11 +269,11 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         return tokens, cache  # [text_steps, batch]
 
     @jax.jit
-    def speech(p, cache, key):
+    def speech(p, cache, keys):
         def body(carry, step):
             previous, cache = carry
             group, _, cache = model.speech_step(p, previous, cache, start=step == 0,
-                                                rng=jax.random.fold_in(key, step))
+                                                rng=decoding.step_keys(keys, 1, step))
             return (group.astype(previous.dtype), cache), group
 
         start = (jnp.zeros((batch, r, mel), jnp.float32), cache)
@@ -283,7 +290,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         times["prefill"], t = time.perf_counter() - t, time.perf_counter()
         _, cache = jax.block_until_ready(text(params, logits, cache))
         times["text"], t = time.perf_counter() - t, time.perf_counter()
-        groups = jax.block_until_ready(speech(params, cache, key))
+        groups = jax.block_until_ready(speech(params, cache, keys))
         times["speech"], t = time.perf_counter() - t, time.perf_counter()
         vocode(groups, lengths)
         times["vocoder"] = time.perf_counter() - t
@@ -309,6 +316,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         "text_steps": text_steps, "speech_steps": speech_steps, "frames_per_row": speech_steps * r,
         "frames": generated, "audio_seconds": audio_seconds,
         "end_to_end_seconds": e2e_seconds, "real_time_factor": audio_seconds / e2e_seconds,
+        "compile_seconds": compiling.seconds, "first_call_seconds": first_call_seconds,
         "parts": parts, "parts_total_seconds": parts_total,
         "parts_real_time_factor": audio_seconds / parts_total,
         "text_tokens_per_sec": batch * text_steps / parts["text"],
@@ -355,6 +363,8 @@ def format_report(result: dict) -> str:
     for name, dec in result["decode"].items():
         tag = f"decode {name} ({dec['frames_per_row']} frames x {dec['batch']} rows)"
         rows.append((f"{tag}: real-time factor (audio s / wall s)", _fmt(dec["real_time_factor"])))
+        rows.append((f"{tag}: compile s (first call s)",
+                     f"{_fmt(dec['compile_seconds'])} ({_fmt(dec['first_call_seconds'])})"))
         rows.append((f"{tag}: parts s (" + " / ".join(DECODE_PARTS) + ")",
                      " / ".join(_fmt(dec["parts"][part]) for part in DECODE_PARTS)))
         rows.append((f"{tag}: text tokens / s", _fmt(dec["text_tokens_per_sec"])))

@@ -140,7 +140,7 @@ def row_keys(seed: Any, row_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(row_ids, jnp.int32))
 
 
-def _step_keys(keys: jax.Array, stream: int, step: jax.Array) -> jax.Array:
+def step_keys(keys: jax.Array, stream: int, step: jax.Array) -> jax.Array:
     """[batch] keys of one step: fold_in(fold_in(key, stream), step) per row."""
     return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, stream), step))(keys)
 
@@ -208,7 +208,7 @@ def _generate(model: SpectronModel, config: DecodeConfig, params: Any, prompt_fr
 
     def text_body(c):
         i = c["i"]
-        token = sample_logits(c["logits"], _step_keys(keys, 0, i), knobs["temperature"], knobs["top_k"],
+        token = sample_logits(c["logits"], step_keys(keys, 0, i), knobs["temperature"], knobs["top_k"],
                               knobs["top_p"])
         emit = ~c["done"]
         is_eos = token == cfg.eos_id
@@ -246,7 +246,7 @@ def _generate(model: SpectronModel, config: DecodeConfig, params: Any, prompt_fr
     def speech_body(c):
         s, active = c["s"], c["active"]
         group, stop, cache = model.speech_step(params, c["previous"], c["cache"], start=s == 0, valid=active,
-                                               rng=_step_keys(keys, 1, s))
+                                               rng=step_keys(keys, 1, s))
         group = group.astype(jnp.float32)
         out = dict(c)
         out["cache"] = cache
@@ -351,4 +351,4 @@ def to_host(out: dict[str, jax.Array]) -> dict[str, np.ndarray]:
 
 
 __all__ = ["DecodeConfig", "TRACED_KNOBS", "cache_len", "compiled_programs", "generate", "row_keys", "sample_logits",
-           "speech_steps", "to_host"]
+           "speech_steps", "step_keys", "to_host"]

@@ -67,7 +67,8 @@ def test_every_field_is_present_and_positive(report):
     assert set(report["decode"]) == {"r4_b2"}  # one decoding configuration keeps the run short
     for dec in report["decode"].values():
         for name in ("real_time_factor", "end_to_end_seconds", "parts_total_seconds", "text_tokens_per_sec",
-                     "frames_per_sec", "speech_step_seconds", "text_step_seconds", "weight_bytes", "kv_cache_bytes"):
+                     "frames_per_sec", "speech_step_seconds", "text_step_seconds", "weight_bytes", "kv_cache_bytes",
+                     "compile_seconds", "first_call_seconds"):
             assert dec[name] > 0, name
         assert set(dec["parts"]) == set(benchmark.DECODE_PARTS)
     assert report["data"]["featurise"]["x_realtime_per_core"] > 0
@@ -105,6 +106,7 @@ def test_derived_figures_agree_with_their_inputs(report):
         assert dec["real_time_factor"] == pytest.approx(dec["audio_seconds"] / dec["end_to_end_seconds"])
         assert dec["parts_real_time_factor"] == pytest.approx(dec["audio_seconds"] / dec["parts_total_seconds"])
         assert sum(dec["parts"].values()) <= dec["parts_total_seconds"]
+        assert dec["compile_seconds"] <= dec["first_call_seconds"]  # the compile is part of the first call
         assert dec["text_tokens_per_sec"] == pytest.approx(batch * dec["text_steps"] / dec["parts"]["text"])
         assert dec["frames_per_sec"] == pytest.approx(dec["frames"] / dec["parts"]["speech"])
         assert dec["speech_step_seconds"] == pytest.approx(dec["parts"]["speech"] / dec["speech_steps"])
