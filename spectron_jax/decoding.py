@@ -54,7 +54,7 @@ class DecodeConfig:
       top_k: keep the k most likely tokens (0 = all).
       top_p: nucleus sampling mass (1.0 = all).
       max_frames: cap of generated frames per row.
-      min_frames: floor of the frame budget.
+      min_frames: floor of the frame budget; the stop head cannot end a row before it either.
       frames_per_token: frame budget per text token (80 frames/s; ~0.1 s per token).
       stop_threshold: the stop head fires when sigmoid(stop logit) > this.
       prenet_dropout: keep the pre-net's dropout on while generating (Tacotron 2 does); None = the
