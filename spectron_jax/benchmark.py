@@ -15,8 +15,10 @@ One run on whatever devices JAX finds, in four parts:
            `--decode_reduction_factors`), at `--decode_batch` and
            `--decode_large_batch` rows: every row gets a `--decode_frames` budget (the stop head is
            disabled) and at most `--decode_text_tokens` greedy tokens; the Griffin-Lim vocoder runs on
-           every row. real_time_factor = generated audio seconds (all rows) / end-to-end wall seconds
-           (encode + prefill + text + speech + vocoder); above 1 is faster than real time. `parts` times
+           every row (on the device, one call per batch). times_real_time = generated audio seconds (all
+           rows) / end-to-end wall seconds (encode + prefill + text + speech + vocoder); above 1 is faster
+           than real time (`real_time_factor`: the same figure, its old name). latency_rtf = wall seconds
+           / audio seconds of one row (the usual RTF; below 1 is faster than real time); vocoder_share. `parts` times
            each part as its own jitted call, back to back (their sum is at most `parts_total_seconds`);
            text tokens/s; the speech / text step time against its memory-bandwidth floor (weight bytes
            outside the encoder + allocated KV-cache bytes) / datasheet bandwidth (null where unknown).
@@ -193,10 +195,15 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
       prompt_len: prompt frames per row (all valid).
       repeats: timed runs after one untimed compile + warm-up run; medians are reported.
       text_tokens: `DecodeConfig.max_text_tokens` (greedy; a row may sample eos earlier).
-      vocoder: a `vocoder.Vocoder` (default: Griffin-Lim) run on every row's frames on the host.
+      vocoder: a `vocoder.Vocoder` (default: Griffin-Lim on the device, `device_vocoder`) run on the padded
+        batch through `vocoder.synthesize_batch` (a vocoder with `batch` gets the whole buffer at once).
 
     Returns a dict of the configuration, `end_to_end_seconds` (the one jitted `generate` call + vocoder),
     `compile_seconds` (tracing + lowering + compiling during the untimed first call, `first_call_seconds`),
+    `times_real_time` (generated audio s of all rows / end-to-end wall s; `real_time_factor` is the same
+    figure under its old name), `latency_rtf` (end-to-end wall s / audio s of one row: the usual real-time
+    factor a caller of this batch waits, below 1 is faster than real time), `vocoder_share` (the
+    vocoder's part of `parts_total_seconds`),
     `parts` (encode, prefill, text, speech, vocoder: each its own jitted call on the outputs of the
     previous, timed back to back in one run; `parts_total_seconds` is that run's wall time, so the parts
     add up to no more than it), text tokens/s, and the speech / text step time against the
@@ -215,7 +222,9 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
     model = SpectronModel(config)
     params, state = jax.jit(lambda: model.init(seed))()
     state = state if jax.tree.leaves(state) else None
-    vocoder = vocoder or vocoders.GriffinLimVocoder()
+    from spectron_jax import device_vocoder
+
+    vocoder = vocoder or device_vocoder.DeviceGriffinLimVocoder()
     r, mel = reduction_factor, config.acoustic.num_mel
     # stop_threshold 1: sigmoid never exceeds it, so a random stop head cannot end rows early.
     dcfg = decoding.DecodeConfig(max_text_tokens=text_tokens, max_frames=frames, min_frames=frames,
@@ -227,7 +236,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
 
     def vocode(frames_out, num_frames):
         frames_out, num_frames = np.asarray(frames_out), np.asarray(num_frames)
-        return [vocoder(frames_out[i, :max(int(num_frames[i]), 2)]) for i in range(frames_out.shape[0])]
+        return vocoders.synthesize_batch(vocoder, frames_out, np.maximum(num_frames, 2))
 
     def end_to_end():
         out = jax.block_until_ready(decoding.generate(model, params, prompt, prompt_mask, dcfg, state=state))
@@ -316,6 +325,9 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         "text_steps": text_steps, "speech_steps": speech_steps, "frames_per_row": speech_steps * r,
         "frames": generated, "audio_seconds": audio_seconds,
         "end_to_end_seconds": e2e_seconds, "real_time_factor": audio_seconds / e2e_seconds,
+        "times_real_time": audio_seconds / e2e_seconds,
+        "latency_rtf": e2e_seconds / (audio_seconds / batch),
+        "vocoder_share": parts["vocoder"] / parts_total,
         "compile_seconds": compiling.seconds, "first_call_seconds": first_call_seconds,
         "parts": parts, "parts_total_seconds": parts_total,
         "parts_real_time_factor": audio_seconds / parts_total,
@@ -362,7 +374,9 @@ def format_report(result: dict) -> str:
     ]
     for name, dec in result["decode"].items():
         tag = f"decode {name} ({dec['frames_per_row']} frames x {dec['batch']} rows)"
-        rows.append((f"{tag}: real-time factor (audio s / wall s)", _fmt(dec["real_time_factor"])))
+        rows.append((f"{tag}: x real time (audio s / wall s, all rows)", _fmt(dec["times_real_time"])))
+        rows.append((f"{tag}: latency RTF (wall s / audio s of one row)", _fmt(dec["latency_rtf"])))
+        rows.append((f"{tag}: vocoder share of end-to-end", _fmt(dec["vocoder_share"])))
         rows.append((f"{tag}: compile s (first call s)",
                      f"{_fmt(dec['compile_seconds'])} ({_fmt(dec['first_call_seconds'])})"))
         rows.append((f"{tag}: parts s (" + " / ".join(DECODE_PARTS) + ")",

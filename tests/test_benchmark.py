@@ -104,6 +104,10 @@ def test_derived_figures_agree_with_their_inputs(report):
         assert dec["frames"] == batch * 16 and dec["audio_seconds"] == pytest.approx(batch * 16 / 80)
         assert 1 <= dec["text_steps"] <= dec["max_text_tokens"] == 4
         assert dec["real_time_factor"] == pytest.approx(dec["audio_seconds"] / dec["end_to_end_seconds"])
+        assert dec["times_real_time"] == dec["real_time_factor"]
+        assert dec["latency_rtf"] == pytest.approx(dec["end_to_end_seconds"] * batch / dec["audio_seconds"])
+        assert dec["vocoder_share"] == pytest.approx(dec["parts"]["vocoder"] / dec["parts_total_seconds"])
+        assert 0 < dec["vocoder_share"] < 1
         assert dec["parts_real_time_factor"] == pytest.approx(dec["audio_seconds"] / dec["parts_total_seconds"])
         assert sum(dec["parts"].values()) <= dec["parts_total_seconds"]
         assert dec["compile_seconds"] <= dec["first_call_seconds"]  # the compile is part of the first call
