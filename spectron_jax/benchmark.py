@@ -15,8 +15,10 @@ One run on whatever devices JAX finds, in four parts:
            `--decode_reduction_factors`), at `--decode_batch` and
            `--decode_large_batch` rows: every row gets a `--decode_frames` budget (the stop head is
            disabled) and at most `--decode_text_tokens` greedy tokens; the Griffin-Lim vocoder runs on
-           every row. real_time_factor = generated audio seconds (all rows) / end-to-end wall seconds
-           (encode + prefill + text + speech + vocoder); above 1 is faster than real time. `parts` times
+           every row (on the device, one call per batch). times_real_time = generated audio seconds (all
+           rows) / end-to-end wall seconds (encode + prefill + text + speech + vocoder); above 1 is faster
+           than real time (`real_time_factor`: the same figure, its old name). latency_rtf = wall seconds
+           / audio seconds of one row (the usual RTF; below 1 is faster than real time); vocoder_share. `parts` times
            each part as its own jitted call, back to back (their sum is at most `parts_total_seconds`);
            text tokens/s; the speech / text step time against its memory-bandwidth floor (weight bytes
            outside the encoder + allocated KV-cache bytes) / datasheet bandwidth (null where unknown).
@@ -24,7 +26,8 @@ One run on whatever devices JAX finds, in four parts:
            (`data.benchmark_data` on the embedded corpus or `--data_dir`).
 
 Compute dtype: `auto` (default) is float32 on CPU and bfloat16 (steps and modules) on accelerators.
-Timings block on the results (`block_until_ready`); compilation is never timed. `--json` prints one
+Timings block on the results (`block_until_ready`); compilation is never in them, but reported apart:
+`compile_seconds` of decode is the trace + lowering + compile time of its first (untimed) call. `--json` prints one
 JSON object with every field (null where a figure does not exist, e.g. the datasheet peak of a CPU);
 otherwise a table. Parameters are random: speed does not depend on their values.
 """
@@ -192,9 +195,15 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
       prompt_len: prompt frames per row (all valid).
       repeats: timed runs after one untimed compile + warm-up run; medians are reported.
       text_tokens: `DecodeConfig.max_text_tokens` (greedy; a row may sample eos earlier).
-      vocoder: a `vocoder.Vocoder` (default: Griffin-Lim) run on every row's frames on the host.
+      vocoder: a `vocoder.Vocoder` (default: Griffin-Lim on the device, `device_vocoder`) run on the padded
+        batch through `vocoder.synthesize_batch` (a vocoder with `batch` gets the whole buffer at once).
 
     Returns a dict of the configuration, `end_to_end_seconds` (the one jitted `generate` call + vocoder),
+    `compile_seconds` (tracing + lowering + compiling during the untimed first call, `first_call_seconds`),
+    `times_real_time` (generated audio s of all rows / end-to-end wall s; `real_time_factor` is the same
+    figure under its old name), `latency_rtf` (end-to-end wall s / audio s of one row: the usual real-time
+    factor a caller of this batch waits, below 1 is faster than real time), `vocoder_share` (the
+    vocoder's part of `parts_total_seconds`),
     `parts` (encode, prefill, text, speech, vocoder: each its own jitted call on the outputs of the
     previous, timed back to back in one run; `parts_total_seconds` is that run's wall time, so the parts
     add up to no more than it), text tokens/s, and the speech / text step time against the
@@ -213,7 +222,9 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
     model = SpectronModel(config)
     params, state = jax.jit(lambda: model.init(seed))()
     state = state if jax.tree.leaves(state) else None
-    vocoder = vocoder or vocoders.GriffinLimVocoder()
+    from spectron_jax import device_vocoder
+
+    vocoder = vocoder or device_vocoder.DeviceGriffinLimVocoder()
     r, mel = reduction_factor, config.acoustic.num_mel
     # stop_threshold 1: sigmoid never exceeds it, so a random stop head cannot end rows early.
     dcfg = decoding.DecodeConfig(max_text_tokens=text_tokens, max_frames=frames, min_frames=frames,
@@ -221,18 +232,23 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
     rng = np.random.default_rng(seed)
     prompt = jnp.asarray(rng.normal(-4.0, 2.0, (batch, prompt_len, config.prompt_dim)), jnp.float32)
     prompt_mask = jnp.ones((batch, prompt_len), jnp.int32)
-    key = jax.random.key(seed)
+    keys = decoding.row_keys(seed, jnp.arange(batch))  # the per-row keys `generate` derives
 
     def vocode(frames_out, num_frames):
         frames_out, num_frames = np.asarray(frames_out), np.asarray(num_frames)
-        return [vocoder(frames_out[i, :max(int(num_frames[i]), 2)]) for i in range(frames_out.shape[0])]
+        return vocoders.synthesize_batch(vocoder, frames_out, np.maximum(num_frames, 2))
 
     def end_to_end():
-        out = jax.block_until_ready(decoding.generate(model, params, prompt, prompt_mask, dcfg, key, state))
+        out = jax.block_until_ready(decoding.generate(model, params, prompt, prompt_mask, dcfg, state=state))
         vocode(out["frames"], out["num_frames"])
         return out
 
-    out = end_to_end()  # compile + warm-up
+    from spectron_jax import compile_time
+
+    first = time.perf_counter()
+    with compile_time.CompileTimer() as compiling:
+        out = end_to_end()  # compile + warm-up
+    first_call_seconds = time.perf_counter() - first
     e2e_seconds, _ = _median_seconds(end_to_end, repeats)
     text_steps = int(np.max(np.asarray(out["text_lengths"]) + np.asarray(out["text_ended"])))
     speech_steps = int(np.max(np.asarray(out["num_frames"]))) // r
@@ -262,11 +278,11 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         return tokens, cache  # [text_steps, batch]
 
     @jax.jit
-    def speech(p, cache, key):
+    def speech(p, cache, keys):
         def body(carry, step):
             previous, cache = carry
             group, _, cache = model.speech_step(p, previous, cache, start=step == 0,
-                                                rng=jax.random.fold_in(key, step))
+                                                rng=decoding.step_keys(keys, 1, step))
             return (group.astype(previous.dtype), cache), group
 
         start = (jnp.zeros((batch, r, mel), jnp.float32), cache)
@@ -283,7 +299,7 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         times["prefill"], t = time.perf_counter() - t, time.perf_counter()
         _, cache = jax.block_until_ready(text(params, logits, cache))
         times["text"], t = time.perf_counter() - t, time.perf_counter()
-        groups = jax.block_until_ready(speech(params, cache, key))
+        groups = jax.block_until_ready(speech(params, cache, keys))
         times["speech"], t = time.perf_counter() - t, time.perf_counter()
         vocode(groups, lengths)
         times["vocoder"] = time.perf_counter() - t
@@ -309,6 +325,10 @@ def benchmark_decode(model_config: Any, reduction_factor: int, frames: int, batc
         "text_steps": text_steps, "speech_steps": speech_steps, "frames_per_row": speech_steps * r,
         "frames": generated, "audio_seconds": audio_seconds,
         "end_to_end_seconds": e2e_seconds, "real_time_factor": audio_seconds / e2e_seconds,
+        "times_real_time": audio_seconds / e2e_seconds,
+        "latency_rtf": e2e_seconds / (audio_seconds / batch),
+        "vocoder_share": parts["vocoder"] / parts_total,
+        "compile_seconds": compiling.seconds, "first_call_seconds": first_call_seconds,
         "parts": parts, "parts_total_seconds": parts_total,
         "parts_real_time_factor": audio_seconds / parts_total,
         "text_tokens_per_sec": batch * text_steps / parts["text"],
@@ -354,7 +374,11 @@ def format_report(result: dict) -> str:
     ]
     for name, dec in result["decode"].items():
         tag = f"decode {name} ({dec['frames_per_row']} frames x {dec['batch']} rows)"
-        rows.append((f"{tag}: real-time factor (audio s / wall s)", _fmt(dec["real_time_factor"])))
+        rows.append((f"{tag}: x real time (audio s / wall s, all rows)", _fmt(dec["times_real_time"])))
+        rows.append((f"{tag}: latency RTF (wall s / audio s of one row)", _fmt(dec["latency_rtf"])))
+        rows.append((f"{tag}: vocoder share of end-to-end", _fmt(dec["vocoder_share"])))
+        rows.append((f"{tag}: compile s (first call s)",
+                     f"{_fmt(dec['compile_seconds'])} ({_fmt(dec['first_call_seconds'])})"))
         rows.append((f"{tag}: parts s (" + " / ".join(DECODE_PARTS) + ")",
                      " / ".join(_fmt(dec["parts"][part]) for part in DECODE_PARTS)))
         rows.append((f"{tag}: text tokens / s", _fmt(dec["text_tokens_per_sec"])))

@@ -50,12 +50,39 @@ class Bundle:
     export_dir: str = ""
 
 
-def _model_config_from_gin(config_text: str):
-    from spectron_jax import gin_config, train
+def _gin_error(error: Exception, config_text: str) -> str:
+    """A one-line 'line N: message: the line' of a gin parse error."""
+    message = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+    line = getattr(error, "lineno", None)
+    found = re.search(r"\bline (\d+)", str(error))
+    if found:
+        line = int(found.group(1))
+    elif line is None and len(error.args) > 1 and isinstance(error.args[1], tuple):  # tokenize.TokenError
+        line = int(error.args[1][0])
+        message = str(error.args[0])
+    message = re.sub(r"\s*\(line \d+\)$", "", message).rstrip(".")
+    lines = config_text.splitlines()
+    if line is not None and 1 <= line <= len(lines):
+        return f"line {line}: {message}: {lines[line - 1].strip()}"
+    return f"line {line}: {message}" if line is not None else message
+
+
+def _model_config_from_gin(config_text: str, source: str = checkpoints.CONFIG_FILENAME):
+    """The `SpectronConfig` bound in a config.gin text; `cli.UsageError` naming `source` and the line."""
+    import gin
+
+    from spectron_jax import cli, gin_config, train
 
     train.register_train_configurables()  # the operative config of a run also binds the training configs
-    gin_config.parse_gin(gin_files=[], bindings=[config_text], finalize=False)
-    return gin_config.build("SpectronConfig")
+    gin_config.parse_gin(gin_files=[], bindings=[], finalize=False)  # registers and clears
+    try:
+        gin.parse_config(config_text)
+    except Exception as e:  # noqa: BLE001 - gin raises ValueError, SyntaxError, TokenError...
+        raise cli.UsageError(f"{source}: {_gin_error(e, config_text)}") from None
+    try:
+        return gin_config.build("SpectronConfig")
+    except cli.CLIError as e:
+        raise cli.UsageError(f"{source}: {' '.join(str(e).split())}") from None
 
 
 def _task_name(config_text: str) -> Optional[str]:
@@ -113,7 +140,8 @@ def load_bundle(export_dir: str) -> Bundle:
     if not meta_path.exists():
         raise FileNotFoundError(f"{export_dir}: no {BUNDLE_FILENAME} (not an export folder?)")
     meta = json.loads(meta_path.read_text())
-    model_config = _model_config_from_gin((root / checkpoints.CONFIG_FILENAME).read_text())
+    config_path = root / checkpoints.CONFIG_FILENAME
+    model_config = _model_config_from_gin(config_path.read_text(), str(config_path))
     # orbax stores list indices as strings; the module's graph wants them back as ints.
     params = checkpoints.unflatten_paths(checkpoints.flatten_paths(checkpoints.load_exported_params(str(export_dir))))
     spec = features.FeatureSpec.from_dict(meta["feature_spec"]) if "feature_spec" in meta else features.SPECTRON_FEATURES

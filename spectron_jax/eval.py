@@ -158,7 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.prompt_seconds = base.prompt_seconds
 
     def make_inferencer(prompt_seconds: float):
-        return infer.Inferencer(bundle, dataclasses.replace(base, prompt_seconds=prompt_seconds))
+        return infer.Inferencer(bundle, dataclasses.replace(base, prompt_seconds=prompt_seconds),
+                                batch_size=args.batch_size)
 
     scorers = make_scorers(args, bundle)
     values = evaluate(args, bundle, make_inferencer, scorers)

@@ -7,9 +7,17 @@ The first `--prompt_seconds` (3 s) of the audio are the prompt. Any file libsndf
 ogg, ...) at any rate and channel count is resampled to 16 kHz mono. Each output folder gets
 `result.json` (the text, split at the model's separator into `prompt_transcript` and `continuation`;
 `text_boundary` says whether it was: see `split_text`; frame count, stop reason, timings), `continuation.wav`,
-`prompt_plus_continuation.wav` and `spectrogram.png` (prompt | generated log-mel, boundary marked).
+`prompt_plus_continuation.wav` and `spectrogram.png` (prompt | generated log-mel, boundary marked). The
+default vocoder is Griffin-Lim on the device (`device_vocoder.DeviceGriffinLimVocoder`, one call per batch).
 A manifest is a TSV whose first column is an audio path (an optional second column names the row's
-folder); bad rows are counted and skipped.
+folder); bad rows are counted and skipped. The manifest is streamed: one batch of waves is held at a time,
+and only the prompt window of each file is read.
+
+Reproducibility: a row's randomness (sampling, pre-net dropout) is keyed by `--seed` and the row's id,
+its name when the manifest gives one (so reordering a manifest changes no output) and otherwise its
+line index among the manifest's rows (0 for `--audio`). Prompts pad to the prompt window and the last
+batch pads with dummy rows, so a whole run compiles `generate` once; `timings.compile` in result.json is
+that compile's share, apart from the run time in `timings.generate`.
 """
 
 from __future__ import annotations
@@ -17,14 +25,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Optional, Sequence
+import zlib
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
 from etils import epath
 
 from spectron_jax import cli
+from spectron_jax import compile_time
 from spectron_jax import decoding
+from spectron_jax import device_vocoder
 from spectron_jax import vocoder as vocoder_lib
 from spectron_jax.data import features, phi, prompt_features
 
@@ -33,10 +44,11 @@ SILENCE_PEAK = 1e-4  # a file whose largest |sample| is below this is silent (DE
 
 
 def load_audio(path: str, spec: features.FeatureSpec = features.SPECTRON_FEATURES,
-               min_seconds: float = MIN_PROMPT_SECONDS) -> np.ndarray:
-    """[samples] float32 mono at the spec's rate; `features.AudioError` (message names the file) for a
-    missing, empty, corrupt, non-finite, silent or too-short file."""
-    wave = features.load_audio(path, spec)
+               min_seconds: float = MIN_PROMPT_SECONDS, max_samples: Optional[int] = None) -> np.ndarray:
+    """[samples] float32 mono at the spec's rate (only the first `max_samples` when given: see
+    `Inferencer.prompt_samples`); `features.AudioError` (message names the file) for a missing, empty,
+    corrupt, non-finite, silent or too-short file."""
+    wave = features.load_audio(path, spec, max_samples)
     if wave.size < min_seconds * spec.sample_rate:
         raise features.AudioError("too_short", str(path), f"audio is {wave.size / spec.sample_rate:.3f} s, "
                                   f"shorter than {min_seconds} s")
@@ -87,21 +99,48 @@ def split_text(tokens: Sequence[int], tokenizer,
     return decode(tokens), None, None, MISSING if sep_id is not None else UNMARKED
 
 
+def row_id(index: int, name: Optional[str] = None) -> int:
+    """A row's id for its PRNG key: a 31-bit hash of its name when it has one, else its index."""
+    name = (name or "").strip()
+    return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF if name else int(index)
+
+
 class Inferencer:
-    """Runs a bundle on batches of waveforms (16 kHz mono float32)."""
+    """Runs a bundle on batches of waveforms (16 kHz mono float32).
+
+    Every batch is `batch_size` rows of `window` prompt frames (short prompts masked, a short batch filled
+    with dummy rows), so all batches share one compiled program; row i of a request is keyed by its id
+    (`row_ids[i]`, default i), so its output does not depend on the batch it lands in.
+    """
 
     def __init__(self, bundle, decode_config: decoding.DecodeConfig = decoding.DecodeConfig(), vocoder=None,
                  batch_size: int = 8):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle = bundle
         self.config = decode_config
-        self.vocoder = vocoder if vocoder is not None else vocoder_lib.GriffinLimVocoder(bundle.feature_spec)
-        self.batch_size = batch_size
+        self.vocoder = vocoder if vocoder is not None else device_vocoder.DeviceGriffinLimVocoder(bundle.feature_spec)
+        self.batch_size = int(batch_size)
         self.sep_id = getattr(bundle.model.config, "sep_id", None)  # where the text is split (None: not at all)
         self.spec = bundle.feature_spec
+        kind = bundle.model.config.prompt_features
+        self.window = prompt_features.input_frames(kind, decode_config.prompt_seconds, self.spec)
+
+    @property
+    def prompt_samples(self) -> int:
+        """Leading samples of a wave that the prompt reads: the log-mel frames of the prompt window with
+        their analysis window (and the fbank prompt's samples for a w2v-BERT encoder)."""
+        p = features.frames_for_seconds(self.config.prompt_seconds, self.spec)
+        needed = features.samples_for_frames(p, self.spec)
+        if self.bundle.model.config.prompt_features != "log_mel":
+            needed = max(needed, prompt_features.prompt_samples(self.config.prompt_seconds))
+        return needed
 
     def prompt_frames(self, wave: np.ndarray) -> np.ndarray:
-        """[frames, mel] log-mel of the first `prompt_seconds` of `wave`."""
-        frames = features.log_mel(np.asarray(wave, np.float32), self.spec)
+        """[frames, mel] log-mel of the first `prompt_seconds` of `wave` (only `prompt_samples` are
+        featurised: the same frames as featurising the whole wave and cutting)."""
+        wave = np.asarray(wave, np.float32)[:self.prompt_samples]
+        frames = features.log_mel(wave, self.spec)
         return frames[: features.frames_for_seconds(self.config.prompt_seconds, self.spec)]
 
     def encoder_input(self, wave: np.ndarray) -> np.ndarray:
@@ -112,47 +151,67 @@ class Inferencer:
             return self.prompt_frames(wave)
         return prompt_features.encoder_input(wave, kind, self.config.prompt_seconds, self.spec)
 
-    def _pad(self, rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        length = max(len(r) for r in rows)
-        length = max(4, -(-length // 4) * 4)
-        frames = np.zeros((len(rows), length, rows[0].shape[-1]), np.float32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for i, r in enumerate(rows):
+    def _pad(self, rows: Sequence[np.ndarray], batch: Optional[int] = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prompts [frames_i, dim] -> frames float32 [batch, window, dim], mask int32 [batch, window] and
+        row_valid bool [batch]: rows past len(rows) are dummies (copies of row 0, marked invalid)."""
+        batch = len(rows) if batch is None else batch
+        length = max([self.window] + [len(r) for r in rows])
+        frames = np.zeros((batch, length, rows[0].shape[-1]), np.float32)
+        mask = np.zeros((batch, length), np.int32)
+        for i in range(batch):
+            r = rows[i] if i < len(rows) else rows[0]
             frames[i, :len(r)] = r
             mask[i, :len(r)] = 1
-        return frames, mask
+        return frames, mask, np.arange(batch) < len(rows)
 
-    def run(self, waveforms: Sequence[np.ndarray]) -> list[InferenceResult]:
+    def run(self, waveforms: Sequence[np.ndarray], row_ids: Optional[Sequence[int]] = None) -> list[InferenceResult]:
+        """One result per wave; `row_ids` key each row's randomness (default: its index in `waveforms`)."""
+        row_ids = list(range(len(waveforms))) if row_ids is None else [int(i) for i in row_ids]
+        if len(row_ids) != len(waveforms):
+            raise ValueError(f"Inferencer.run: {len(row_ids)} row ids for {len(waveforms)} waveforms")
         results: list[InferenceResult] = []
         for start in range(0, len(waveforms), self.batch_size):
-            results += self._run_batch(waveforms[start:start + self.batch_size])
+            stop = start + self.batch_size
+            results += self._run_batch(waveforms[start:stop], row_ids[start:stop])
         return results
 
-    def _run_batch(self, waveforms: Sequence[np.ndarray]) -> list[InferenceResult]:
+    def _run_batch(self, waveforms: Sequence[np.ndarray], row_ids: Sequence[int]) -> list[InferenceResult]:
         t0 = time.perf_counter()
         prompts = [self.prompt_frames(w) for w in waveforms]
         log_mel_encoder = self.bundle.model.config.prompt_features == "log_mel"
-        frames, mask = self._pad(prompts if log_mel_encoder else [self.encoder_input(w) for w in waveforms])
+        frames, mask, valid = self._pad(prompts if log_mel_encoder else [self.encoder_input(w) for w in waveforms],
+                                        self.batch_size)
+        ids = np.zeros((self.batch_size,), np.int32)
+        ids[:len(row_ids)] = row_ids
         t1 = time.perf_counter()
-        out = decoding.generate(self.bundle.model, self.bundle.params, frames, mask, self.config,
-                                jax.random.key(self.config.seed))
-        out = decoding.to_host(jax.block_until_ready(out))
+        with compile_time.CompileTimer() as compiling:
+            out = decoding.generate(self.bundle.model, self.bundle.params, frames, mask, self.config,
+                                    row_ids=ids, row_valid=valid)
+            out = decoding.to_host(jax.block_until_ready(out))
         t2 = time.perf_counter()
-        waves = vocoder_lib.synthesize_batch(self.vocoder, out["frames"], out["num_frames"])
+        # The whole padded batch (dummy rows have 0 frames), so a batched vocoder keeps one shape too.
+        with compile_time.CompileTimer() as compiling_vocoder:
+            waves = vocoder_lib.synthesize_batch(self.vocoder, out["frames"], out["num_frames"])
         t3 = time.perf_counter()
+        n_rows = len(prompts)
+        out, waves = {k: v[:n_rows] for k, v in out.items()}, waves[:n_rows]
+        compile_generate = min(compiling.seconds, t2 - t1)
+        compile_vocoder = min(compiling_vocoder.seconds, t3 - t2)
+        timings = {"features": (t1 - t0) / n_rows, "compile": (compile_generate + compile_vocoder) / n_rows,
+                   "generate": (t2 - t1 - compile_generate) / n_rows,
+                   "vocoder": (t3 - t2 - compile_vocoder) / n_rows}
         results = []
         for i, (prompt, wave) in enumerate(zip(prompts, waves)):
             n = int(out["text_lengths"][i])
             text, transcript, continuation, boundary = split_text(out["text_tokens"][i, :n], self.bundle.tokenizer,
                                                                   self.sep_id)
             gen = out["frames"][i, :int(out["num_frames"][i])]
-            timings = {"features": (t1 - t0) / len(prompts), "generate": (t2 - t1) / len(prompts),
-                       "vocoder": (t3 - t2) / len(prompts)}
             results.append(InferenceResult(
                 text=text, prompt_transcript=transcript, continuation=continuation, text_boundary=boundary,
                 prompt_frames=prompt, frames=gen,
                 waveform=np.asarray(wave, np.float32),
-                stop_reason="stop_head" if bool(out["stopped"][i]) else "budget", timings=timings))
+                stop_reason="stop_head" if bool(out["stopped"][i]) else "budget", timings=dict(timings)))
         return results
 
     def text_ids(self, transcript: str, prompt_share: float) -> list[int]:
@@ -178,7 +237,7 @@ class Inferencer:
             p = features.frames_for_seconds(self.config.prompt_seconds, self.spec)
             cont = full[p:]
             cont_len = max(r, -(-len(cont) // r) * r)
-            prompt_frames, prompt_mask = self._pad([self.encoder_input(wave)])
+            prompt_frames, prompt_mask, _ = self._pad([self.encoder_input(wave)])
             ids = [cfg.sos_id] + self.text_ids(text, p / max(len(full), 1))
             cont_frames = np.zeros((1, cont_len, self.spec.num_mel), np.float32)
             cont_frames[0, :len(cont)] = cont
@@ -249,8 +308,40 @@ def _parser() -> cli.ArgumentParser:
     return parser
 
 
+def _manifest_rows(path: epath.Path) -> list[tuple[str, Optional[str]]]:
+    """(audio path, name or None) per manifest row (blank lines and '#' comments skipped)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        cells = line.split("\t")
+        name = cells[1].strip() if len(cells) > 1 and cells[1].strip() else None
+        rows.append((cells[0].strip(), name))
+    return rows
+
+
+def _batches(rows: Sequence[tuple[str, Optional[str]]], batch_size: int, load, on_skip
+             ) -> Iterator[list[tuple[int, str, np.ndarray]]]:
+    """Streams (row index, folder name, wave) in batches of `batch_size` loadable rows; `load(path)` reads
+    a wave, `on_skip(error)` is told of each row that cannot be read. Only one batch of waves is held."""
+    batch: list[tuple[int, str, np.ndarray]] = []
+    for i, (audio, name) in enumerate(rows):
+        try:
+            batch.append((i, name or f"{i:05d}", load(audio)))
+        except features.AudioError as e:
+            on_skip(e)
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise cli.UsageError(f"--batch_size={args.batch_size}: must be a positive number of rows")
     try:
         config = decoding.DecodeConfig(prompt_seconds=args.prompt_seconds, max_text_tokens=args.max_text_tokens,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -264,8 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = epath.Path(args.manifest)
         if not path.exists():
             raise cli.InputError(f"--manifest={args.manifest}: no such file")
-        rows = [(line.split("\t")[0].strip(), (line.split("\t") + [None])[1])
-                for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        rows = _manifest_rows(path)
         if not rows:
             raise cli.InputError(f"--manifest={args.manifest}: no rows")
     from spectron_jax import bundle as bundle_lib
@@ -274,26 +364,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bundle = bundle_lib.load_bundle(args.export_dir)
     except (FileNotFoundError, ValueError) as e:
         raise cli.InputError(f"--export_dir={args.export_dir}: {' '.join(str(e).split())}") from None
+    except cli.CLIError as e:  # a bad config.gin: the message names the file and the line
+        raise cli.InputError(str(e)) from None
     inferencer = Inferencer(bundle, config, batch_size=args.batch_size)
-    waves, names, skipped = [], [], 0
-    for i, (audio, name) in enumerate(rows):
-        try:
-            waves.append(load_audio(audio, bundle.feature_spec))
-            names.append((name or "").strip() or f"{i:05d}")
-        except features.AudioError as e:
-            if args.audio:
-                raise cli.InputError(f"--audio={e}") from None
-            print(f"skipped: {e}")
-            skipped += 1
+    skipped = 0
+
+    def load(audio: str) -> np.ndarray:
+        return load_audio(audio, bundle.feature_spec, max_samples=inferencer.prompt_samples)
+
+    def on_skip(error: features.AudioError) -> None:
+        nonlocal skipped
+        if args.audio:
+            raise cli.InputError(f"--audio={error}") from None
+        print(f"skipped: {error}")
+        skipped += 1
+
     from tqdm import tqdm
 
     done = 0
-    with tqdm(total=len(waves), disable=bool(args.audio), desc="infer") as bar:
-        for start in range(0, len(waves), args.batch_size):
-            chunk = waves[start:start + args.batch_size]
-            for j, result in enumerate(inferencer.run(chunk)):
-                folder = epath.Path(args.output_dir) if args.audio else epath.Path(args.output_dir) / names[start + j]
-                info = write_outputs(result, chunk[j], str(folder), bundle.feature_spec.sample_rate)
+    with tqdm(total=len(rows), disable=bool(args.audio), desc="infer") as bar:
+        for batch in _batches(rows, args.batch_size, load, on_skip):
+            ids = [row_id(i, rows[i][1]) for i, _, _ in batch]
+            results = inferencer.run([wave for _, _, wave in batch], ids)
+            for (_, name, wave), result in zip(batch, results):
+                folder = epath.Path(args.output_dir) if args.audio else epath.Path(args.output_dir) / name
+                info = write_outputs(result, wave, str(folder), bundle.feature_spec.sample_rate)
                 done += 1
                 if args.audio and info["text_boundary"] == SEPARATED:
                     print(f"transcript: {info['prompt_transcript']}")
@@ -302,7 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     why = "no separator written" if info["text_boundary"] == MISSING else "the model has no separator"
                     print(f"text ({why}: transcript and continuation not told apart): {info['text']}")
                     print(f"frames: {info['generated_frames']} ({info['stop_reason']})")
-            bar.update(len(chunk))
+            bar.n = min(len(rows), batch[-1][0] + 1)
+            bar.refresh()
     if not args.audio:
         print(f"done: {done} written, {skipped} skipped")
     return 0 if done else 1

@@ -36,7 +36,9 @@ samples); `synthesize_batch` uses it when present and otherwise calls the vocode
 `GriffinLimVocoder.batch` is a loop over rows: each row's result must not depend on the others, and
 Griffin-Lim's seeded random initial phase and its length-dependent edges (the ISTFT of a padded row
 differs from the unpadded one at the end) make a stacked STFT over padded rows differ from row-by-row
-synthesis; the loop keeps `batch(...)[i] == vocoder(log_mel[i, :lengths[i]])` exactly.
+synthesis; the loop keeps `batch(...)[i] == vocoder(log_mel[i, :lengths[i]])` exactly. This host path is
+the reference; `device_vocoder.DeviceGriffinLimVocoder` (what `infer` uses) runs the same algorithm on
+the whole padded batch in one jitted call, each row masked to its length and seeded as librosa seeds it.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def test_every_field_is_present_and_positive(report):
     assert set(report["decode"]) == {"r4_b2"}  # one decoding configuration keeps the run short
     for dec in report["decode"].values():
         for name in ("real_time_factor", "end_to_end_seconds", "parts_total_seconds", "text_tokens_per_sec",
-                     "frames_per_sec", "speech_step_seconds", "text_step_seconds", "weight_bytes", "kv_cache_bytes"):
+                     "frames_per_sec", "speech_step_seconds", "text_step_seconds", "weight_bytes", "kv_cache_bytes",
+                     "compile_seconds", "first_call_seconds"):
             assert dec[name] > 0, name
         assert set(dec["parts"]) == set(benchmark.DECODE_PARTS)
     assert report["data"]["featurise"]["x_realtime_per_core"] > 0
@@ -103,8 +104,13 @@ def test_derived_figures_agree_with_their_inputs(report):
         assert dec["frames"] == batch * 16 and dec["audio_seconds"] == pytest.approx(batch * 16 / 80)
         assert 1 <= dec["text_steps"] <= dec["max_text_tokens"] == 4
         assert dec["real_time_factor"] == pytest.approx(dec["audio_seconds"] / dec["end_to_end_seconds"])
+        assert dec["times_real_time"] == dec["real_time_factor"]
+        assert dec["latency_rtf"] == pytest.approx(dec["end_to_end_seconds"] * batch / dec["audio_seconds"])
+        assert dec["vocoder_share"] == pytest.approx(dec["parts"]["vocoder"] / dec["parts_total_seconds"])
+        assert 0 < dec["vocoder_share"] < 1
         assert dec["parts_real_time_factor"] == pytest.approx(dec["audio_seconds"] / dec["parts_total_seconds"])
         assert sum(dec["parts"].values()) <= dec["parts_total_seconds"]
+        assert dec["compile_seconds"] <= dec["first_call_seconds"]  # the compile is part of the first call
         assert dec["text_tokens_per_sec"] == pytest.approx(batch * dec["text_steps"] / dec["parts"]["text"])
         assert dec["frames_per_sec"] == pytest.approx(dec["frames"] / dec["parts"]["speech"])
         assert dec["speech_step_seconds"] == pytest.approx(dec["parts"]["speech"] / dec["speech_steps"])

@@ -131,3 +131,114 @@ def test_frame_budget_counts_the_tokens_after_the_separator():
     lengths = jnp.asarray([5, 3, 4, 3], jnp.int32)  # row 4: its separators lie past its length
     np.testing.assert_array_equal(decoding.continuation_lengths(tokens, lengths, 4), [2, 3, 3, 3])
     np.testing.assert_array_equal(decoding.continuation_lengths(tokens, lengths, None), lengths)
+
+
+def _sampling_config(**overrides):
+    values = dict(max_text_tokens=6, temperature=1.5, top_k=5, max_frames=12, min_frames=4, frames_per_token=2.0,
+                  stop_threshold=0.9, seed=3)
+    values.update(overrides)
+    return decoding.DecodeConfig(**values)
+
+
+def _row(out, i):
+    return {k: v[i] for k, v in out.items()}
+
+
+def _assert_same_row(a, b):
+    for name in ("text_tokens", "text_lengths", "num_frames", "stopped"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    n = int(a["num_frames"])
+    np.testing.assert_allclose(a["frames"][:n], b["frames"][:n], atol=1e-4, rtol=0, err_msg="frames")
+
+
+@pytest.mark.slow  # two compiles (batch 3 and batch 1) of generate: ~20 s each on 2 loaded cores
+def test_a_rows_output_depends_on_its_prompt_seed_and_id_only():
+    """With pre-net dropout on and sampling: alone == in a batch == at another position == after a reorder,
+    padding dummies change nothing, and another id (or seed) gives another draw."""
+    model, params = _model(2, stop_head=True, prenet_at_inference=True)
+    config = _sampling_config()
+    frames, mask = _prompts()
+    batch = decoding.to_host(decoding.generate(model, params, frames, mask, config))  # ids 0, 1, 2
+    for i in range(3):  # alone (batch of 1, its own id)
+        alone = decoding.to_host(decoding.generate(model, params, frames[i:i + 1], mask[i:i + 1], config,
+                                                   row_ids=[i]))
+        _assert_same_row(_row(alone, 0), _row(batch, i))
+    # Reordered, one row twice under its own id, and a dummy row: the same batch shape, other positions.
+    order = [2, 0, 2]
+    mixed = decoding.to_host(decoding.generate(model, params, frames[order], mask[order], config,
+                                               row_ids=[2, 0, 2], row_valid=[True, True, False]))
+    _assert_same_row(_row(mixed, 0), _row(batch, 2))
+    _assert_same_row(_row(mixed, 1), _row(batch, 0))
+    assert mixed["num_frames"][2] == 0 and mixed["text_lengths"][2] == 0  # the dummy generates nothing
+    # The same prompt under three ids (or another seed) draws differently: the keys are not shared.
+    same = decoding.to_host(decoding.generate(model, params, frames[[0, 0, 0]], mask[[0, 0, 0]], config,
+                                              row_ids=[0, 1, 2]))
+    _assert_same_row(_row(same, 0), _row(batch, 0))
+    assert not (np.array_equal(same["text_tokens"][0], same["text_tokens"][1])
+                and np.allclose(same["frames"][0], same["frames"][1]))
+    reseeded = decoding.to_host(decoding.generate(model, params, frames, mask, dataclasses.replace(config, seed=4)))
+    assert not np.allclose(reseeded["frames"], batch["frames"])
+    # Greedy text with dropout: the pre-net mask alone makes rows differ, and is per row as well.
+    greedy = dataclasses.replace(config, temperature=0.0)
+    g_batch = decoding.to_host(decoding.generate(model, params, frames[[0, 0, 0]], mask[[0, 0, 0]], greedy,
+                                                 row_ids=[5, 6, 5]))
+    _assert_same_row(_row(g_batch, 0), _row(g_batch, 2))
+    assert not np.allclose(g_batch["frames"][0], g_batch["frames"][1])
+
+
+def test_traced_knobs_reuse_one_program():
+    """Seed, temperature, top-k, top-p, stop threshold, min_frames and frames_per_token do not recompile."""
+    model, params = _model(1, stop_head=True, prenet_at_inference=True)
+    frames, mask = _prompts()
+    base = _sampling_config(max_frames=6, max_text_tokens=3)
+    before = decoding.compiled_programs()
+    outs = []
+    for knobs in [{}, {"seed": 11}, {"temperature": 0.0}, {"temperature": 0.7, "top_k": 2, "top_p": 0.5},
+                  {"top_k": 0, "top_p": 0.3}, {"stop_threshold": 0.0, "min_frames": 2}, {"frames_per_token": 0.5}]:
+        outs.append(decoding.to_host(decoding.generate(model, params, frames, mask,
+                                                       dataclasses.replace(base, **knobs))))
+    assert decoding.compiled_programs() - before == 1
+    # The knobs took effect: another seed draws differently; threshold 0 stops every row at min_frames.
+    assert not np.allclose(outs[0]["frames"], outs[1]["frames"])
+    assert np.all(outs[5]["stopped"]) and np.all(outs[5]["num_frames"] == 2)
+
+
+def test_sample_logits_truncation_matches_a_direct_reference():
+    """top-k / top-p with traced scalars: the support of the draws is the reference support."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 16)).astype(np.float32) * 2
+    keys = jax.random.split(jax.random.key(0), 4)
+    sample = jax.jit(decoding.sample_logits)
+    for top_k, top_p in [(3, 1.0), (0, 0.6), (5, 0.5), (1, 1.0)]:
+        allowed = []
+        for row in logits:
+            order = np.argsort(-row)
+            keep = order[:top_k] if top_k else order
+            p = np.exp(row[keep] - row[keep].max())
+            p /= p.sum()
+            before = np.cumsum(p) - p
+            allowed.append(set(keep[before < top_p].tolist()))
+        seen = [set() for _ in range(4)]
+        for step in range(60):
+            step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+            tokens = np.asarray(sample(logits, step_keys, 1.0, top_k, top_p))
+            for i, t in enumerate(tokens):
+                seen[i].add(int(t))
+        for i in range(4):
+            assert seen[i] <= allowed[i], (top_k, top_p, i, seen[i], allowed[i])
+            if len(allowed[i]) > 1:
+                assert len(seen[i]) > 1
+    np.testing.assert_array_equal(np.asarray(sample(logits, keys, 0.0, 3, 0.5)), np.argmax(logits, axis=-1))
+
+
+def test_min_frames_bounds_the_stop_head_and_budget_ends_inside_the_last_group():
+    model, params = _model(2, stop_head=True)
+    frames, mask = _prompts()
+    config = decoding.DecodeConfig(max_text_tokens=2, max_frames=12, min_frames=6, frames_per_token=1.0,
+                                   stop_threshold=0.0)  # the stop head fires at every step
+    out = decoding.to_host(decoding.generate(model, params, frames, mask, config))
+    assert np.all(out["stopped"]) and np.all(out["num_frames"] == 6), out["num_frames"]
+    # Budget of 5 frames at r = 2: three steps run, the sixth frame is not emitted.
+    budget = dataclasses.replace(config, min_frames=5, max_frames=5, stop_threshold=1.0)
+    out = decoding.to_host(decoding.generate(model, params, frames, mask, budget))
+    assert not np.any(out["stopped"]) and np.all(out["num_frames"] == 5), out["num_frames"]

@@ -204,3 +204,29 @@ def test_embedded_corpus_file(embedded_dir):
     assert frames.shape == (features.num_frames(info.frames), 128)
     assert abs(frames.shape[0] / 80.0 - float(row["duration"])) < 0.02
     assert np.all(np.isfinite(frames)) and frames.min() >= np.log(SPEC.log_floor) - 1e-6
+
+
+def test_the_leading_samples_give_the_prompt_frames_exactly(tmp_path):
+    """Featurising only `samples_for_frames(P)` samples (read from the file with `max_samples`) gives the
+    first P frames of featurising the whole file, bit for bit at 16 kHz, to resampler rounding otherwise."""
+    rng = np.random.default_rng(0)
+    wave = (0.2 * rng.standard_normal(16000 * 8)).astype(np.float32)
+    for p in (1, 81, 240):
+        n = features.samples_for_frames(p, SPEC)
+        np.testing.assert_array_equal(features.log_mel(wave[:n], SPEC)[:p], features.log_mel(wave, SPEC)[:p])
+        # Without the analysis window's reach past the last frame centre, the last frame changes.
+        cut = (p - 1) * SPEC.hop + SPEC.window // 4
+        assert not np.allclose(features.log_mel(wave[:cut], SPEC)[p - 1], features.log_mel(wave, SPEC)[p - 1])
+    n = features.samples_for_frames(240, SPEC)
+    path16 = tmp_path / "long16.wav"
+    soundfile.write(str(path16), wave, 16000, subtype="FLOAT")
+    head = features.load_audio(str(path16), SPEC, max_samples=n)
+    np.testing.assert_array_equal(head, features.load_audio(str(path16), SPEC)[:n])
+    path44 = tmp_path / "long44.wav"
+    t = np.arange(44100 * 8) / 44100
+    soundfile.write(str(path44), (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 44100, subtype="FLOAT")
+    full = features.load_audio(str(path44), SPEC)
+    head = features.load_audio(str(path44), SPEC, max_samples=n)
+    assert head.shape == (n,)
+    np.testing.assert_allclose(head, full[:n], atol=1e-6)
+    np.testing.assert_allclose(features.log_mel(head, SPEC)[:240], features.log_mel(full, SPEC)[:240], atol=1e-4)

@@ -126,3 +126,104 @@ def test_teacher_forced_text_carries_the_separator_at_phi(embedded_dir):
         bundle = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(sep_id=sep_id)),
                                        tokenizer=vocab, feature_spec=features.SPECTRON_FEATURES)
         assert infer.Inferencer(bundle).text_ids(text, 0.5) == expected
+
+
+def _dropout_bundle(export_dir):
+    """The export with pre-net dropout 0.5 kept on at inference (the tiny export trains without it)."""
+    import dataclasses
+
+    from spectron_jax import bundle as bundle_lib
+    from spectron_jax.models.spectron_model import SpectronModel
+
+    loaded = bundle_lib.load_bundle(str(export_dir))
+    cfg = loaded.model.config
+    cfg = dataclasses.replace(cfg, acoustic=dataclasses.replace(cfg.acoustic, prenet_dropout=0.5,
+                                                                prenet_dropout_at_inference=True))
+    return dataclasses.replace(loaded, model=SpectronModel(cfg))
+
+
+def _assert_same_results(a, b):
+    assert (a.text, a.prompt_transcript, a.continuation) == (b.text, b.prompt_transcript, b.continuation)
+    assert a.stop_reason == b.stop_reason and a.frames.shape == b.frames.shape
+    np.testing.assert_allclose(a.frames, b.frames, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(a.prompt_frames, b.prompt_frames)
+
+
+@pytest.mark.slow  # two compiles (batch 2 and batch 1) of generate on the tiny export: ~40 s on 2 loaded cores
+def test_inferencer_rows_are_batch_independent_and_compile_once(export_dir):
+    import dataclasses
+
+    from spectron_jax import decoding
+
+    loaded = _dropout_bundle(export_dir)
+    config = decoding.DecodeConfig(prompt_seconds=0.5, max_text_tokens=3, max_frames=12, min_frames=4,
+                                   temperature=1.0, seed=7)
+    # Prompts shorter than, equal to and longer than the 0.5 s window; three rows: a ragged last batch of 2.
+    waves = [_speechlike(s, 16000) * g for s, g in ((0.3, 1.0), (0.5, 0.5), (0.9, 2.0))]
+    before = decoding.compiled_programs()
+    pairs = infer.Inferencer(loaded, config, batch_size=2, vocoder=lambda f: np.zeros(1, np.float32))
+    batched = pairs.run(waves)
+    assert decoding.compiled_programs() - before == 1  # both batches (the second padded) share one program
+    assert batched[0].timings["compile"] > 0 and batched[2].timings["compile"] == 0
+    single = infer.Inferencer(loaded, config, batch_size=1, vocoder=lambda f: np.zeros(1, np.float32))
+    alone = single.run(waves)
+    for a, b in zip(alone, batched):
+        _assert_same_results(a, b)
+    reordered = pairs.run([waves[2], waves[0], waves[1]], row_ids=[2, 0, 1])
+    for j, i in enumerate([2, 0, 1]):
+        _assert_same_results(reordered[j], batched[i])
+    # Other seeds, temperatures, top-k / top-p and stop thresholds reuse the batch-2 program.
+    compiled = decoding.compiled_programs()
+    for knobs in ({"seed": 8}, {"temperature": 0.0}, {"temperature": 0.6, "top_k": 3, "top_p": 0.8},
+                  {"stop_threshold": 0.2}):
+        again = infer.Inferencer(loaded, dataclasses.replace(config, **knobs), batch_size=2,
+                                 vocoder=lambda f: np.zeros(1, np.float32)).run(waves)
+        assert all(r.timings["compile"] == 0 for r in again)
+    assert decoding.compiled_programs() == compiled
+    other = infer.Inferencer(loaded, dataclasses.replace(config, seed=8), batch_size=2,
+                             vocoder=lambda f: np.zeros(1, np.float32)).run(waves)
+    assert any(not np.allclose(o.frames, b.frames) for o, b in zip(other, batched))
+
+
+@pytest.mark.slow  # infer CLI twice on three rows (compile + Griffin-Lim): ~40 s on 2 loaded cores
+def test_manifest_rows_keep_their_output_under_reordering_and_batch_size(export_dir, tmp_path):
+    names = ["alpha", "beta", "gamma"]
+    paths = [_write(tmp_path / f"{n}.wav", _speechlike(0.4 + 0.2 * i, 16000), 16000, 1) for i, n in enumerate(names)]
+    first, second = tmp_path / "first.tsv", tmp_path / "second.tsv"
+    first.write_text("".join(f"{p}\t{n}\n" for p, n in zip(paths, names)))
+    second.write_text("".join(f"{paths[i]}\t{names[i]}\n" for i in (2, 0, 1)))
+    flags = [*FLAGS, "--temperature=1.0", "--prompt_seconds=0.5", "--seed=3"]
+    for manifest, batch, out in ((first, 2, "a"), (second, 1, "b")):
+        assert infer.main([f"--export_dir={export_dir}", f"--manifest={manifest}",
+                           f"--output_dir={tmp_path / out}", f"--batch_size={batch}", *flags]) == 0
+    for name in names:
+        a = json.loads((tmp_path / "a" / name / "result.json").read_text())
+        b = json.loads((tmp_path / "b" / name / "result.json").read_text())
+        assert set(a["timings"]) == {"features", "compile", "generate", "vocoder"}
+        a.pop("timings"), b.pop("timings")
+        assert a == b, name
+        wave_a, _ = soundfile.read(str(tmp_path / "a" / name / "continuation.wav"))
+        wave_b, _ = soundfile.read(str(tmp_path / "b" / name / "continuation.wav"))
+        # Griffin-Lim's iterations amplify the ~1e-6 rounding of another batch shape to ~1e-3 of a sample.
+        np.testing.assert_allclose(wave_a, wave_b, atol=1e-2)
+
+
+def test_bad_batch_size_and_bad_config_gin_are_one_line_errors(export_dir, tmp_path):
+    import shutil
+
+    audio = _write(tmp_path / "a.wav", _speechlike(0.5, 16000), 16000, 1)
+    for value in ("0", "-1"):
+        with pytest.raises(cli.UsageError) as e:
+            infer.main([f"--export_dir={export_dir}", f"--audio={audio}", f"--output_dir={tmp_path / 'o'}",
+                        f"--batch_size={value}"])
+        assert "--batch_size" in str(e.value) and "\n" not in str(e.value)
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    text = (broken / "config.gin").read_text().splitlines()
+    text.insert(3, "SpectronConfig.no_such_knob = 3")
+    (broken / "config.gin").write_text("\n".join(text) + "\n")
+    with pytest.raises(cli.InputError) as e:
+        infer.main([f"--export_dir={broken}", f"--audio={audio}", f"--output_dir={tmp_path / 'o'}"])
+    message = str(e.value)
+    assert "\n" not in message and str(broken / "config.gin") in message and "line 4" in message, message
+    assert "no_such_knob" in message

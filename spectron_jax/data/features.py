@@ -115,6 +115,18 @@ def num_frames(num_samples: int, spec: FeatureSpec = SPECTRON_FEATURES) -> int:
     return 1 + num_samples // spec.hop
 
 
+def samples_for_frames(num_frames: int, spec: FeatureSpec = SPECTRON_FEATURES) -> int:
+    """Leading samples that determine the first `num_frames` frames of `log_mel`.
+
+    Frame t reads samples [t * hop - n_fft / 2, t * hop + n_fft / 2) (centred, zero-padded), so
+    featurising only the first (num_frames - 1) * hop + n_fft // 2 samples gives those frames exactly.
+    """
+    return max(0, int(num_frames) - 1) * spec.hop + spec.n_fft // 2
+
+
+RESAMPLE_MARGIN_SECONDS = 0.25  # extra input read past a cut before resampling (DEFAULT).
+
+
 def prepare_waveform(wave: np.ndarray, sample_rate: int, spec: FeatureSpec = SPECTRON_FEATURES) -> np.ndarray:
     """Converts a decoded waveform to what `log_mel` takes.
 
@@ -158,11 +170,16 @@ def _to_float(wave: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported sample type {wave.dtype}")
 
 
-def load_audio(path: str | os.PathLike, spec: FeatureSpec = SPECTRON_FEATURES) -> np.ndarray:
+def load_audio(path: str | os.PathLike, spec: FeatureSpec = SPECTRON_FEATURES,
+               max_samples: int | None = None) -> np.ndarray:
     """Reads any file libsndfile decodes (WAV, FLAC, OGG, MP3, ...) as mono float32 at the spec's rate.
 
+    Args:
+      max_samples: read only the first `max_samples` samples (at the spec's rate) of the file; a file at
+        another rate is read `RESAMPLE_MARGIN_SECONDS` further so the resampler's edge stays past the cut.
+
     Returns:
-      [samples] float32.
+      [samples] float32 (at most `max_samples`).
 
     Raises:
       AudioError: missing, empty, undecodable, zero-sample or non-finite audio (see its `reason`).
@@ -173,14 +190,21 @@ def load_audio(path: str | os.PathLike, spec: FeatureSpec = SPECTRON_FEATURES) -
     if os.path.getsize(path) == 0:
         raise AudioError("empty_file", path, "file is empty (0 bytes)")
     try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        frames = -1
+        if max_samples is not None:
+            rate = soundfile.info(path).samplerate
+            frames = int(np.ceil(max_samples * rate / spec.sample_rate))
+            if rate != spec.sample_rate:
+                frames += int(np.ceil(RESAMPLE_MARGIN_SECONDS * rate))
+        data, rate = soundfile.read(path, frames=frames, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for corrupt input.
         raise AudioError("unreadable", path, f"cannot decode audio: {' '.join(str(e).split())}") from e
     if data.shape[0] == 0:
         raise AudioError("empty_audio", path, "audio has zero samples")
     if not np.all(np.isfinite(data)):
         raise AudioError("non_finite", path, "audio contains NaN or infinite samples")
-    return prepare_waveform(data, rate, spec)
+    wave = prepare_waveform(data, rate, spec)
+    return wave if max_samples is None else wave[:max_samples]
 
 
 @functools.lru_cache(maxsize=8)
@@ -480,6 +504,7 @@ __all__ = [
     "SPECTRON_FEATURES",
     "StatsAccumulator",
     "W2V_BERT_FBANK",
+    "RESAMPLE_MARGIN_SECONDS",
     "describe",
     "frames_for_seconds",
     "kaldi_fbank",
@@ -490,6 +515,7 @@ __all__ = [
     "mel_filterbank",
     "num_frames",
     "prepare_waveform",
+    "samples_for_frames",
     "stack_fbank",
     "w2v_bert_features",
 ]

@@ -157,8 +157,13 @@ class PreNet(nnx.Module):
         return (not deterministic) and self.config.prenet_dropout > 0.0
 
     def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Maps `inputs [batch, steps, prenet_input_dim]` to `[batch, steps, model_dim]`."""
+                 rngs: nnx.Rngs | None = None, row_keys: jax.Array | None = None) -> jax.Array:
+        """Maps `inputs [batch, steps, prenet_input_dim]` to `[batch, steps, model_dim]`.
+
+        `row_keys` (a key array [batch]) draws each row's dropout masks from its own key (layer j uses
+        fold_in(key, j)), so a row's mask does not depend on the other rows of the batch; otherwise the
+        masks of the whole batch come from `rngs`.
+        """
         if inputs.shape[-1] != self.config.prenet_input_dim:
             raise ValueError(
                 f"PreNet expects {self.config.prenet_input_dim} features per step "
@@ -167,10 +172,24 @@ class PreNet(nnx.Module):
             )
         apply_dropout = self.dropout_active(deterministic)
         x = inputs
-        for layer in self.hidden_layers:
+        for j, layer in enumerate(self.hidden_layers):
             x = nnx.relu(layer(x))
-            x = self.dropout(x, deterministic=not apply_dropout, rngs=rngs)
+            if apply_dropout and row_keys is not None:
+                x = _row_dropout(x, row_keys, j, self.config.prenet_dropout)
+            else:
+                x = self.dropout(x, deterministic=not apply_dropout, rngs=rngs)
         return self.output_layer(x)
+
+
+def _row_dropout(x: jax.Array, row_keys: jax.Array, layer: int, rate: float) -> jax.Array:
+    """Inverted dropout of `x [batch, ...]` with row b's mask drawn from fold_in(row_keys[b], layer)."""
+    keep = 1.0 - rate
+
+    def mask(key):
+        return jax.random.bernoulli(jax.random.fold_in(key, layer), keep, x.shape[1:])
+
+    kept = jax.vmap(mask)(row_keys)
+    return jnp.where(kept, x / keep, jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 class PostNet(nnx.Module):

@@ -250,10 +250,11 @@ class Spectron(nnx.Module):
         encoded, encoded_mask = self.encoder(prompt_frames, prompt_mask, deterministic=deterministic)
         return self.projection(encoded), encoded_mask
 
-    def _prenet(self, inputs: jax.Array, deterministic: bool, rngs: Optional[nnx.Rngs]) -> jax.Array:
-        """[batch, steps, prenet_input_dim] -> [batch, steps, embed]."""
+    def _prenet(self, inputs: jax.Array, deterministic: bool, rngs: Optional[nnx.Rngs],
+                row_keys: Optional[jax.Array] = None) -> jax.Array:
+        """[batch, steps, prenet_input_dim] -> [batch, steps, embed] (`row_keys`: see `PreNet`)."""
         active = (not deterministic) or self.config.acoustic.prenet_dropout_at_inference
-        out = self.prenet(inputs, deterministic=not active, rngs=rngs)
+        out = self.prenet(inputs, deterministic=not active, rngs=rngs, row_keys=row_keys)
         return out.astype(jnp.dtype(self.config.decoder.dtype))
 
     def _eos_embedding(self, batch: int) -> jax.Array:
@@ -357,8 +358,8 @@ class Spectron(nnx.Module):
         return self.decoder.logits(hidden)[:, 0], cache
 
     def speech_step(self, previous: Optional[jax.Array], cache: DecoderCache, *, start: jax.Array | bool = False,
-                    valid: jax.Array | bool = True,
-                    rngs: Optional[nnx.Rngs] = None) -> tuple[jax.Array, Optional[jax.Array], DecoderCache]:
+                    valid: jax.Array | bool = True, rngs: Optional[nnx.Rngs] = None,
+                    row_keys: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[jax.Array], DecoderCache]:
         """One speech step: previous frame group -> pre-net -> decoder -> post-net.
 
         Args:
@@ -369,6 +370,7 @@ class Spectron(nnx.Module):
             embedding (the same slot a text step feeding `eos` would write).
           valid: bool [batch] or scalar; False writes an invisible slot for that row.
           rngs: a 'dropout' stream for the pre-net when its dropout is active at inference.
+          row_keys: a key array [batch]: each row's pre-net mask from its own key instead (see `PreNet`).
 
         Returns:
           frames [batch, r, mel] of this step's group, stop logit [batch] or None, updated cache.
@@ -381,7 +383,7 @@ class Spectron(nnx.Module):
             cfg = self.config.acoustic
             group = jnp.asarray(previous)
             step_input = group[:, -1:, :] if cfg.prenet_input == "last_frame" else group.reshape(batch, 1, -1)
-            pre = self._prenet(step_input, True, rngs)
+            pre = self._prenet(step_input, True, rngs, row_keys)
             start = jnp.broadcast_to(jnp.asarray(start, bool), (batch,))[:, None, None]
             x = jnp.where(start, eos.astype(pre.dtype), pre)
         hidden, cache = self._step(x, valid, cache)

@@ -232,11 +232,14 @@ class SpectronModel:
         embedding where `start`) -> (frames [batch, r, mel], stop logit [batch] or None, cache).
 
         `rng` keys the pre-net's inference-time dropout (`prenet_dropout_at_inference`); pass a fresh key
-        per step for Tacotron-style variation.
+        per step for Tacotron-style variation. A key array [batch] gives each row its own key: a row's mask
+        then depends on its key only, not on the batch it runs in.
         """
         if rng is None and self.config.acoustic.prenet_dropout_at_inference and previous is not None:
             # Without a key every call would rebuild the same stream and so draw the same mask.
             raise ValueError("speech_step: the pre-net keeps dropout at inference; pass a fresh `rng` per step")
+        if rng is not None and jnp.ndim(rng) == 1:
+            return self.merge(params).speech_step(previous, cache, start=start, valid=valid, row_keys=rng)
         module = self.merge(params, rng=rng)
         rngs = None if rng is None else nnx.Rngs(dropout=jax.random.fold_in(rng, 1))
         return module.speech_step(previous, cache, start=start, valid=valid, rngs=rngs)
