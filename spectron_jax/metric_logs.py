@@ -180,9 +180,8 @@ class JsonlLog:
     Args:
       model_dir: the run's folder.
       enabled: False makes every call a no-op.
-      roll_bytes: an object-store piece is closed at the first `write` or `flush` at which it holds
-        this many bytes.
-      roll_seconds: ... or at the first `flush` this many seconds after its first record (None: size only).
+      roll_bytes: an object-store piece is closed by the `write` that makes it hold this many bytes ...
+      roll_seconds: ... or by the first `flush` this many seconds after its first record (None: size only).
       clock: monotonic seconds (for tests).
     """
 

@@ -24,6 +24,7 @@ import atexit
 import math
 import os
 import re
+import socket
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence, TextIO
@@ -328,7 +329,8 @@ class MetricsWriter:
     pieces (see `spectron_jax.metric_logs`): events go to a local file that a `flush` closes once it
     holds `roll_bytes` or is `roll_seconds` old (and `close` at the end); a closed file is uploaded once,
     from a background thread, through `spectron_jax.filesystem` (TensorFlow's own GCS client is not
-    used), and the next event starts a new file. `flush` and `close` raise an earlier upload's error.
+    used), and the next event starts a new file, named so that name order is write order (see
+    `_piece_name`). `flush` and `close` raise an earlier upload's error.
 
     Args:
       logdir: the folder of the event files.
@@ -353,7 +355,7 @@ class MetricsWriter:
         self._writer = None  # the open event file's writer (object store: made at its first event)
         self._opened = 0.0
         self._staging = None  # object store: a local folder; each event file in a subfolder of its own
-        self._piece_dir, self._pieces = None, 0
+        self._piece_dir, self._pieces, self._piece_started = None, 0, 0.0
         self.uploader = metric_logs.Uploader(f"TensorBoard events under {self.logdir}")
         if self.enabled:
             filesystem.makedirs(self.logdir)
@@ -382,7 +384,7 @@ class MetricsWriter:
             self._pieces += 1
             self._piece_dir = os.path.join(self._staging, f"{self._pieces:06d}")
             self._writer = self._tf.summary.create_file_writer(self._piece_dir)
-            self._opened = self._clock()
+            self._opened, self._piece_started = self._clock(), time.time()
         with self._writer.as_default():
             self._tf.summary.write(tag=tag, tensor=tensor, step=int(step), metadata=metadata)
 
@@ -455,14 +457,22 @@ class MetricsWriter:
         self._writer.close()
         self._writer = None
         folder = self._piece_dir
-        for name in sorted(os.listdir(folder)):
-            local, remote = os.path.join(folder, name), filesystem.join(self.logdir, name)
+        for i, name in enumerate(sorted(os.listdir(folder))):  # one file (TensorFlow makes one per writer)
+            local, remote = os.path.join(folder, name), filesystem.join(self.logdir, self._piece_name(i))
 
             def upload(local=local, remote=remote):
                 filesystem.copy(local, remote)
                 os.remove(local)
 
             self.uploader.submit(name, upload)
+
+    def _piece_name(self, i: int) -> str:
+        """The uploaded name of the open piece's file: TensorFlow's form, 'events.out.tfevents.' + the
+        start time in seconds + host + pid + the piece number zero-padded, so that name order is write
+        order (TensorBoard reads a folder's event files in name order; TensorFlow's own names end in
+        an unpadded counter, '...10' before '...2')."""
+        return (f"events.out.tfevents.{int(self._piece_started):010d}.{socket.gethostname()}.{os.getpid()}."
+                f"{self._pieces:06d}{f'-{i}' if i else ''}.v2")
 
     def close(self) -> None:
         """Writes and (object store) uploads every event, waits for the uploads, raises an upload error."""
