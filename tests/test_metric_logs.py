@@ -199,6 +199,7 @@ def test_records_come_back_in_order_across_pieces_rolls_and_resumes(relay):
         first.flush()
     first.uploader.drain()
     assert [n for n in fs.listdir(folder) if n.startswith("metrics-")] == ["metrics-00000.jsonl", "metrics-00001.jsonl"]
+    assert [r["step"] for r in metric_logs.parse_records(fs.read_text(fs.join(folder, "metrics-00000.jsonl")))] == [1, 2, 3]
     first.close()  # step 7
     # A resumed run (it redoes steps 6 and 7) continues the numbering; size rolls make many pieces.
     second = metric_logs.JsonlLog(folder, roll_bytes=100, roll_seconds=None)
