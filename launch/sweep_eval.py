@@ -30,7 +30,6 @@ EXPORT_SUBDIR = "export"
 EVAL_SUBDIR = "eval"
 BUNDLE_FILE = "bundle.json"  # written last by spectron_jax.export: its presence marks a finished export
 METRICS_FILE = "metrics.json"
-TRAIN_METRICS_FILE = "metrics.jsonl"
 SUITES = ("continuation", "llama_questions", "web_questions")
 
 
@@ -120,17 +119,15 @@ def has_export(point: Point) -> bool:
 
 # ---- The comparison table -------------------------------------------------------------------------------
 def last_validation(model_dir: str) -> Optional[dict]:
-    """The last `split == "validation"` record of MODEL_DIR/metrics.jsonl (None without one)."""
-    text = read_text(join(model_dir, TRAIN_METRICS_FILE))
-    last = None
-    for line in (text or "").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if isinstance(record, dict) and record.get("split") == "validation":
-            last = record
-    return last
+    """The last `split == "validation"` record of the run's training log (None without one), read by
+    `spectron_jax.metric_logs` (a local metrics.jsonl, or the pieces of a run on an object store; the
+    table's callers import the package)."""
+    if filesystem() is None:
+        raise SweepError("reading a training log needs the spectron_jax package (pip install -e .)")
+    from spectron_jax import metric_logs
+
+    records = metric_logs.read_records(model_dir, split="validation")
+    return records[-1] if records else None
 
 
 def point_entry(point: Point, suite: str) -> dict:

@@ -16,7 +16,8 @@ Backend. `etils.epath.Path` over fsspec (`gcsfs` for `gs://`), never TensorFlow'
 
 Object stores cannot append or rename atomically: `write_text` / `write_bytes` write a temporary
 sibling then rename (atomic on local disks, a copy + delete on GCS, where a single-object write is
-itself atomic), and `append_lines` rewrites the whole file (fine for the small logs it is used for).
+itself atomic), and `append_lines` rewrites the whole file on an object store (O(size) bytes per call:
+a log that grows with a run goes through `spectron_jax.metric_logs`, which uploads pieces instead).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Four pieces, used by the training loop, the benchmark and the inference tools:
 - Rates. `throughput` turns a step time into steps/s, text tokens/s, spectrogram frames/s, TFLOP/s per
   device and MFU, the fraction of the devices' peak that the model's FLOPs use:
   `mfu = flops_per_step / (step_seconds * num_devices * peak_flops_per_device)`.
-- Output. `MetricsWriter` writes TensorBoard event files (scalars, images, audio, text);
+- Output. `MetricsWriter` writes TensorBoard event files (scalars, images, audio, text; on an object
+  store in rolling pieces uploaded in the background, see `spectron_jax.metric_logs`);
   `spectrogram_image` renders log-mel spectrograms; `ProgressLog` formats the one-line stdout log.
 
 The writer needs only TensorFlow (not the `tensorboard` package): it writes through the generic
@@ -19,14 +20,18 @@ read. TensorFlow is imported when the first enabled writer is made, never by a d
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
+import socket
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import numpy as np
+
+from spectron_jax import metric_logs
 
 # Dense (no structured sparsity) peak FLOP/s per chip, from the vendors' published specifications.
 # Keys are dtype names; 'tfloat32' is NVIDIA's TensorFloat-32 tensor-core rate, 'float32' the
@@ -319,30 +324,53 @@ class MetricsWriter:
     Only one process of a multi-host job should write: make the writer with
     `enabled=(jax.process_index() == 0)`; a disabled writer creates no files and every call is a no-op.
     Usable as a context manager (closes on exit).
+
+    A local `logdir` gets one event file, written in place. An object-store `logdir` gets rolling
+    pieces (see `spectron_jax.metric_logs`): events go to a local file that a `flush` closes once it
+    holds `roll_bytes` or is `roll_seconds` old (and `close` at the end); a closed file is uploaded once,
+    from a background thread, through `spectron_jax.filesystem` (TensorFlow's own GCS client is not
+    used), and the next event starts a new file, named so that name order is write order (see
+    `_piece_name`). `flush` and `close` raise an earlier upload's error.
+
+    Args:
+      logdir: the folder of the event files.
+      enabled: False makes every call a no-op.
+      roll_bytes, roll_seconds: when an object store's event file is closed and uploaded.
+      clock: monotonic seconds (for tests).
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True,
+                 roll_bytes: int = metric_logs.DEFAULT_ROLL_BYTES,
+                 roll_seconds: float | None = metric_logs.DEFAULT_ROLL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         from spectron_jax import filesystem
 
+        if roll_bytes <= 0 or (roll_seconds is not None and roll_seconds <= 0):
+            raise ValueError(f"MetricsWriter: roll_bytes and roll_seconds must be positive, got {roll_bytes}, {roll_seconds}")
         self.logdir = os.fspath(logdir)
         self.enabled = bool(enabled)
+        self.roll_bytes, self.roll_seconds = int(roll_bytes), roll_seconds
+        self._clock = clock
         self._tf = None
-        self._writer = None
-        # An object-store logdir: events go to a local folder and are uploaded through
-        # spectron_jax.filesystem at every flush (TensorFlow's own GCS client is not used).
-        self._staging = None
+        self._writer = None  # the open event file's writer (object store: made at its first event)
+        self._opened = 0.0
+        self._staging = None  # object store: a local folder; each event file in a subfolder of its own
+        self._piece_dir, self._pieces, self._piece_started = None, 0, 0.0
+        self.uploader = metric_logs.Uploader(f"TensorBoard events under {self.logdir}")
         if self.enabled:
             filesystem.makedirs(self.logdir)
-            if filesystem.is_remote(self.logdir):
-                import tempfile
-
-                self._staging = tempfile.mkdtemp(prefix="spectron-events-")
             import tensorflow as tf
             from tensorflow.core.framework import summary_pb2
 
             self._tf = tf
             self._summary_pb2 = summary_pb2
-            self._writer = tf.summary.create_file_writer(self._staging or self.logdir)
+            if filesystem.is_remote(self.logdir):
+                import tempfile
+
+                self._staging = tempfile.mkdtemp(prefix="spectron-events-")
+                atexit.register(self._close_at_exit)  # uploads the open file when `close` was never reached
+            else:
+                self._writer = tf.summary.create_file_writer(self.logdir)
 
     def _metadata(self, plugin: str, data_class: str, content: bytes = b""):
         pb = self._summary_pb2
@@ -352,6 +380,11 @@ class MetricsWriter:
         return metadata
 
     def _write(self, step: int, tag: str, tensor: Any, metadata: Any) -> None:
+        if self._writer is None:  # an object store's next event file, in a folder of its own
+            self._pieces += 1
+            self._piece_dir = os.path.join(self._staging, f"{self._pieces:06d}")
+            self._writer = self._tf.summary.create_file_writer(self._piece_dir)
+            self._opened, self._piece_started = self._clock(), time.time()
         with self._writer.as_default():
             self._tf.summary.write(tag=tag, tensor=tensor, step=int(step), metadata=metadata)
 
@@ -403,25 +436,75 @@ class MetricsWriter:
         self._write(step, name, self._tf.constant(str(text)), self._metadata(_PLUGIN_TEXT, "DATA_CLASS_TENSOR"))
 
     def flush(self) -> None:
+        """Writes buffered events; on an object store, closes and uploads the event file when it is due."""
+        if not self.enabled:
+            return
         if self._writer is not None:
             self._writer.flush()
-            self._upload()
+            if self._staging is not None and self._due():
+                self._roll()
+        self.uploader.check()
 
-    def _upload(self) -> None:
-        if self._staging is None:
-            return
+    def _due(self) -> bool:
+        if self.roll_seconds is not None and self._clock() - self._opened >= self.roll_seconds:
+            return True
+        return sum(os.path.getsize(os.path.join(self._piece_dir, n)) for n in os.listdir(self._piece_dir)) >= self.roll_bytes
+
+    def _roll(self) -> None:
+        """Closes the open (object-store) event file and queues its upload; the next event opens another."""
         from spectron_jax import filesystem
 
-        for name in os.listdir(self._staging):
-            filesystem.copy(os.path.join(self._staging, name), filesystem.join(self.logdir, name))
+        self._writer.close()
+        self._writer = None
+        folder = self._piece_dir
+        for i, name in enumerate(sorted(os.listdir(folder))):  # one file (TensorFlow makes one per writer)
+            local, remote = os.path.join(folder, name), filesystem.join(self.logdir, self._piece_name(i))
+
+            def upload(local=local, remote=remote):
+                filesystem.copy(local, remote)
+                os.remove(local)
+
+            self.uploader.submit(name, upload)
+
+    def _piece_name(self, i: int) -> str:
+        """The uploaded name of the open piece's file: TensorFlow's form, 'events.out.tfevents.' + the
+        start time in seconds + host + pid + the piece number zero-padded, so that name order is write
+        order (TensorBoard reads a folder's event files in name order; TensorFlow's own names end in
+        an unpadded counter, '...10' before '...2')."""
+        return (f"events.out.tfevents.{int(self._piece_started):010d}.{socket.gethostname()}.{os.getpid()}."
+                f"{self._pieces:06d}{f'-{i}' if i else ''}.v2")
 
     def close(self) -> None:
+        """Writes and (object store) uploads every event, waits for the uploads, raises an upload error."""
+        if not self.enabled:
+            return
+        self.enabled = False
         if self._writer is not None:
             self._writer.flush()
-            self._writer.close()
-            self._upload()
-            self._writer = None
-            self.enabled = False
+            if self._staging is not None:
+                self._roll()
+            else:
+                self._writer.close()
+                self._writer = None
+        atexit.unregister(self._close_at_exit)
+        try:
+            self.uploader.close()
+        finally:
+            if self._staging is not None:  # an uploaded file is removed; a failed upload's file stays
+                for name in os.listdir(self._staging):
+                    if not os.listdir(os.path.join(self._staging, name)):
+                        os.rmdir(os.path.join(self._staging, name))
+                if os.listdir(self._staging):
+                    print(f"MetricsWriter: event files not uploaded to {self.logdir} are kept in {self._staging}",
+                          file=sys.stderr, flush=True)
+                else:
+                    os.rmdir(self._staging)
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except metric_logs.UploadError:
+            pass  # printed when it happened
 
     def __enter__(self) -> "MetricsWriter":
         return self

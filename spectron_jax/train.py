@@ -36,11 +36,11 @@ import signal
 import time
 from typing import Any, Optional, Sequence
 
-from spectron_jax import cli, filesystem
+from spectron_jax import cli, filesystem, metric_logs
 from spectron_jax.multihost import DistributedConfig
 
 logger = logging.getLogger("spectron_jax.train")
-METRICS_JSONL = "metrics.jsonl"
+METRICS_JSONL = metric_logs.METRICS_JSONL  # local runs; object stores get pieces (see metric_logs)
 SUMMARY_FILENAME = "model_summary.json"
 
 
@@ -181,29 +181,6 @@ def _build_train_config() -> "TrainConfig":
         raise
     except Exception as e:  # noqa: BLE001 - a config's __post_init__ rejecting a value
         raise cli.UsageError(f"gin config: cannot build TrainConfig: {' '.join(str(e).split())}") from None
-
-
-class _JsonlLog:
-    """Appends one JSON line per record to MODEL_DIR/metrics.jsonl (process 0 only), through the
-    file-system layer: a local file is appended to; on an object store the file is rewritten, so records
-    are buffered and written at `flush` (called at every logging step and at the end)."""
-
-    def __init__(self, path: str, enabled: bool):
-        self.path, self.enabled, self.pending = path, enabled, []
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            self.pending.append(json.dumps(record, sort_keys=True))
-            if not filesystem.is_remote(self.path):
-                self.flush()
-
-    def flush(self) -> None:
-        if self.enabled and self.pending:
-            filesystem.append_lines(self.path, self.pending)
-            self.pending = []
-
-    def close(self):
-        self.flush()
 
 
 def _data_change(meta: dict, seed: int, shard, process_index: int, order_version: int | None = None,
@@ -494,7 +471,7 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
     profiler = _Profiler(config.profile_steps, model_dir, enabled=is_main)
 
     writer = metrics_lib.MetricsWriter(model_dir, enabled=is_main)
-    jsonl = _JsonlLog(filesystem.join(model_dir, METRICS_JSONL), enabled=is_main)
+    jsonl = metric_logs.JsonlLog(model_dir, enabled=is_main)
     progress = metrics_lib.ProgressLog(train_steps)
     evaluator = None
     if config.eval_every_steps:

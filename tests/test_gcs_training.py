@@ -53,9 +53,10 @@ def _call(args, env, repo_root, expect=0, timeout=300):
     return result
 
 
-def _losses(text: str) -> dict[int, float]:
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if r.get("split") == "train"}
+def _losses(model_dir) -> dict[int, float]:
+    from spectron_jax import metric_logs
+
+    return {r["step"]: r["loss"] for r in metric_logs.read_records(model_dir, split="train")}
 
 
 @pytest.mark.slow
@@ -97,7 +98,7 @@ def test_prepare_train_crash_resume_export_on_gcs(env, gcs_emulator, tmp_path, r
     _call(["spectron_jax.train", f"--gin_file={gin_file}", f"--gin.DATA_DIR='{local_data}'",
            f"--gin.TrainConfig.vocab_path='{embedded_dir / 'spm' / 'spectron_tiny.model'}'",
            f"--gin.MODEL_DIR='{reference_dir}'"], env, repo_root)
-    reference = _losses((reference_dir / "metrics.jsonl").read_text())
+    reference = _losses(reference_dir)
     assert sorted(reference) == [1, 2, 3, 4]
 
     # A run on the bucket that dies at step 3 (a NaN batch: exit 1, nothing saved after step 2) ...
@@ -107,9 +108,14 @@ def test_prepare_train_crash_resume_export_on_gcs(env, gcs_emulator, tmp_path, r
     # ... resumes from the bucket's checkpoint and continues exactly.
     result = _call(train + [f"--gin.MODEL_DIR='{model_dir}'"], env, repo_root)
     assert f"resumed from step 2 in {model_dir}/checkpoints" in result.stdout
-    losses = _losses(fs.read_text(f"{model_dir}/metrics.jsonl"))
+    losses = _losses(model_dir)
     assert sorted(losses) == [1, 2, 3, 4]
     np.testing.assert_allclose([losses[s] for s in range(1, 5)], [reference[s] for s in range(1, 5)], rtol=1e-5)
+    # Each run's records went up as pieces (one or more per run, numbered on across the resume).
+    from spectron_jax import metric_logs
+
+    pieces = [n for n in fs.listdir(model_dir) if n.startswith("metrics")]
+    assert len(pieces) >= 2 and pieces == [metric_logs.piece_name(i) for i in range(len(pieces))], pieces
     for name in ("config.gin", "tokenizer.model", "model_summary.json"):
         assert fs.is_file(f"{model_dir}/{name}"), name
     assert fs.read_bytes(f"{model_dir}/tokenizer.model") == (embedded_dir / "spm" / "spectron_tiny.model").read_bytes()

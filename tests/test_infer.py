@@ -123,7 +123,8 @@ def test_teacher_forced_text_carries_the_separator_at_phi(embedded_dir):
     text = "old maren had kept the lighthouse"  # letters 3 5 3 4 3 10 of 28: half is 14, nearest start 15
     for sep_id, expected in ((4, vocab.encode("old maren had kept") + [4] + vocab.encode("the lighthouse")),
                              (None, vocab.encode(text))):
-        bundle = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(sep_id=sep_id)),
+        bundle = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(
+            sep_id=sep_id, prompt_features="log_mel")),
                                        tokenizer=vocab, feature_spec=features.SPECTRON_FEATURES)
         assert infer.Inferencer(bundle).text_ids(text, 0.5) == expected
 

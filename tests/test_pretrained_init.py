@@ -116,8 +116,9 @@ def _env(root):
 
 
 def _records(model_dir, split):
-    with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return {r["step"]: r for r in map(json.loads, f) if r.get("split") == split}
+    from spectron_jax import metric_logs
+
+    return {r["step"]: r for r in metric_logs.read_records(model_dir, split=split)}
 
 
 @pytest.mark.slow  # two conversions, prepare, a 2-step training run (a subprocess), export and infer

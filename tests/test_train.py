@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from spectron_jax import cli, partitioning, train, trainer
+from spectron_jax import cli, metric_logs, partitioning, train, trainer
 
 MODEL_GIN = """
 SpectronConfig.encoder = @ConformerConfig()
@@ -129,20 +129,9 @@ def _start(workdir, model_dir, *bindings, devices=1, **env):
 
 
 def _train_losses(model_dir) -> dict[int, dict]:
-    """{step: metrics} of the train records in metrics.jsonl; a repeated step keeps its last record."""
-    records = {}
-    path = os.path.join(model_dir, train.METRICS_JSONL)
-    if not os.path.exists(path):
-        return records
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by kill -9
-            if record.get("split") == "train":
-                records[record["step"]] = record
-    return records
+    """{step: metrics} of the run's train records; a repeated step keeps its last record (a line torn by
+    kill -9 is skipped by the reader)."""
+    return {record["step"]: record for record in metric_logs.read_records(model_dir, split="train")}
 
 
 def _checkpoint_steps(model_dir) -> list[int]:
@@ -171,13 +160,7 @@ def reference_run(workdir):
 
 
 def _eval_records(model_dir) -> dict[int, dict]:
-    records = {}
-    with open(os.path.join(model_dir, train.METRICS_JSONL), encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("split") == "validation":
-                records[record["step"]] = record
-    return records
+    return {record["step"]: record for record in metric_logs.read_records(model_dir, split="validation")}
 
 
 # ---- runs --------------------------------------------------------------------------------------
