@@ -55,12 +55,13 @@ PLOT_EXAMPLES = 4
 @dataclasses.dataclass(frozen=True)
 class ContinuationConfig:
     """prompt_seconds: the prompt window (the paper's 3 s); batch_size: examples per inference call;
-    write_wavs: write prompt / generated / true wavs per example; resume: reuse rows of an earlier run."""
+    write_wavs: write prompt / generated / true wavs per example; overwrite: discard the rows of an
+    earlier run in the output folder instead of resuming it (`runner.RowWriter`)."""
 
     prompt_seconds: float = 3.0
     batch_size: int = 4
     write_wavs: bool = True
-    resume: bool = True
+    overwrite: bool = False
 
 
 def _l1(pred: np.ndarray | None, true: np.ndarray) -> float:
@@ -122,15 +123,19 @@ def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Sc
 
 
 def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], scorers: runner.Scorers,
-        output_dir: epath.Path, config: ContinuationConfig = ContinuationConfig()) -> tuple[list[dict], list[dict]]:
+        output_dir: epath.Path, config: ContinuationConfig = ContinuationConfig(),
+        fingerprint: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Runs the suite; returns (rows of every example, plot panels of the first few run now).
+
+    `fingerprint` (what makes the rows: export, decode, scorer and suite settings) is recorded in each
+    row; a resume into a folder whose rows have another one raises `runner.ResumeError`.
 
     Plot panels are dicts with `id`, `prompt`, `generated`, `true` log-mel [frames, 128].
     """
     spec = features.SPECTRON_FEATURES
     prompt_samples = int(round(config.prompt_seconds * spec.sample_rate))
     prompt_frames = features.frames_for_seconds(config.prompt_seconds, spec)
-    writer = runner.RowWriter(output_dir, SUITE, resume=config.resume)
+    writer = runner.RowWriter(output_dir, SUITE, fingerprint, overwrite=config.overwrite)
     todo = [ex for ex in examples if ex.id not in writer.done]
     wav_dir = output_dir / "wavs"
     if config.write_wavs:
