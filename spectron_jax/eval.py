@@ -149,6 +149,8 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
     if args.suite == "continuation":
         values = continuation.metrics(rows)
         notes.append(f"Prompt: the first {prompt_seconds:g} s of each utterance; the rest is the true continuation.")
+        if continuation.teacher_forced_note(rows):
+            notes.append(continuation.teacher_forced_note(rows))
     else:
         values, panels = spoken_qa.metrics(rows), []
         settings.update(facts)

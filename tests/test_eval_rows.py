@@ -1,8 +1,8 @@
-"""Evaluation rows that do not depend on how a run was cut: batch size, resume point, the run that wrote them.
+"""Evaluation rows you can pool: independent of the batch and the resume point, of one run, strict JSON.
 
 A row's generated text is keyed by its example id (not its place in a batch), a resume reuses only rows
-with the same fingerprint (export, step, decode, scorer and suite settings) and the data set's facts are
-those of every example, also on a resume.
+with the same fingerprint (export, step, decode, scorer and suite settings), the data set's facts are
+those of every example, also on a resume, and a value that is not finite is written as null and counted.
 """
 
 import dataclasses
@@ -105,3 +105,35 @@ def test_resume_reuses_only_rows_of_the_same_run(tmp_path, embedded_dir):
     assert len(fresh.prompt_samples) == 3
     assert {r["fingerprint"]["export_dir"] for r in _rows(out)} == {str(tmp_path / "export_b")}
     assert len(_rows(out)) == 3
+
+
+def test_a_failed_teacher_forced_pass_is_null_in_strict_json_and_reported(tmp_path, embedded_dir):
+    class TeacherFails(ScriptedInferencer):  # test double: the teacher-forced pass raises on one utterance
+        def teacher_forced_frames(self, waves, transcripts):
+            if transcripts[0].startswith("In the middle"):
+                raise RuntimeError("out of memory in the teacher-forced pass")
+            return super().teacher_forced_frames(waves, transcripts)
+
+    rows = {r.split("\t")[0]: r.split("\t") for r in (embedded_dir / "manifest.tsv").read_text().splitlines()[1:]}
+    manifest = tmp_path / "eval.tsv"
+    manifest.write_text("id\tpath\ttranscript\n" + "".join(
+        f"{i}\t{embedded_dir / rows[i][1]}\t{rows[i][2]}\n" for i in ("p012_u00", "p001_u00")))
+    out = tmp_path / "out"
+    args = _args(suite="continuation", data_dir=str(manifest), output_dir=str(out), asr="none", text_lm="none",
+                 speaker="none", naturalness="none", wavs=False)
+    values = eval_cli.evaluate(args, None, lambda s: TeacherFails(), runner.Scorers())
+
+    def strict(text):  # json.loads accepts NaN / Infinity unless told not to
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+    written = {r["id"]: r for r in map(strict, (out / "examples.jsonl").read_text().splitlines())}
+    failed, ok = written["p012_u00"], written["p001_u00"]
+    assert failed["l1_teacher_forced"] is None and failed["non_finite"] == ["l1_teacher_forced"]
+    assert "out of memory" in failed["teacher_forced_error"]
+    assert ok["l1_teacher_forced"] == pytest.approx(0.1, abs=1e-5) and "non_finite" not in ok
+    assert values["l1_teacher_forced"] == pytest.approx(0.1, abs=1e-5)  # over the row that has it
+    payload = strict((out / "metrics.json").read_text())
+    notes = " ".join(payload["notes"])
+    assert "teacher-forced pass failed on 1 of 2 rows" in notes and "l1_teacher_forced: 1" in notes
+    # The null rows resume as they were written.
+    assert eval_cli.evaluate(args, None, lambda s: TeacherFails(), runner.Scorers()) == values
