@@ -137,3 +137,18 @@ def test_a_failed_teacher_forced_pass_is_null_in_strict_json_and_reported(tmp_pa
     assert "teacher-forced pass failed on 1 of 2 rows" in notes and "l1_teacher_forced: 1" in notes
     # The null rows resume as they were written.
     assert eval_cli.evaluate(args, None, lambda s: TeacherFails(), runner.Scorers()) == values
+
+
+def test_rows_of_an_older_version_or_another_suite_are_not_resumed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / runner.EXAMPLES_FILENAME).write_text(json.dumps({"suite": "llama_questions", "id": "1"}) + "\n")
+    with pytest.raises(runner.ResumeError, match="rows written without a fingerprint.*--overwrite"):
+        runner.RowWriter(out, "llama_questions", {"export_dir": "a"})
+    with pytest.raises(runner.ResumeError, match="suite: 'llama_questions' vs 'web_questions'"):
+        runner.RowWriter(out, "web_questions", {"export_dir": "a"})
+    writer = runner.RowWriter(out, "web_questions", {"export_dir": "a"}, overwrite=True)
+    writer.add({"id": "2", "score": float("inf")})
+    assert runner.RowWriter(out, "web_questions", {"export_dir": "a"}).rows == [
+        {"suite": "web_questions", "id": "2", "score": None, "fingerprint": {"export_dir": "a"},
+         "non_finite": ["score"]}]
