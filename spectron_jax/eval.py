@@ -14,7 +14,9 @@ Scorers (all offline by default): `--asr=pocketsphinx|whisper:<name-or-path>|non
 
 Writes OUT/metrics.json, report.md, examples.jsonl, wavs/, plots/ (see `evaluation.report`). A bad
 example (missing or corrupt audio, too short, an inference error) is counted and skipped with its
-reason; a rerun into the same OUT resumes, reusing the rows already written (`--noresume` starts over).
+reason; a rerun into the same OUT resumes, reusing the rows already written, when they were made by the
+same run: every row records its fingerprint (export folder and step, decode settings, scorers, suite,
+data and prompt settings), and rows of another one make the rerun refuse (`--overwrite` starts afresh).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="text sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--nowavs", dest="wavs", action="store_false", help="do not write the generated wavs")
-    p.add_argument("--noresume", dest="resume", action="store_false", help="ignore rows of an earlier run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the rows of an earlier run in --output_dir instead of resuming it")
     return p
 
 
@@ -80,11 +83,30 @@ def make_scorers(args: Any, bundle: Any):
     return scorers
 
 
+def _where(path: str) -> str:
+    """A path as the fingerprint records it: absolute for a local one, as given for gs://."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def fingerprint(args: Any, bundle: Any, scorers: Any) -> dict:
+    """What makes a row (recorded in each, compared on resume): the export folder and its step
+    (bundle.json), the decode settings (`args.decode`: `DecodeConfig` as a dict), the scorers and the
+    suite's data and settings. Not the batch size or `--limit`: they do not change a row."""
+    meta = getattr(bundle, "meta", None) or {}
+    suite = {"suite": args.suite, "data_dir": _where(args.data_dir), "split": args.split,
+             "prompt_seconds": float(getattr(args, "prompt_seconds", 3.0))}
+    if args.suite != "continuation":
+        suite["long_questions"] = args.long_questions
+    return {"export_dir": _where(args.export_dir), "step": meta.get("step"),
+            "decode": dict(getattr(args, "decode", None) or {}), "scorers": scorers.names(), "suite": suite}
+
+
 def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], scorers: Any) -> dict:
     """Runs `args.suite` and writes its report; returns the metrics.json payload's `metrics`.
 
-    `make_inferencer(prompt_seconds)` returns an object with `run(waves)` and `teacher_forced_frames`
-    (`spectron_jax.infer.Inferencer`). Raises `cli.InputError` when `--data_dir` cannot be read.
+    `make_inferencer(prompt_seconds)` returns an object with `run(waves, row_ids)` and
+    `teacher_forced_frames` (`spectron_jax.infer.Inferencer`). Raises `cli.InputError` when `--data_dir`
+    cannot be read, or when `--output_dir` holds rows of another run (`fingerprint`) and not `--overwrite`.
     """
     from etils import epath
 
@@ -109,16 +131,27 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
     settings = {"export_dir": args.export_dir, "data_dir": args.data_dir, "suite": args.suite,
                 "limit": args.limit, "batch_size": args.batch_size, "prompt_seconds": prompt_seconds}
     notes = []
+    overwrite = bool(getattr(args, "overwrite", False))
+    stamp = fingerprint(args, bundle, scorers)
+    settings.update(step=stamp["step"], decode=stamp["decode"])
+    try:
+        if args.suite == "continuation":
+            config = continuation.ContinuationConfig(prompt_seconds=prompt_seconds, batch_size=args.batch_size,
+                                                     write_wavs=args.wavs, overwrite=overwrite)
+            rows, panels = continuation.run(make_inferencer(prompt_seconds), examples, skips, scorers, out, config,
+                                            stamp)
+        else:
+            config = spoken_qa.QAConfig(prompt_seconds=prompt_seconds, long_questions=args.long_questions,
+                                        batch_size=args.batch_size, write_wavs=args.wavs, overwrite=overwrite)
+            rows, facts = spoken_qa.run(make_inferencer, args.suite, examples, skips, scorers, out, config, stamp)
+    except runner.ResumeError as e:
+        raise cli.InputError(f"--output_dir={args.output_dir}: {e}") from None
     if args.suite == "continuation":
-        config = continuation.ContinuationConfig(prompt_seconds=prompt_seconds, batch_size=args.batch_size,
-                                                 write_wavs=args.wavs, resume=args.resume)
-        rows, panels = continuation.run(make_inferencer(prompt_seconds), examples, skips, scorers, out, config)
         values = continuation.metrics(rows)
         notes.append(f"Prompt: the first {prompt_seconds:g} s of each utterance; the rest is the true continuation.")
+        if continuation.teacher_forced_note(rows):
+            notes.append(continuation.teacher_forced_note(rows))
     else:
-        config = spoken_qa.QAConfig(prompt_seconds=prompt_seconds, long_questions=args.long_questions,
-                                    batch_size=args.batch_size, write_wavs=args.wavs, resume=args.resume)
-        rows, facts = spoken_qa.run(make_inferencer, args.suite, examples, skips, scorers, out, config)
         values, panels = spoken_qa.metrics(rows), []
         settings.update(facts)
         how = ("fed whole: the prompt window was widened to {w:g} s" if facts["long_questions"] == "full"
@@ -127,6 +160,8 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
                      f"{prompt_seconds:g} s training prompt window; they were {how}.")
     if runner.boundary_note(rows):
         notes.append(runner.boundary_note(rows))
+    if runner.non_finite_note(rows):
+        notes.append(runner.non_finite_note(rows))
     if "asr" in scorers.names() and scorers.names()["asr"].startswith("pocketsphinx"):
         notes.append("ASR figures come from PocketSphinx, a weak recogniser (about 0.9 WER on synthetic "
                      "voices); a stronger ASR (--asr=whisper:...) gives more meaningful transcripts.")
@@ -156,6 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fields = {f.name for f in dataclasses.fields(decoding.DecodeConfig)}
     base = decoding.DecodeConfig(**{k: v for k, v in overrides.items() if k in fields})
     args.prompt_seconds = base.prompt_seconds
+    args.decode = dataclasses.asdict(base)
 
     def make_inferencer(prompt_seconds: float):
         return infer.Inferencer(bundle, dataclasses.replace(base, prompt_seconds=prompt_seconds),

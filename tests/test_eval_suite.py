@@ -36,7 +36,7 @@ class ScriptedInferencer:
         self.stop_every = stop_every
         self.prompt_samples: list[int] = []
 
-    def run(self, waves):
+    def run(self, waves, row_ids=None):
         out = []
         for wave in waves:
             self.prompt_samples.append(int(wave.size))
@@ -133,7 +133,7 @@ def test_continuation_scores_the_prompt_transcript_and_the_continuation_apart():
 
 def _args(**kw):
     base = dict(export_dir="tiny", limit=None, batch_size=2, split=None, asr="pocketsphinx", text_lm="bundle",
-                speaker="resemblyzer", naturalness="dnsmos", long_questions="full", wavs=True, resume=True,
+                speaker="resemblyzer", naturalness="dnsmos", long_questions="full", wavs=True, overwrite=False,
                 prompt_seconds=3.0)
     return types.SimpleNamespace(**{**base, **kw})
 

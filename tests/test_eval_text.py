@@ -135,3 +135,39 @@ def test_comparison_table_of_several_reports(tmp_path):
     with pytest.raises(ValueError, match="different suites"):
         report.comparison_markdown({"a": {"suite": "continuation", "metrics": {}},
                                     "b": {"suite": "llama_questions", "metrics": {}}})
+
+
+def test_web_questions_null_answers_json_arrays_and_tsv_header(tmp_path):
+    rows = [{"audio": "q/0.wav", "question": "capital of peru?", "answers": [None, "Lima"]},
+            {"audio": "q/1.wav", "question": "who?", "answers": [None]},
+            {"audio": "q/2.wav", "question": "what?", "answers": [{"name": "x"}]}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    examples, skips = datasets.web_questions_examples(str(tmp_path / "m.jsonl"))
+    assert [(e.id, e.answers) for e in examples] == [("0", ("Lima",))]  # the null is not the answer "None"
+    assert [s.source for s in skips] == ["m.jsonl:2", "m.jsonl:3"]
+    # A .json manifest is one array: read whole, not line by line; anything else is one error naming it.
+    (tmp_path / "m.json").write_text(json.dumps(rows[:1] + [rows[0] | {"audio": "q/9.wav"}, "junk"], indent=2))
+    examples, skips = datasets.web_questions_examples(str(tmp_path / "m.json"))
+    assert [e.id for e in examples] == ["0", "9"] and [s.source for s in skips] == ["m.json[2]"]
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(datasets.DatasetError, match=r"lines\.json: not JSON .*\.jsonl"):
+        datasets.web_questions_examples(str(tmp_path / "lines.json"))
+    (tmp_path / "obj.json").write_text(json.dumps(rows[0]))
+    with pytest.raises(datasets.DatasetError, match="an array of objects, got a dict"):
+        datasets.web_questions_examples(str(tmp_path / "obj.json"))
+    # A .tsv without the columns it needs is refused (before: every row was skipped as malformed).
+    (tmp_path / "bad.tsv").write_text("wav\tquestion\tanswers\nq/0.wav\tcapital of peru?\tLima\n")
+    with pytest.raises(datasets.DatasetError, match=r"bad\.tsv: header lacks the column\(s\) audio \(or path\)"):
+        datasets.web_questions_examples(str(tmp_path / "bad.tsv"))
+    (tmp_path / "other.tsv").write_text("path\tquestion\tanswer\nq/0.wav\tcapital of peru?\tLima\n")
+    examples, _ = datasets.web_questions_examples(str(tmp_path / "other.tsv"))
+    assert [(e.id, e.answers) for e in examples] == [("0", ("Lima",))]
+
+
+def test_llama_questions_ids_keep_folders_apart(tmp_path):
+    (tmp_path / datasets.LLAMA_QUESTIONS_TSV).write_text(
+        "Questions\tAnswer\tWav Filename\nfirst?\tone\t6.wav\nsecond?\ttwo\tsub/6.wav\nthird?\tthree\t./6.wav\n")
+    examples, skips = datasets.llama_questions_examples(str(tmp_path))
+    assert [(e.id, e.audio) for e in examples] == [("6", str(tmp_path / "6.wav")),
+                                                   ("sub/6", str(tmp_path / "sub/6.wav"))]
+    assert [(s.id, s.reason) for s in skips] == [("6", "duplicate_id")]  # ./6.wav is 6.wav again

@@ -38,7 +38,14 @@ def _int16_bytes(wave: np.ndarray) -> bytes:
 
 
 class PocketSphinxASR:
-    """CMU PocketSphinx with the en-US models shipped in its wheel (offline)."""
+    """CMU PocketSphinx with the en-US models shipped in its wheel (offline).
+
+    Each utterance is decoded from the same recogniser state: PocketSphinx carries its live cepstral
+    mean (CMN) estimate over from one utterance to the next, so without a reset a transcript depended
+    on what was transcribed before it (example order, batch contents, the resume point).
+    `Decoder.reinit_feat` before each utterance restores the initial feature state; the result equals
+    a freshly built decoder's (tests/test_eval_scorers.py checks both).
+    """
 
     name = "pocketsphinx (en-US wheel model)"
 
@@ -53,6 +60,7 @@ class PocketSphinxASR:
             if np.asarray(wave).size == 0:
                 texts.append("")
                 continue
+            self._decoder.reinit_feat()  # the initial CMN estimate: no state from the previous utterance
             self._decoder.start_utt()
             self._decoder.process_raw(_int16_bytes(wave), full_utt=True)
             self._decoder.end_utt()

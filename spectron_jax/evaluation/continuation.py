@@ -24,7 +24,9 @@ the vocoder turns into audio. Per example (one row of examples.jsonl) and pooled
   speaker_sim_true           prompt vs the true continuation (the ceiling);
   dnsmos_<system>_<key>      DNSMOS of the generated continuation, the true continuation, and the true
                              continuation resynthesised by the vocoder from its log-mel (its ceiling);
-  l1_teacher_forced          mean |predicted − true| log-mel of the continuation with the true frames fed;
+  l1_teacher_forced          mean |predicted − true| log-mel of the continuation with the true frames fed
+                             (a row whose teacher-forced pass failed has it null and says why in
+                             `teacher_forced_error`; the report counts such rows);
   l1_free_running            the same for the generated frames, over the frames both have;
   length_ratio               generated frames / true continuation frames;
   stop_head_fraction         share of continuations ended by the stop head (the rest hit the budget).
@@ -55,12 +57,13 @@ PLOT_EXAMPLES = 4
 @dataclasses.dataclass(frozen=True)
 class ContinuationConfig:
     """prompt_seconds: the prompt window (the paper's 3 s); batch_size: examples per inference call;
-    write_wavs: write prompt / generated / true wavs per example; resume: reuse rows of an earlier run."""
+    write_wavs: write prompt / generated / true wavs per example; overwrite: discard the rows of an
+    earlier run in the output folder instead of resuming it (`runner.RowWriter`)."""
 
     prompt_seconds: float = 3.0
     batch_size: int = 4
     write_wavs: bool = True
-    resume: bool = True
+    overwrite: bool = False
 
 
 def _l1(pred: np.ndarray | None, true: np.ndarray) -> float:
@@ -80,10 +83,11 @@ def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Sc
     ex = item.example
     true_wave = item.wave[prompt_samples:]
     true_frames = features.log_mel(item.wave, spec)[prompt_frames:]
+    teacher_error = None
     try:
         teacher = inferencer.teacher_forced_frames([item.wave], [ex.text])[0]
-    except Exception:  # noqa: BLE001 - the figure is left out for this example, the rest is kept
-        teacher = None
+    except Exception as e:  # noqa: BLE001 - the figure is left out for this example (and said why), the rest kept
+        teacher, teacher_error = None, runner.scoring_skip(ex, e).detail
     generated = np.asarray(result.waveform, np.float32)
     reference_prompt, reference_continuation = phi.split_transcript(ex.text, prompt_samples / max(item.wave.size, 1))
     row = {
@@ -96,6 +100,8 @@ def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Sc
         "true_seconds": true_wave.size / spec.sample_rate, "generated_seconds": generated.size / spec.sample_rate,
         "l1_teacher_forced": _l1(teacher, true_frames), "l1_free_running": _l1(result.frames, true_frames),
     }
+    if teacher_error is not None:
+        row["teacher_forced_error"] = teacher_error
     if scorers.asr is not None:
         row["asr_transcript"] = scorers.asr.transcribe([generated])[0]
     if scorers.text_lm is not None:
@@ -122,15 +128,19 @@ def _score(inferencer: Any, item: runner.Loaded, result: Any, scorers: runner.Sc
 
 
 def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], scorers: runner.Scorers,
-        output_dir: epath.Path, config: ContinuationConfig = ContinuationConfig()) -> tuple[list[dict], list[dict]]:
+        output_dir: epath.Path, config: ContinuationConfig = ContinuationConfig(),
+        fingerprint: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Runs the suite; returns (rows of every example, plot panels of the first few run now).
+
+    `fingerprint` (what makes the rows: export, decode, scorer and suite settings) is recorded in each
+    row; a resume into a folder whose rows have another one raises `runner.ResumeError`.
 
     Plot panels are dicts with `id`, `prompt`, `generated`, `true` log-mel [frames, 128].
     """
     spec = features.SPECTRON_FEATURES
     prompt_samples = int(round(config.prompt_seconds * spec.sample_rate))
     prompt_frames = features.frames_for_seconds(config.prompt_seconds, spec)
-    writer = runner.RowWriter(output_dir, SUITE, resume=config.resume)
+    writer = runner.RowWriter(output_dir, SUITE, fingerprint, overwrite=config.overwrite)
     todo = [ex for ex in examples if ex.id not in writer.done]
     wav_dir = output_dir / "wavs"
     if config.write_wavs:
@@ -157,6 +167,15 @@ def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], sco
 
 def _scores(rows: Sequence[dict], key: str) -> list[TextScore]:
     return [TextScore(**row[key]) for row in rows if key in row]
+
+
+def teacher_forced_note(rows: Sequence[dict]) -> str | None:
+    """A report note on rows whose teacher-forced pass failed (None when it ran on every row)."""
+    failed = [r for r in rows if r.get("teacher_forced_error")]
+    if not failed:
+        return None
+    return (f"The teacher-forced pass failed on {len(failed)} of {len(rows)} rows (first: "
+            f"{failed[0]['id']}: {failed[0]['teacher_forced_error']}); l1_teacher_forced is over the rest.")
 
 
 def metrics(rows: Sequence[dict]) -> dict[str, float]:

@@ -17,12 +17,15 @@ or corrupt file as a skip of its own.
 `llama_questions` (`llama_questions_examples`): the public LLaMA-Questions layout, `N.wav` files next to
   `llama_questions_300.tsv` with the columns `Questions`, `Answer`, `Wav Filename`. The file has CRLF
   line endings, unescaped `"` inside questions and trailing spaces, so it is split on tabs with quoting
-  off and every field is stripped.
+  off and every field is stripped. An example's id is its wav's path without the extension (`6.wav`
+  -> `6`, `sub/6.wav` -> `sub/6`), so files of one name in two folders stay apart.
 
-`web_questions` (`web_questions_examples`): a manifest of spoken questions, `.tsv` (columns `audio`,
-  `question`, `answers`, the answers separated by `|`) or `.jsonl` (`{"audio": ..., "question": ...,
-  "answers": [...]}`), audio paths relative to the manifest; `launch/synthesize_questions.py` writes
-  one from the WebQuestions JSON.
+`web_questions` (`web_questions_examples`): a manifest of spoken questions, `.tsv` (a header with the
+  columns `audio` (or `path`), `question`, `answers` (or `answer`), the answers separated by `|`),
+  `.jsonl` (one `{"audio": ..., "question": ..., "answers": [...]}` per line) or `.json` (an array of
+  such objects), audio paths relative to the manifest; `launch/synthesize_questions.py` writes one from
+  the WebQuestions JSON. A null among the answers is dropped (a row left with none is skipped); the id
+  is the row's `id`, else its audio file's name without the extension.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from spectron_jax.data import sources
 LLAMA_QUESTIONS_TSV = "llama_questions_300.tsv"
 LLAMA_COLUMNS = ("Questions", "Answer", "Wav Filename")
 ANSWER_SEPARATOR = "|"
+# Columns of a WebQuestions .tsv manifest: each entry is a column and the other name it may go by.
+WEB_QUESTIONS_COLUMNS = (("audio", "path"), ("question", None), ("answers", "answer"))
 
 
 class DatasetError(ValueError):
@@ -135,7 +140,7 @@ def llama_questions_examples(data_dir: str) -> tuple[list[EvalExample], list[Ski
             skips.append(Skip("", where, None, "malformed_line", f"{len(fields)} fields, header has {len(header)}"))
             continue
         question, answer, wav = (fields[col[c]] for c in LLAMA_COLUMNS)
-        utt_id = os.path.splitext(os.path.basename(wav))[0] if wav else ""
+        utt_id = _id_of_path(wav)
         if not wav or not answer:
             skips.append(Skip(utt_id, where, None, "malformed_line", "no wav file name or no answer"))
             continue
@@ -147,48 +152,93 @@ def llama_questions_examples(data_dir: str) -> tuple[list[EvalExample], list[Ski
     return examples, skips
 
 
-def _answers_of(value) -> tuple[str, ...]:
+def _id_of_path(audio: str) -> str:
+    """An example id from its audio path: the path without its extension, '/'-separated ('' for '')."""
+    if not audio:
+        return ""
+    return os.path.splitext(os.path.normpath(audio).replace(os.sep, "/"))[0]
+
+
+def _answers_of(value) -> tuple[str, ...] | None:
+    """Accepted answers of a row: a list (nulls dropped) or a '|'-separated string; None when a list
+    holds something that is not a string or a number (an object, a list)."""
     if isinstance(value, (list, tuple)):
-        items = [str(v) for v in value]
+        kept = [v for v in value if v is not None]
+        if any(isinstance(v, (dict, list, bool)) for v in kept):
+            return None
+        items = [str(v) for v in kept]
     else:
-        items = str(value or "").split(ANSWER_SEPARATOR)
-    return tuple(a.strip() for a in items if str(a).strip())
+        items = str("" if value is None else value).split(ANSWER_SEPARATOR)
+    return tuple(a.strip() for a in items if a.strip())
 
 
-def web_questions_examples(manifest: str) -> tuple[list[EvalExample], list[Skip]]:
-    """Spoken WebQuestions from a `.tsv` / `.jsonl` manifest (see the module docstring)."""
-    path = epath.Path(manifest)
-    if path.is_dir():
-        candidates = [path / name for name in ("manifest.jsonl", "manifest.tsv") if (path / name).exists()]
-        if not candidates:
-            raise DatasetError(f"--data_dir={manifest}: no manifest.jsonl or manifest.tsv in this folder")
-        path = candidates[0]
-    if not path.exists():
-        raise DatasetError(f"--data_dir={manifest}: no such file")
-    lines = [(n, line) for n, line in enumerate(_read_lines(path), 1) if line.strip()]
-    rows: list[tuple[int, dict | None]] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
+def _json_rows(path: epath.Path, lines: list[tuple[int, str]]) -> list[tuple[str, dict | None]]:
+    """(where, row) of a `.jsonl` manifest (one object per line) or a `.json` one (an array of objects)."""
+    if path.suffix.lower() == ".jsonl":
+        rows = []
         for number, line in lines:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            rows.append((number, row if isinstance(row, dict) else None))
+            rows.append((f"{path.name}:{number}", row if isinstance(row, dict) else None))
+        return rows
+    try:
+        data = json.loads("\n".join(line for _, line in lines))  # `lines` keeps blank ones for .json
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not JSON ({e.msg} at line {e.lineno}); a manifest of one object per "
+                           "line is a .jsonl file") from None
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: a .json manifest is an array of objects, got a {type(data).__name__}")
+    return [(f"{path.name}[{i}]", row if isinstance(row, dict) else None) for i, row in enumerate(data)]
+
+
+def _tsv_rows(path: epath.Path, lines: list[tuple[int, str]]) -> list[tuple[str, dict | None]]:
+    """(where, row) of a `.tsv` manifest, its header checked for the columns it needs."""
+    if not lines:
+        raise DatasetError(f"{path}: empty")
+    header = _split_tab(lines[0][1])
+    missing = [name if other is None else f"{name} (or {other})" for name, other in WEB_QUESTIONS_COLUMNS
+               if name not in header and other not in header]
+    if missing:
+        raise DatasetError(f"{path}: header lacks the column(s) {', '.join(missing)}; got {', '.join(header)}")
+    rows = []
+    for number, line in lines[1:]:
+        fields = _split_tab(line)
+        rows.append((f"{path.name}:{number}", dict(zip(header, fields)) if len(fields) == len(header) else None))
+    return rows
+
+
+def web_questions_examples(manifest: str) -> tuple[list[EvalExample], list[Skip]]:
+    """Spoken WebQuestions from a `.tsv` / `.jsonl` / `.json` manifest (see the module docstring)."""
+    path = epath.Path(manifest)
+    if path.is_dir():
+        candidates = [path / name for name in ("manifest.jsonl", "manifest.json", "manifest.tsv")
+                      if (path / name).exists()]
+        if not candidates:
+            raise DatasetError(f"--data_dir={manifest}: no manifest.jsonl, manifest.json or manifest.tsv in this "
+                               "folder")
+        path = candidates[0]
+    if not path.exists():
+        raise DatasetError(f"--data_dir={manifest}: no such file")
+    lines = [(n, line) for n, line in enumerate(_read_lines(path), 1)]
+    if path.suffix.lower() == ".json":
+        rows = _json_rows(path, lines)
+    elif path.suffix.lower() == ".jsonl":
+        rows = _json_rows(path, [(n, line) for n, line in lines if line.strip()])
     else:
-        if not lines:
-            raise DatasetError(f"{path}: empty")
-        header = _split_tab(lines[0][1])
-        for number, line in lines[1:]:
-            fields = _split_tab(line)
-            rows.append((number, dict(zip(header, fields)) if len(fields) == len(header) else None))
+        rows = _tsv_rows(path, [(n, line) for n, line in lines if line.strip()])
     examples, skips, seen = [], [], set()
-    for number, row in rows:
-        where = f"{path.name}:{number}"
+    for where, row in rows:
         if row is None:
             skips.append(Skip("", where, None, "malformed_line", "not a row of audio, question, answers"))
             continue
         audio = str(row.get("audio") or row.get("path") or "").strip()
         answers = _answers_of(row.get("answers", row.get("answer")))
+        if answers is None:
+            skips.append(Skip(str(row.get("id", "")), where, None, "malformed_line",
+                              "answers: a list of strings (or numbers) expected"))
+            continue
         if not audio or not answers:
             skips.append(Skip(str(row.get("id", "")), where, None, "malformed_line", "no audio path or no answers"))
             continue

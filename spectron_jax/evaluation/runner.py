@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from spectron_jax import infer
 from spectron_jax.data import features
 from spectron_jax.evaluation.datasets import EvalExample, Skip
 
@@ -61,19 +62,22 @@ def run_batched(inferencer: Any, loaded: Iterable[Loaded], batch_size: int, skip
                 prompt_of: Callable[[Loaded], np.ndarray], total: int, desc: str) -> Iterator[tuple[Loaded, Any]]:
     """Runs `inferencer.run` on the prompts of `batch_size` examples at a time, with a progress bar.
 
-    An exception from a batch is retried example by example; an example that still fails is skipped
-    with reason `inference_error`, so one bad input never ends the suite.
+    Each row's randomness (sampling, pre-net dropout) is keyed by its example's id (`example_row_id`),
+    so an example's output does not depend on the batch size, the order or which examples a resumed
+    run has left to do. An exception from a batch is retried example by example; an example that still
+    fails is skipped with reason `inference_error`, so one bad input never ends the suite.
     """
     with tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, leave=False) as bar:
         for chunk in batches(loaded, batch_size):
             try:
-                results = inferencer.run([prompt_of(item) for item in chunk])
+                results = inferencer.run([prompt_of(item) for item in chunk],
+                                         [example_row_id(item.example) for item in chunk])
                 pairs = list(zip(chunk, results, strict=True))
             except Exception:  # noqa: BLE001 - isolate the failing example below
                 pairs = []
                 for item in chunk:
                     try:
-                        pairs.append((item, inferencer.run([prompt_of(item)])[0]))
+                        pairs.append((item, inferencer.run([prompt_of(item)], [example_row_id(item.example)])[0]))
                     except Exception as e:  # noqa: BLE001 - counted and reported, not fatal
                         skip = scoring_skip(item.example, e)
                         skips.append(dataclasses.replace(skip, reason="inference_error"))
@@ -82,42 +86,127 @@ def run_batched(inferencer: Any, loaded: Iterable[Loaded], batch_size: int, skip
             bar.update(len(chunk))
 
 
+def example_row_id(example: EvalExample) -> int:
+    """The id that keys an example's PRNG draws at inference: a hash of its (unique) example id."""
+    return infer.row_id(0, example.id)
+
+
 def scoring_skip(example: EvalExample, error: Exception) -> Skip:
     """The skip of an example whose scoring raised (the message, one line, at most 300 characters)."""
     detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     return Skip(example.id, example.audio, None, "scoring_error", detail)
 
 
-class RowWriter:
-    """Appends one JSON row per example to OUT/examples.jsonl; remembers the rows of an earlier run.
+class ResumeError(ValueError):
+    """OUT/examples.jsonl holds rows of another run (one line: what differs, and what to do)."""
 
-    Rows of another suite (a different `suite` field) are not reused: the file is started afresh.
+
+def _first_difference(saved: Any, current: Any, where: str = "") -> str:
+    """'key: saved vs current' for the first field where two fingerprints differ ('' when equal)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current), key=str):
+            found = _first_difference(saved.get(key), current.get(key), f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return ""
+    return "" if saved == current else f"{where or 'fingerprint'}: {saved!r} vs {current!r}"
+
+
+class RowWriter:
+    """Writes one JSON row per example to OUT/examples.jsonl; resumes the rows of an earlier run.
+
+    Every row records `fingerprint` (what made it: the export and its step, the decode settings, the
+    scorers, the suite and its data; built by the caller). A resume reuses the rows of an earlier run
+    only when each of them has the same fingerprint; otherwise it refuses (`ResumeError`), so that
+    rows of two models (or two decode settings) are never pooled into one figure. `overwrite` starts
+    afresh instead: the earlier rows are discarded. Values that are not finite (NaN, inf) are written
+    as JSON null and named in the row's `non_finite` list (examples.jsonl stays strict JSON;
+    `non_finite_counts` counts them per field).
     """
 
-    def __init__(self, output_dir: epath.Path, suite: str, resume: bool = True):
+    def __init__(self, output_dir: epath.Path, suite: str, fingerprint: dict | None = None,
+                 overwrite: bool = False):
         self.path = output_dir / EXAMPLES_FILENAME
         self.suite = suite
+        self.fingerprint = json.loads(_dumps(_strict(dict(fingerprint or {}))))  # as it reads back
         self.rows: list[dict] = []
-        if resume and self.path.exists():
+        if not overwrite and self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by an interrupted write
-                if isinstance(row, dict) and row.get("suite") == suite:
-                    self.rows.append(row)
+                if not isinstance(row, dict):
+                    continue
+                if row.get("suite") != suite or row.get("fingerprint") != self.fingerprint:
+                    why = (f"suite: {row.get('suite')!r} vs {suite!r}" if row.get("suite") != suite else
+                           "rows written without a fingerprint" if "fingerprint" not in row else
+                           _first_difference(row.get("fingerprint"), self.fingerprint))
+                    raise ResumeError(f"{self.path}: its rows come from another run ({why}); pass --overwrite "
+                                      "to start afresh, or another --output_dir")
+                self.rows.append(row)
         self.done = {row["id"] for row in self.rows}
         self._flush_all()
 
     def _flush_all(self) -> None:
-        self.path.write_text("".join(json.dumps(row, allow_nan=True) + "\n" for row in self.rows))
+        self.path.write_text("".join(_dumps(row) + "\n" for row in self.rows))
 
     def add(self, row: dict) -> None:
-        row = {"suite": self.suite, **row}
+        row = json.loads(_dumps(strict_row({"suite": self.suite, **row, "fingerprint": self.fingerprint})))
         self.rows.append(row)
         self.done.add(row["id"])
         with self.path.open("a") as f:
-            f.write(json.dumps(row, allow_nan=True) + "\n")
+            f.write(_dumps(row) + "\n")
+
+
+NON_FINITE_FIELD = "non_finite"  # a row's fields whose value was NaN / inf, written as null
+
+
+def _strict(value: Any, where: str = "", found: list[str] | None = None) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None; their paths go to `found`."""
+    if isinstance(value, (float, np.floating)):
+        if np.isfinite(value):
+            return float(value)
+        if found is not None:
+            found.append(where)
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def _dumps(row: dict) -> str:
+    return json.dumps(row, allow_nan=False)
+
+
+def strict_row(row: dict) -> dict:
+    """The row as examples.jsonl holds it: non-finite values null, their fields listed in `non_finite`."""
+    found: list[str] = []
+    clean = _strict({k: v for k, v in row.items() if k != NON_FINITE_FIELD}, "", found)
+    if found:
+        clean[NON_FINITE_FIELD] = found
+    return clean
+
+
+def non_finite_counts(rows: Sequence[dict]) -> dict[str, int]:
+    """{field: rows where it was NaN / inf (null in examples.jsonl)}: the rows each mean leaves out."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for name in row.get(NON_FINITE_FIELD, ()):
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def non_finite_note(rows: Sequence[dict]) -> str | None:
+    """A report note naming the fields that were not finite in some rows (None when there are none)."""
+    counts = non_finite_counts(rows)
+    if not counts:
+        return None
+    listed = ", ".join(f"{name}: {n}" for name, n in counts.items())
+    return (f"Rows with a value that is not a finite number (null in examples.jsonl; left out of that "
+            f"figure's mean), per field: {listed}.")
 
 
 # `text_boundary` of a result (`spectron_jax.infer`): split at the separator / not written / not a model's.

@@ -44,13 +44,14 @@ LONG_QUESTION_POLICIES = ("full", "truncate")
 @dataclasses.dataclass(frozen=True)
 class QAConfig:
     """prompt_seconds: the training prompt window; long_questions: `full` or `truncate` (module docstring);
-    batch_size: questions per inference call; write_wavs: the spoken answers as wavs; resume: reuse rows."""
+    batch_size: questions per inference call; write_wavs: the spoken answers as wavs; overwrite: discard
+    the rows of an earlier run in the output folder instead of resuming it (`runner.RowWriter`)."""
 
     prompt_seconds: float = 3.0
     long_questions: str = "full"
     batch_size: int = 4
     write_wavs: bool = True
-    resume: bool = True
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.long_questions not in LONG_QUESTION_POLICIES:
@@ -91,21 +92,26 @@ def _score(item: runner.Loaded, result: Any, scorers: runner.Scorers, config: QA
 
 
 def run(make_inferencer: Callable[[float], Any], suite: str, examples: Sequence[EvalExample], skips: list[Skip],
-        scorers: runner.Scorers, output_dir: epath.Path, config: QAConfig = QAConfig()) -> tuple[list[dict], dict]:
+        scorers: runner.Scorers, output_dir: epath.Path, config: QAConfig = QAConfig(),
+        fingerprint: dict | None = None) -> tuple[list[dict], dict]:
     """Runs a QA suite. `make_inferencer(prompt_seconds)` builds the inferencer for the window chosen.
 
-    Returns (rows of every example, facts for the report: the window used and how many questions were
-    longer than `config.prompt_seconds`).
+    `fingerprint` is recorded in each row; a resume into a folder whose rows have another one raises
+    `runner.ResumeError`. Returns (rows of every example, facts for the report: the window used and
+    how many questions were longer than `config.prompt_seconds`). The facts are over every readable
+    question of `examples`, also those whose rows an earlier run wrote, so a resume reports the same.
     """
     spec = features.SPECTRON_FEATURES
-    writer = runner.RowWriter(output_dir, suite, resume=config.resume)
+    writer = runner.RowWriter(output_dir, suite, fingerprint, overwrite=config.overwrite)
     wanted = {ex.id for ex in examples}
-    todo = [ex for ex in examples if ex.id not in writer.done]
     # Questions are short (LLaMA-Questions: 1.5-5.5 s), so the whole set is held in memory to size the window.
-    loaded = list(runner.load_examples(todo, skips))
-    window = prompt_window([item.wave for item in loaded], config)
+    unreadable: list[Skip] = []
+    every = list(runner.load_examples(examples, unreadable))
+    skips += [s for s in unreadable if s.id not in writer.done]  # a question with a row keeps it
+    loaded = [item for item in every if item.example.id not in writer.done]
+    window = prompt_window([item.wave for item in every], config)
     samples = int(round(window * spec.sample_rate))
-    longer = sum(item.wave.size > config.prompt_seconds * spec.sample_rate for item in loaded)
+    longer = sum(item.wave.size > config.prompt_seconds * spec.sample_rate for item in every)
     facts = {"prompt_window_seconds": window, "long_questions": config.long_questions,
              "questions_longer_than_prompt": int(longer), "training_prompt_seconds": config.prompt_seconds}
     wav_dir = output_dir / "wavs"
