@@ -109,7 +109,7 @@ def eval_command(point: Point, python: str, suite: str, data_dir: str, limit: Op
         command.append(f"--limit={limit}")
     command += list(extra_args)
     if fresh:
-        command.append("--noresume")
+        command.append("--overwrite")
     return command
 
 

@@ -343,7 +343,7 @@ def test_print_runner_shows_export_and_eval_after_each_training(tmp_path, gin_fi
         assert train[-1] == f"--gin.MODEL_DIR='{run}'"
         assert export[3:] == [f"--model_dir={run}", f"--output_dir={run}/export"]
         assert evaluate[3:] == [f"--export_dir={run}/export", "--suite=continuation", "--data_dir=data",
-                                f"--output_dir={run}/eval/continuation", "--limit=3", "--asr=none", "--noresume"]
+                                f"--output_dir={run}/eval/continuation", "--limit=3", "--asr=none", "--overwrite"]
     assert f"# table: {base}/grid/eval_continuation.md and {base}/grid/eval_continuation.json" in out.stdout
     assert not base.exists()
     bad = _sweep_run([f"--sweep={path}", "--base_model_dir=x", "--mode=evaluate"])
@@ -388,7 +388,7 @@ def test_local_runner_evaluates_points_and_writes_one_table(tmp_path, gin_file):
     out = _sweep_run(common + ["--mode=evaluate"] + good)
     assert out.returncode == 0, out.stderr
     calls = _calls(log)
-    assert [kind for kind, _ in calls] == ["eval"] * 3 and all("--noresume" not in c for _, c in calls)
+    assert [kind for kind, _ in calls] == ["eval"] * 3 and all("--overwrite" not in c for _, c in calls)
     assert all("--limit=4" not in c for _, c in calls)
     again = json.loads((base / "grid" / "eval_continuation.json").read_text())
     assert [p["metrics"]["num_examples"] for p in again["points"]] == [9, 9, 9]
@@ -396,7 +396,7 @@ def test_local_runner_evaluates_points_and_writes_one_table(tmp_path, gin_file):
     out = _sweep_run(common + ["--mode=evaluate", "--only=3", "--reexport"])
     assert out.returncode == 0, out.stderr
     calls = _calls(log)
-    assert [kind for kind, _ in calls] == ["export", "eval"] and calls[1][1][-1] == "--noresume"
+    assert [kind for kind, _ in calls] == ["export", "eval"] and calls[1][1][-1] == "--overwrite"
 
     # launch/eval_table.py --sweep_dir rebuilds the same table from the folder alone.
     (base / "grid" / "eval_continuation.json").unlink()
