@@ -51,7 +51,7 @@ _REQUIRED_ERROR = re.compile(r"set to `%gin\.REQUIRED` but not subsequently over
 def _configurable_classes() -> dict[str, Any]:
     """{short name: class or function} of everything gin files may construct."""
     from spectron_jax import losses, partitioning
-    from spectron_jax.data import converter, features, preprocessors, tasks
+    from spectron_jax.data import augment, converter, features, preprocessors, tasks
     from spectron_jax.models import acoustic, conformer, decoder, spectron
 
     return {
@@ -64,6 +64,7 @@ def _configurable_classes() -> dict[str, Any]:
         "MeshConfig": partitioning.MeshConfig,
         "TaskConfig": tasks.TaskConfig,
         "SpecAugmentConfig": preprocessors.SpecAugmentConfig,
+        "UtteranceAugmentConfig": augment.UtteranceAugmentConfig,
         "FeatureSpec": features.FeatureSpec,
         "SpectronFeatureConverter": converter.SpectronFeatureConverter,
     }

@@ -77,6 +77,9 @@ class TrainConfig:
       eval_batches: batches per evaluation (validation is read from its start each time).
       eval_media: also write a spectrogram image and Griffin-Lim audio at evaluation steps.
       eval_at_start: also evaluate before the first step of a fresh run (the baseline of every term).
+      eval_swapped_prefix: also report the text CE terms with each row reading another row's prompt
+        (`validation.swap_prefixes`: `ce_*_swapped_prefix`), the check that the text reads the audio.
+        DEFAULT False (it doubles the evaluation's text cost).
       peak_flops_per_device: the device peak MFU divides by; None = the datasheet value of the
         accelerator, or a measured matmul peak on CPU.
       mesh: the device mesh; rules: the logical-axis rules table.
@@ -117,6 +120,7 @@ class TrainConfig:
     eval_batches: int = 2
     eval_media: bool = True
     eval_at_start: bool = True
+    eval_swapped_prefix: bool = False
     peak_flops_per_device: Optional[float] = None
     mesh: Any = _default("mesh")
     rules: Any = dataclasses.field(default_factory=_default_rules)
@@ -484,7 +488,8 @@ def train(model_dir: str, train_steps: int, task_name: str, config: TrainConfig,
         evaluator = validation.Evaluator(validation.deterministic_model(model_config), validation_data,
                                          config.eval_batches, abstract_params, abstract_batch, mesh, rules,
                                          compute_dtype, microbatches=config.step.microbatches,
-                                         media=config.eval_media, writer=writer)
+                                         media=config.eval_media, writer=writer,
+                                         swapped_prefix=config.eval_swapped_prefix)
     # Every step function is compiled: the processes meet before the first collective (multihost.meet).
     multihost.meet("start", config.distributed.barrier_timeout_s)
 

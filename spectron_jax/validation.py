@@ -18,6 +18,11 @@ needs no more activation memory than a training microbatch. Every function is co
 evaluator is built (before the training loop's first collective; see `multihost.meet`), not at the
 first evaluation hours into a run.
 
+With `swapped_prefix`, the text terms are also computed with every row reading another row's prompt
+(row i gets row i+1's, cyclically within each global batch): `ce_text_swapped_prefix`,
+`ce_asr_swapped_prefix`, `ce_lm_swapped_prefix`. A model that reads its prefix scores worse there
+than with its own; one that ignores it scores the same (the conditioning check of a learning run).
+
 Process 0 also writes a predicted-vs-target spectrogram image and Griffin-Lim audio of the first
 validation row (`media`); every process runs the forward pass (it may need collectives), only
 process 0 turns it into media.
@@ -52,6 +57,19 @@ def make_count_step(normalizers_fn: Callable) -> Callable:
         return jax.tree.map(jnp.add, totals, normalizers_fn(batch))
 
     return count_step
+
+
+# The batch entries of the prompt (the prefix the model reads), rolled by `swap_prefixes`.
+PROMPT_KEYS = ("prompt_frames", "prompt_mask")
+# The terms a swapped-prefix pass reports (with SWAPPED_SUFFIX).
+SWAPPED_TERMS = ("ce_text", "ce_asr", "ce_lm")
+SWAPPED_SUFFIX = "_swapped_prefix"
+
+
+def swap_prefixes(batch: Mapping[str, Any]) -> dict:
+    """The batch with row i's prompt (`prompt_frames` [batch, frames, mel], `prompt_mask` [batch,
+    frames]) replaced by row (i + 1) mod batch's; the text and the continuation stay in place."""
+    return {k: (jnp.roll(v, -1, axis=0) if k in PROMPT_KEYS else v) for k, v in batch.items()}
 
 
 def make_eval_step(eval_fn: Callable, compute_dtype, microbatches: int = 1) -> Callable:
@@ -105,7 +123,7 @@ class Evaluator:
 
     def __init__(self, model, make_data: Callable, eval_batches: int, abstract_params: Any,
                  abstract_batch: Mapping[str, jax.ShapeDtypeStruct], mesh, rules, compute_dtype,
-                 microbatches: int = 1, media: bool = True, writer: Any = None):
+                 microbatches: int = 1, media: bool = True, writer: Any = None, swapped_prefix: bool = False):
         self.make_data, self.eval_batches, self.mesh, self.rules = make_data, eval_batches, mesh, rules
         self.media, self.writer = media, writer
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -128,6 +146,18 @@ class Evaluator:
                 counts, abstract_batch).compile()
             self.eval_step = jax.jit(eval_step, out_shardings=jax.tree.map(lambda _: replicated, term_shapes)).lower(
                 abstract_params, abstract_batch, counts, terms).compile()
+            self.swapped_step = None
+            if swapped_prefix:
+                # rolled before the microbatch split, so a row reads another row of the global batch
+                def swapped_step(params, batch, normalizers, totals):
+                    terms = eval_step(params, swap_prefixes(batch), normalizers)
+                    return {k: totals[k] + terms[k] for k in SWAPPED_TERMS if k in terms}
+
+                swapped_shapes = {k: v for k, v in term_shapes.items() if k in SWAPPED_TERMS}
+                self.zero_swapped = zeros(swapped_shapes)
+                self.swapped_step = jax.jit(
+                    swapped_step, out_shardings=jax.tree.map(lambda _: replicated, swapped_shapes)).lower(
+                    abstract_params, abstract_batch, counts, on_every_device(swapped_shapes)).compile()
             self.predict = (jax.jit(model.predict_frames).lower(abstract_params, abstract_batch).compile()
                             if media else None)
 
@@ -149,10 +179,15 @@ class Evaluator:
             for _, batch in self._batches():
                 counts = self.count_step(counts, batch)
             totals, first = self.zero_terms(), None
+            swapped = self.zero_swapped() if self.swapped_step is not None else None
             for host_batch, batch in self._batches():
                 totals = self.eval_step(params, batch, counts, totals)
+                if swapped is not None:
+                    swapped = self.swapped_step(params, batch, counts, swapped)
                 first = first if first is not None else (host_batch, batch)
         means = {k: float(np.asarray(v)) for k, v in jax.device_get(totals).items()}
+        if swapped is not None:
+            means.update({k + SWAPPED_SUFFIX: float(np.asarray(v)) for k, v in jax.device_get(swapped).items()})
         if means.get("num_text_tokens", 0.0) <= 0 and means.get("num_frames", 0.0) <= 0:
             return {}
         if self.media and first is not None:

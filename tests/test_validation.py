@@ -118,3 +118,29 @@ def test_evaluation_reads_eval_batches_and_pads_a_host_that_runs_out(model_and_p
     _assert_terms(evaluator.run(0, placed), _reference(model, params, [full, full, full]))
     split.batches = [{k: np.zeros_like(v) for k, v in full.items()}]
     assert evaluator.run(0, placed) == {}
+
+
+def test_swapped_prefix_terms_read_the_next_rows_prompt(model_and_params):
+    """Row i with row i+1's prompt (cyclically in each global batch, before the microbatch split): the
+    text terms equal the plain loss of batches whose prompts were rolled by NumPy, and differ from the
+    terms with each row's own prompt."""
+    model, params = model_and_params
+    ici, microbatches = (2, 2, 2), 2
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(ici=ici))
+    full, sparse = _batches()
+    rules = partitioning.DEFAULT_RULES
+    shardings = model.param_shardings(rules, mesh)
+    placed = jax.device_put(params, shardings)
+    abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    example = partitioning.global_batch_from_host(full, mesh, rules)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in example.items()}
+    evaluator = validation.Evaluator(model, _Split([full, sparse]), 2, abstract_params, abstract_batch, mesh, rules,
+                                     np.float32, microbatches=microbatches, media=False, swapped_prefix=True)
+    got = evaluator.run(0, placed)
+    rolled = [{k: (np.roll(v, -1, axis=0) if k in validation.PROMPT_KEYS else v) for k, v in b.items()}
+              for b in (full, sparse)]
+    want = _reference(model, params, rolled)
+    own = _reference(model, params, [full, sparse])
+    assert got["ce_text_swapped_prefix"] == pytest.approx(want["ce_text"], rel=2e-5, abs=1e-6)
+    assert got["ce_text"] == pytest.approx(own["ce_text"], rel=2e-5, abs=1e-6)
+    assert abs(want["ce_text"] - own["ce_text"]) > 1e-4

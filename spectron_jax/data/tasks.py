@@ -32,6 +32,7 @@ import seqio
 import tensorflow as tf
 
 from spectron_jax import filesystem
+from spectron_jax.data import augment as augment_lib
 from spectron_jax.data import converter as converter_lib
 from spectron_jax.data import features as features_lib
 from spectron_jax.data import preprocessors
@@ -76,8 +77,11 @@ class TaskConfig:
     trim_transcript_to_audio: bool = True
     # SpecAugment of the prompt; None turns it off.
     spec_augment: preprocessors.SpecAugmentConfig | None = preprocessors.SpecAugmentConfig()
-    # The splits SpecAugment applies to (training only).
+    # The splits SpecAugment and the utterance augmentation apply to (training only).
     augment_splits: tuple[str, ...] = ("train",)
+    # Speed, mel-shift and later-start augmentation of whole utterances before the prompt split
+    # (`augment.UtteranceAugmentConfig`; the default changes nothing). DEFAULT, not in the paper.
+    utterance_augment: augment_lib.UtteranceAugmentConfig = augment_lib.UtteranceAugmentConfig()
     # The features the shards hold (80 frames per second, 128 mel bins).
     feature_spec: features_lib.FeatureSpec = features_lib.SPECTRON_FEATURES
     # Shuffle buffer of `Task.get_dataset`; the training input's default shuffle window (records).
@@ -98,6 +102,9 @@ class TaskConfig:
             raise ValueError("TaskConfig.max_continuation_seconds is below min_continuation_seconds")
         if self.sep_id is not None and self.sep_id < 0:
             raise ValueError(f"TaskConfig.sep_id must be >= 0 or None, got {self.sep_id}")
+        if self.utterance_augment.active and self.prompt_features != "log_mel":
+            raise ValueError("TaskConfig.utterance_augment needs prompt_features='log_mel' (the stored fbank of "
+                             "the prompt window cannot follow a speed change or a later start)")
         if self.prompt_features not in prompt_features_lib.KINDS:
             raise ValueError(f"TaskConfig.prompt_features must be one of {prompt_features_lib.KINDS}, "
                              f"got {self.prompt_features!r}")
@@ -244,6 +251,9 @@ def task_preprocessors(config: TaskConfig) -> list:
     """The preprocessing chain of every Spectron Task, bound to `config`'s knobs."""
     chain = [
         functools.partial(preprocessors.parse_example, num_mel_bins=config.feature_spec.num_mel),
+        functools.partial(augment_lib.augment_utterance, config=config.utterance_augment,
+                          splits=config.augment_splits,
+                          frames_per_second=config.feature_spec.frames_per_second, min_frames=config.min_frames),
         functools.partial(preprocessors.filter_short, min_frames=config.min_frames),
         functools.partial(
             preprocessors.split_prompt_continuation,
@@ -260,7 +270,7 @@ def task_preprocessors(config: TaskConfig) -> list:
     ]
     fbank = config.prompt_features == "w2v_bert_fbank"
     if fbank:  # the encoder reads the stored fbank of the prompt window, normalised, stacked last
-        chain.insert(3, functools.partial(
+        chain.insert(4, functools.partial(
             preprocessors.fbank_prompt, num_frames=prompt_features_lib.fbank_frames(config.prompt_seconds)))
     if config.spec_augment is not None:
         chain.append(
