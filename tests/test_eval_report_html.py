@@ -125,7 +125,10 @@ def test_report_html_of_a_resumed_eval_has_every_row_with_audio_and_spectrograms
         assert f"<code>{row['id']}</code>" in page
         for kind in ("prompt", "generated", "true", "resynthesized"):
             assert f"src='{row['wavs'][kind]}'" in page, (row["id"], kind)
-        assert row["asr_transcript"] is not None
+        assert isinstance(row["asr_transcript"], str)
+    # the model's text and the ASR transcript of every row, shown even when empty
+    assert page.count("<b>model&#x27;s text:</b>") == 3
+    assert page.count("<b>ASR transcript of the generated speech:</b>") == 3
     # every wav played; the prompt, generated and true ones drawn
     assert page.count("<audio ") == 12 and page.count("log-mel spectrogram' src='data:image/png") == 9
     assert len(page) < 3 * 4 * 60_000  # the wavs are referenced, not inlined

@@ -31,6 +31,8 @@ from spectron_jax.evaluation import spectrograms
 HTML_FILENAME = "report.html"
 # metrics.json sections shown in their own place, not as generic tables.
 _PLACED = ("suite", "metrics", "notes", "plots", "paper")
+# Top-level sections whose keys are not figure names.
+_NOT_ABOUT_FIGURES = ("paper", "settings", "scorers", "skipped")
 # `<figure>_<suffix>` keys of `metrics` shown beside their figure rather than as figures of their own.
 _COMPANION = re.compile(r"(ci\d*|ci\d*_(low|high|lo|hi|lower|upper)|low|high|lo|hi|lower|upper|se|stderr|std|"
                         r"interval\w*|bootstrap\w*|floor\w*|ceiling\w*|baseline\w*|above\w*|excluded\w*|n)$")
@@ -51,9 +53,9 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; vertical-align: top; text
 th { background: #f3f3f3; }
 td.num { font-family: monospace; white-space: nowrap; }
 .example td { font-size: 0.9em; }
-.wav { margin-bottom: 0.6em; }
-.wav img { display: block; height: 96px; max-width: 360px; image-rendering: pixelated; }
-.wav audio { width: 360px; }
+.media { display: flex; flex-wrap: wrap; gap: 0.4em 1em; }
+.wav img { display: block; height: 80px; max-width: 280px; image-rendering: pixelated; }
+.wav audio { display: block; width: 280px; height: 36px; }
 .small { color: #666; font-size: 0.85em; }
 .plots img { max-width: 100%; margin: 0.5em 0; }
 """
@@ -107,7 +109,7 @@ def _companions(key: str, metrics: Mapping[str, Any], sections: Mapping[str, Any
     if isinstance(metrics.get(key), dict):
         found += [(k, v) for k, v in metrics[key].items() if k != "value"]
     found += [(name, section[key]) for name, section in sections.items()
-              if isinstance(section, dict) and key in section and name not in ("paper",)]
+              if isinstance(section, dict) and key in section and name not in _NOT_ABOUT_FIGURES]
     return found
 
 
@@ -147,16 +149,20 @@ def _wav_cell(row: Mapping, kind: str, panel: Mapping, scale: tuple[float, float
             f"{image}</div>")
 
 
+def _text(value: Any) -> str:
+    """A row's text field as shown: '(empty)' for an empty string (the model or the ASR wrote nothing)."""
+    return "(empty)" if value == "" else format_value(value)
+
+
 def _row_html(number: int, row: Mapping, panel: Mapping, scale: tuple[float, float]) -> str:
     wavs = "".join(_wav_cell(row, kind, panel, scale) for kind in spectrograms.wav_kinds(row))
-    texts = "".join(f"<p><b>{_e(label)}:</b> {_e(format_value(row[key]))}</p>" for key, label in _TEXTS
-                    if key in row and row[key] not in (None, ""))
+    texts = "".join(f"<p><b>{_e(label)}:</b> {_e(_text(row[key]))}</p>" for key, label in _TEXTS if key in row)
     text_keys = {key for key, _ in _TEXTS}
     figures = {k: v for k, v in row.items() if k not in _NOT_FIGURES and k not in text_keys}
     details = "".join(f"<tr><th>{_e(k)}</th><td class='num'>{_e(format_value(v))}</td></tr>" for k, v in figures.items())
     return (f"<tr class='example' id='row-{number}'><td>{number}<br><code>{_e(row.get('id', ''))}</code>"
             f"{'<br>' + _e(row['speaker']) if row.get('speaker') else ''}</td>"
-            f"<td>{wavs or '<span class=small>no audio written</span>'}</td><td>{texts}</td>"
+            f"<td><div class='media'>{wavs or '<span class=small>no audio written</span>'}</div></td><td>{texts}</td>"
             f"<td><details><summary>{len(figures)} fields</summary><table>{details}</table></details></td></tr>")
 
 

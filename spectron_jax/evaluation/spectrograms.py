@@ -14,6 +14,7 @@ to its own range.
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -61,7 +62,9 @@ def row_panels(output_dir: filesystem.PathLike, rows: Sequence[Mapping],
         for kind in wanted:
             wave = read_wave(filesystem.join(output_dir, row["wavs"][kind]))
             if wave is not None:
-                panel[kind] = features.log_mel(wave)
+                with warnings.catch_warnings():  # a wave shorter than one FFT window: a frame or two, drawn as is
+                    warnings.filterwarnings("ignore", message="n_fft=.* is too large", category=UserWarning)
+                    panel[kind] = features.log_mel(wave)
         panels.append(panel)
     return panels
 
