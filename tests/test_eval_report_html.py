@@ -136,6 +136,10 @@ def test_report_html_of_a_resumed_eval_has_every_row_with_audio_and_spectrograms
     # the grid of plots/spectrograms.png is drawn from the folder: the resumed rows too
     payload = json.loads((report_dir / "metrics.json").read_text())
     assert "plots/spectrograms.png" in payload["plots"]
+    from matplotlib import image
+
+    grid = image.imread(report_dir / "plots/spectrograms.png")
+    assert grid.shape[0] == round(3 * 2.2 * 80)  # 3 panel rows of 2.2 in at 80 dpi: not only the row run last
 
 
 @pytest.mark.slow  # a headless Chromium over the report above
