@@ -41,7 +41,10 @@ EXTRAS_REQUIRE = {
     "convert": ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"],
     "test": ["pytest", "pytest-xdist",
              # a local GCS server for the gs:// tests; tests/gcs_emulator.py fills two gaps of this version
-             "gcp-storage-emulator==2026.7.19"],
+             "gcp-storage-emulator==2026.7.19",
+             # drives the system Chromium (/usr/bin/chromium; .ci/run installs it) to test report.html;
+             # no browser download: the tests pass `executable_path`
+             "playwright==1.65.2"],
 }
 
 setup(

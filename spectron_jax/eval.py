@@ -12,7 +12,8 @@ Scorers (all offline by default): `--asr=pocketsphinx|whisper:<name-or-path>|non
 `--text_lm=bundle|hf:<name-or-path>|none` (`bundle`: the model's own decoder, a proxy LM),
 `--speaker=resemblyzer|none`, `--naturalness=dnsmos|none`.
 
-Writes OUT/metrics.json, report.md, examples.jsonl, wavs/, plots/ (see `evaluation.report`). A bad
+Writes OUT/metrics.json, report.md, report.html, examples.jsonl, wavs/, plots/ (see `evaluation.report`;
+OUT may be a `gs://` folder, and `--data_dir` too). A bad
 example (missing or corrupt audio, too short, an inference error) is counted and skipped with its
 reason; a rerun into the same OUT resumes, reusing the rows already written, when they were made by the
 same run: every row records its fingerprint (export folder and step, decode settings, scorers, suite,
@@ -110,7 +111,7 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
     """
     from etils import epath
 
-    from spectron_jax.evaluation import continuation, datasets, report, runner, spoken_qa
+    from spectron_jax.evaluation import continuation, datasets, report, runner, spectrograms, spoken_qa
 
     out = epath.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,8 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
         raise cli.InputError(f"--output_dir={args.output_dir}: {e}") from None
     if args.suite == "continuation":
         values = continuation.metrics(rows)
+        if any(row.get("wavs") for row in rows):  # the grid from the folder's wavs: resumed rows too
+            panels = spectrograms.row_panels(out, rows[: continuation.PLOT_EXAMPLES], ("prompt", "generated", "true"))
         notes.append(f"Prompt: the first {prompt_seconds:g} s of each utterance; the rest is the true continuation.")
         if continuation.teacher_forced_note(rows):
             notes.append(continuation.teacher_forced_note(rows))

@@ -23,6 +23,7 @@ that compile's share, apart from the run time in `timings.generate`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import time
 import zlib
@@ -36,6 +37,7 @@ from spectron_jax import cli
 from spectron_jax import compile_time
 from spectron_jax import decoding
 from spectron_jax import device_vocoder
+from spectron_jax import filesystem
 from spectron_jax import vocoder as vocoder_lib
 from spectron_jax.data import features, phi, prompt_features
 
@@ -254,7 +256,8 @@ class Inferencer:
 
 # ---- outputs -------------------------------------------------------------------------------------------
 def write_outputs(result: InferenceResult, prompt_wave: np.ndarray, output_dir: str, sample_rate: int) -> dict:
-    """Writes result.json, continuation.wav, prompt_plus_continuation.wav and spectrogram.png."""
+    """Writes result.json, continuation.wav, prompt_plus_continuation.wav and spectrogram.png (into a local
+    or gs:// folder, through `spectron_jax.filesystem`)."""
     out = epath.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompt_len = min(len(prompt_wave), int(round(len(result.prompt_frames) * sample_rate /
@@ -267,7 +270,7 @@ def write_outputs(result: InferenceResult, prompt_wave: np.ndarray, output_dir: 
             "text_boundary": result.text_boundary,
             "prompt_frames": int(len(result.prompt_frames)), "generated_frames": int(len(result.frames)),
             "stop_reason": result.stop_reason, "timings": result.timings}
-    (out / "result.json").write_text(json.dumps(info, indent=2))
+    filesystem.write_text(out / "result.json", json.dumps(info, indent=2))
     return info
 
 
@@ -284,8 +287,10 @@ def _plot(result: InferenceResult, path: str) -> None:
     ax.set_xlabel("frame (80 / s): prompt | generated")
     ax.set_ylabel("mel bin")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
+    filesystem.write_bytes(path, buffer.getvalue())
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------

@@ -44,12 +44,14 @@ the whole padded batch in one jitted call, each row masked to its length and see
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from spectron_jax import filesystem
 from spectron_jax.data import features
 from spectron_jax.data.features import SPECTRON_FEATURES, FeatureSpec
 
@@ -200,7 +202,10 @@ def synthesize_batch(vocoder: Vocoder, log_mel: np.ndarray, lengths: Sequence[in
 
 
 def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int) -> str:
-    """Writes a mono wave as a 16-bit PCM WAV file, creating missing parent folders.
+    """Writes a mono wave as a 16-bit PCM WAV file (local or `gs://`, through `spectron_jax.filesystem`).
+
+    The file is encoded in memory and then written in one piece (atomically: a reader sees no partial
+    file), creating missing parent folders.
 
     Args:
       path: output file.
@@ -219,10 +224,9 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int) -> st
     if int(sample_rate) <= 0:
         raise ValueError(f"write_wav: {path}: sample_rate must be positive, got {sample_rate}")
     wave = np.clip(np.nan_to_num(wave.astype(np.float64), nan=0.0), -1.0, 1.0)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    soundfile.write(path, wave, int(sample_rate), subtype="PCM_16", format="WAV")
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, int(sample_rate), subtype="PCM_16", format="WAV")
+    filesystem.write_bytes(path, buffer.getvalue())
     return path
 
 

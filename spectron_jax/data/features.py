@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 from typing import Any
@@ -174,6 +175,8 @@ def load_audio(path: str | os.PathLike, spec: FeatureSpec = SPECTRON_FEATURES,
                max_samples: int | None = None) -> np.ndarray:
     """Reads any file libsndfile decodes (WAV, FLAC, OGG, MP3, ...) as mono float32 at the spec's rate.
 
+    `path` may be local or on an object store (`gs://...`, read whole through `spectron_jax.filesystem`).
+
     Args:
       max_samples: read only the first `max_samples` samples (at the spec's rate) of the file; a file at
         another rate is read `RESAMPLE_MARGIN_SECONDS` further so the resampler's edge stays past the cut.
@@ -185,18 +188,29 @@ def load_audio(path: str | os.PathLike, spec: FeatureSpec = SPECTRON_FEATURES,
       AudioError: missing, empty, undecodable, zero-sample or non-finite audio (see its `reason`).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    source: Any = path
+    if "://" in path:  # an object store (gs://...): the bytes through the file-system layer
+        from spectron_jax import filesystem
+
+        if not filesystem.is_file(path):
+            raise AudioError("missing_file", path, "no such file")
+        source = io.BytesIO(filesystem.read_bytes(path))
+        if not source.getbuffer().nbytes:
+            raise AudioError("empty_file", path, "file is empty (0 bytes)")
+    elif not os.path.isfile(path):
         raise AudioError("missing_file", path, "no such file")
-    if os.path.getsize(path) == 0:
+    elif os.path.getsize(path) == 0:
         raise AudioError("empty_file", path, "file is empty (0 bytes)")
     try:
         frames = -1
         if max_samples is not None:
-            rate = soundfile.info(path).samplerate
+            rate = soundfile.info(source).samplerate
             frames = int(np.ceil(max_samples * rate / spec.sample_rate))
             if rate != spec.sample_rate:
                 frames += int(np.ceil(RESAMPLE_MARGIN_SECONDS * rate))
-        data, rate = soundfile.read(path, frames=frames, dtype="float32", always_2d=True)
+            if not isinstance(source, str):
+                source.seek(0)
+        data, rate = soundfile.read(source, frames=frames, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for corrupt input.
         raise AudioError("unreadable", path, f"cannot decode audio: {' '.join(str(e).split())}") from e
     if data.shape[0] == 0:

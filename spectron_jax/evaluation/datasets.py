@@ -11,6 +11,7 @@ or corrupt file as a skip of its own.
     `LibriSpeech/test-clean`: every utterance in it;
   - a manifest file (`.tsv` with a header or `.jsonl`; columns `path`/`audio`, `transcript`/`text`,
     optional `id`, `speaker`, `split`): every row, or the rows of `split` when given.
+  The folder or file may be local or on an object store (`gs://...`, through `spectron_jax.filesystem`).
   Prepared TFRecord shards hold only log-mel features, not audio, so they are refused with a message
   pointing at the source tree they were prepared from.
 
@@ -37,6 +38,7 @@ import os
 
 from etils import epath
 
+from spectron_jax import filesystem
 from spectron_jax.data import sources
 
 LLAMA_QUESTIONS_TSV = "llama_questions_300.tsv"
@@ -89,16 +91,16 @@ def continuation_examples(data_dir: str, split: str | None = None) -> tuple[list
       data_dir: the embedded corpus (`data` or `data/embedded`), a LibriSpeech tree or a manifest file.
       split: rows of this split only; default `test` for the embedded corpus and every row otherwise.
     """
-    path = os.fspath(data_dir)
+    path = os.fspath(data_dir).rstrip("/") if filesystem.is_remote(data_dir) else os.fspath(data_dir)
     try:
-        for folder in (path, os.path.join(path, "embedded")):
-            if os.path.isfile(os.path.join(folder, "manifest.tsv")):
+        for folder in (path, filesystem.join(path, "embedded")):
+            if filesystem.is_file(filesystem.join(folder, "manifest.tsv")):
                 return _examples_of(sources.read_embedded(folder), split or "test")
-        if os.path.isfile(path):
+        if filesystem.is_file(path):
             return _examples_of(sources.read_manifest(path, split=split), split)
-        if not os.path.isdir(path):
+        if not filesystem.is_dir(path):
             raise DatasetError(f"--data_dir={data_dir}: no such file or folder")
-        if any(name.endswith(".tfrecord") or ".tfrecord-" in name for name in os.listdir(path)):
+        if any(name.endswith(".tfrecord") or ".tfrecord-" in name for name in filesystem.listdir(path)):
             raise DatasetError(f"--data_dir={data_dir}: prepared TFRecord shards hold log-mel features, not audio; "
                                "pass the corpus they were prepared from (a LibriSpeech tree or a manifest)")
         return _examples_of(sources.read_librispeech(path, split="test"), None)

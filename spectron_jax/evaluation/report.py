@@ -6,8 +6,11 @@
                         produced which figure, skips, settings
     OUT/examples.jsonl  one row per example (written by the suite as it goes)
     OUT/wavs/           the generated audio (written by the suite)
-    OUT/plots/*.png     continuation: a prompt | generated | true spectrogram grid, a histogram of speaker
-                        similarity, DNSMOS per system; QA: accuracy in text and in speech
+    OUT/plots/*.png     continuation: a prompt | generated | true spectrogram grid (one colour scale), a
+                        histogram of speaker similarity, DNSMOS per system; QA: accuracy in text and in speech
+    OUT/report.html     the same figures with every example's audio and spectrograms (`report_html`)
+
+Every file goes through `spectron_jax.filesystem`, so OUT may be a `gs://` folder.
 
 The paper's values come from `PAPER` (see the reference notes on where each number was read); they
 were measured with other scorers (human N-MOS, an unnamed ASR and speaker encoder, GPT-2 Medium), so
@@ -17,6 +20,7 @@ the two columns are comparable in kind, not in value, unless the same scorers ar
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
 from typing import Any, Mapping, Sequence
@@ -24,6 +28,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from spectron_jax import filesystem
+from spectron_jax.evaluation import report_html, spectrograms
 from spectron_jax.evaluation.datasets import Skip
 
 # (our metric key, row label, the paper's value for Spectron, the paper's label for it)
@@ -64,7 +70,7 @@ PAPER: dict[str, list[tuple[str, str, float | None, str]]] = {
 # Which scorer each figure comes from (keys of `runner.Scorers.names()`).
 SCORED_BY = {"asr_log_ppl": ("asr", "text_lm"), "continuation_text_ppl": ("text_lm",), "speech_text_wer": ("asr",),
              "speaker_sim_generated": ("speaker",), "speaker_sim_true": ("speaker",), "speech_accuracy": ("asr",)}
-REPORT_FILES = ("metrics.json", "report.md", "examples.jsonl")
+REPORT_FILES = ("metrics.json", "report.md", "examples.jsonl", "report.html")
 
 
 def _clean(value: Any) -> Any:
@@ -133,20 +139,23 @@ def _figure():
 
 
 def _save(plt, fig, path: epath.Path) -> None:
-    with path.open("wb") as f:
-        fig.savefig(f, format="png", dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
+    filesystem.write_bytes(path, buffer.getvalue())
 
 
 def plot_spectrograms(panels: Sequence[Mapping[str, Any]], path: epath.Path) -> None:
-    """Rows of prompt | generated | true log-mel spectrograms ([frames, mel] each)."""
+    """Rows of prompt | generated | true log-mel spectrograms ([frames, mel] each; a kind a panel lacks
+    is left blank), all on one colour scale (`spectrograms.shared_scale`)."""
     plt = _figure()
+    vmin, vmax = spectrograms.shared_scale(panels)
     fig, axes = plt.subplots(len(panels), 3, figsize=(12, 2.2 * len(panels)), squeeze=False)
     for row, panel in enumerate(panels):
         for col, kind in enumerate(("prompt", "generated", "true")):
-            ax, frames = axes[row][col], np.asarray(panel[kind], np.float32)
+            ax, frames = axes[row][col], np.asarray(panel.get(kind, ()), np.float32)
             if frames.size:
-                ax.imshow(frames.T, origin="lower", aspect="auto", cmap="magma")
+                ax.imshow(frames.T, origin="lower", aspect="auto", cmap=spectrograms.CMAP, vmin=vmin, vmax=vmax)
             ax.set_title(f"{panel['id']}: {kind}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -189,7 +198,7 @@ def plot_bars(groups: Mapping[str, Mapping[str, float]], path: epath.Path, ylabe
 def write(output_dir: epath.Path, suite: str, values: Mapping[str, Any], rows: Sequence[dict],
           skips: Sequence[Skip], scorers: Mapping[str, str], settings: Mapping[str, Any],
           panels: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = ()) -> list[str]:
-    """Writes metrics.json, report.md and the plots; returns the plot files written (relative names)."""
+    """Writes metrics.json, report.md, report.html and the plots; returns the plot files written (relative names)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     plots_dir = output_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -217,11 +226,12 @@ def write(output_dir: epath.Path, suite: str, values: Mapping[str, Any], rows: S
     payload = {"suite": suite, "metrics": dict(values), "skipped": skipped, "scorers": dict(scorers),
                "settings": dict(settings), "notes": list(notes), "plots": plots,
                "paper": {key: paper for key, _, paper, _ in PAPER[suite] if paper is not None}}
-    (output_dir / "metrics.json").write_text(json.dumps(_clean(payload), indent=2, ensure_ascii=False) + "\n")
+    filesystem.write_text(output_dir / "metrics.json", json.dumps(_clean(payload), indent=2, ensure_ascii=False) + "\n")
     text = markdown(suite, values, scorers, skipped, settings, notes)
     if plots:
         text += "\n## Plots\n\n" + "".join(f"![{p}]({p})\n" for p in plots)
-    (output_dir / "report.md").write_text(text)
+    filesystem.write_text(output_dir / "report.md", text)
+    report_html.write(output_dir, _clean(payload), rows, {key: label for key, label, *_ in PAPER[suite]})
     return plots
 
 

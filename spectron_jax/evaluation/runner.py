@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from spectron_jax import infer
+from spectron_jax import filesystem, infer
 from spectron_jax.data import features
 from spectron_jax.evaluation.datasets import EvalExample, Skip
 
@@ -149,14 +149,17 @@ class RowWriter:
         self._flush_all()
 
     def _flush_all(self) -> None:
-        self.path.write_text("".join(_dumps(row) + "\n" for row in self.rows))
+        filesystem.write_text(self.path, "".join(_dumps(row) + "\n" for row in self.rows))
 
     def add(self, row: dict) -> None:
+        """Records one row: appended locally; on an object store (no append) the file is rewritten whole."""
         row = json.loads(_dumps(strict_row({"suite": self.suite, **row, "fingerprint": self.fingerprint})))
         self.rows.append(row)
         self.done.add(row["id"])
-        with self.path.open("a") as f:
-            f.write(_dumps(row) + "\n")
+        if filesystem.is_remote(self.path):
+            self._flush_all()
+        else:
+            filesystem.append_lines(self.path, [_dumps(row)])
 
 
 NON_FINITE_FIELD = "non_finite"  # a row's fields whose value was NaN / inf, written as null
