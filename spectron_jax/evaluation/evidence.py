@@ -215,7 +215,8 @@ def direction(label: str) -> Optional[bool]:
 def comparison_cells(values: Sequence[Optional[Mapping[str, Any]]], spans: Sequence[Optional[Mapping[str, Any]]],
                      key: str, higher: Optional[bool], fmt) -> list[str]:
     """One table row's cells over several evaluations: value [interval], the best marked, and those
-    whose interval overlaps the best's marked `OVERLAP_MARK` (`COMPARISON_NOTE`).
+    whose interval overlaps the best's marked `OVERLAP_MARK` (`COMPARISON_NOTE`); no marks when the
+    best or all the others have no interval (reports written before intervals existed).
 
     Args:
       values: per evaluation its metrics (None: not evaluated); spans: per evaluation its `intervals`.
@@ -228,6 +229,8 @@ def comparison_cells(values: Sequence[Optional[Mapping[str, Any]]], spans: Seque
     if higher is None or len(finite) < 2:
         return cells
     best = (max if higher else min)(finite, key=lambda i: got[i])
+    if not box[best] or not any(box[i] for i in finite if i != best):
+        return cells  # without intervals there is nothing to say about the differences
     cells[best] += f" {BEST_MARK}"
     for i in finite:
         if i != best and intervals.overlap(box[i], box[best]):

@@ -50,6 +50,9 @@ from spectron_jax.evaluation.speaker import cosine
 VERSION = 1  # of the rows' `floors` field (in the rows' fingerprint: a change refuses to resume)
 FLOORS_FIELD = "floors"
 NOISE_RMS_MIN = 1e-3  # noise for a (near-)silent continuation still has this RMS
+FLOOR_FAILED = "a scorer failed on the floor audio"
+ERROR_FIELD = "error"  # a row's floors when a scorer raised on them: the message (the floors are left out)
+PARTNER_CANDIDATES = 4  # other-speaker utterances tried in turn when one cannot be read
 
 
 def _seed(example_id: str) -> int:
@@ -64,24 +67,27 @@ def white_noise(like: np.ndarray, example_id: str) -> np.ndarray:
     return np.clip(noise, -1.0, 1.0).astype(np.float32)
 
 
-def other_speaker_partners(examples: Sequence[Any]) -> dict[str, Any]:
-    """{example id: another example of the set with a different (known) speaker}.
+def other_speaker_partners(examples: Sequence[Any], candidates: int = PARTNER_CANDIDATES) -> dict[str, list[Any]]:
+    """{example id: up to `candidates` other examples of the set with a different (known) speaker}, in
+    the order to try them (the first whose audio can be read is the partner).
 
     Deterministic for a given set: examples are ordered by a hash of their id and each takes the next
-    one in that cyclic order whose speaker differs. Examples without a speaker, or in a set of one
+    ones in that cyclic order whose speaker differs. Examples without a speaker, or in a set of one
     speaker, get no partner.
     """
     known = [ex for ex in examples if getattr(ex, "speaker", None)]
     if len({ex.speaker for ex in known}) < 2:
         return {}
     order = sorted(known, key=lambda ex: (zlib.crc32(ex.id.encode("utf-8")), ex.id))
-    partners = {}
+    partners: dict[str, list[Any]] = {}
     for i, ex in enumerate(order):
+        found = partners.setdefault(ex.id, [])
         for step in range(1, len(order)):
             other = order[(i + step) % len(order)]
             if other.speaker != ex.speaker:
-                partners[ex.id] = other
-                break
+                found.append(other)
+                if len(found) == candidates:
+                    break
     return partners
 
 
@@ -116,12 +122,20 @@ def continuation_floors(example_id: str, prompt: np.ndarray, true_continuation: 
 
 
 def qa_floors(question: np.ndarray, scorers: Any) -> dict:
-    """One spoken question's `floors`: the ASR of silence of its length and of the question itself."""
+    """One spoken question's `floors`: the ASR of silence of its length and of the question itself
+    (`{"error": ...}` when the recogniser raised: the row is kept, its floors left out and counted)."""
     if scorers.asr is None:
         return {}
     silence = np.zeros_like(np.asarray(question, np.float32))
-    asr_silence, asr_question = scorers.asr.transcribe([silence, question])
+    try:
+        asr_silence, asr_question = scorers.asr.transcribe([silence, question])
+    except Exception as e:  # noqa: BLE001 - a floor is not worth the row
+        return {ERROR_FIELD: _one_line(e)}
     return {"asr_silence": asr_silence, "asr_question": asr_question}
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
 # ---- Pooling -------------------------------------------------------------------------------------------
@@ -130,7 +144,11 @@ def _floors(row: Mapping) -> Mapping:
 
 
 def _without(key: str) -> Callable[[Mapping], Optional[str]]:
-    return lambda row: None if key in _floors(row) else row_parts.NOT_SCORED
+    return lambda row: None if key in _floors(row) else _missing(row)
+
+
+def _missing(row: Mapping) -> str:
+    return FLOOR_FAILED if ERROR_FIELD in _floors(row) else row_parts.NOT_SCORED
 
 
 def parts(suite: str, rows: Sequence[Mapping]) -> dict[str, tuple[list[row_parts.Part], str]]:
@@ -143,18 +161,20 @@ def parts(suite: str, rows: Sequence[Mapping]) -> dict[str, tuple[list[row_parts
     if has("asr_silence"):
         out["asr_silence_word_fraction"] = (
             [(float(bool(text_metrics.normalize(f["asr_silence"] or ""))), 1.0) if "asr_silence" in f
-             else row_parts.NOT_SCORED for f in floors], "identity")
+             else _missing(r) for r, f in zip(rows, floors)], "identity")
     if suite == "continuation":
         for key in ("speaker_sim_noise", "speaker_sim_other_speaker"):
             if has(key):
-                reason = "no other speaker in the set" if key == "speaker_sim_other_speaker" else row_parts.NOT_SCORED
-                out[f"{key}_floor"] = ([row_parts.value_part(row_parts.field(f, key), reason) for f in floors],
-                                       "identity")
+                out[f"{key}_floor"] = ([row_parts.value_part(row_parts.field(f, key), _missing(r) if
+                                                             key == "speaker_sim_noise" or ERROR_FIELD in f else
+                                                             "no readable other-speaker utterance")
+                                        for r, f in zip(rows, floors)], "identity")
         for system in ("silence", "noise"):
             if has(f"dnsmos_{system}"):
                 for sub in DNSMOS_KEYS:
                     out[f"dnsmos_{system}_{sub}"] = (
-                        [row_parts.value_part(row_parts.field(f, f"dnsmos_{system}", sub)) for f in floors], "identity")
+                        [row_parts.value_part(row_parts.field(f, f"dnsmos_{system}", sub), _missing(r))
+                         for r, f in zip(rows, floors)], "identity")
         if has("asr_true"):
             out["asr_true_wer"] = (row_parts.error_parts(
                 rows, lambda r: r.get("reference_continuation"), lambda r: _floors(r).get("asr_true"),
@@ -170,7 +190,7 @@ def parts(suite: str, rows: Sequence[Mapping]) -> dict[str, tuple[list[row_parts
         if has("asr_silence"):
             out["speech_accuracy_silence_floor"] = (
                 [(float(text_metrics.any_answer_found(r.get("answers", ()), f["asr_silence"] or "")), 1.0)
-                 if "asr_silence" in f else row_parts.NOT_SCORED for r, f in zip(rows, floors)], "percent")
+                 if "asr_silence" in f else _missing(r) for r, f in zip(rows, floors)], "percent")
         if has("asr_question"):
             out["asr_question_wer"] = (row_parts.error_parts(
                 rows, lambda r: r.get("question"), lambda r: _floors(r).get("asr_question"),
@@ -212,19 +232,24 @@ def metrics(suite: str, rows: Sequence[Mapping]) -> dict[str, float]:
     return {key: row_parts.ratio(per_row, transform).value for key, (per_row, transform) in parts(suite, rows).items()}
 
 
-def continuation_row_floors(item: Any, partners: Mapping[str, Any], scorers: Any, prompt_samples: int) -> dict:
-    """`continuation_floors` of a loaded example (`runner.Loaded`), reading its partner's audio
-    (`other_speaker_partners`); a partner that cannot be read leaves that floor out of the row."""
+def continuation_row_floors(item: Any, partners: Mapping[str, Sequence[Any]], scorers: Any,
+                            prompt_samples: int) -> dict:
+    """`continuation_floors` of a loaded example (`runner.Loaded`), reading its partner's audio: the
+    first of its `other_speaker_partners` that can be read and is longer than the prompt (none: that
+    floor is left out of the row). A scorer that raises leaves `{"error": message}` instead."""
     from spectron_jax.data import features
 
-    partner = partners.get(item.example.id)
-    other = None
-    if partner is not None and scorers.speaker is not None:
+    other, other_id = None, None
+    for partner in partners.get(item.example.id, ()) if scorers.speaker is not None else ():
         try:
-            other = features.load_audio(partner.audio)[prompt_samples:]
+            wave = features.load_audio(partner.audio)[prompt_samples:]
         except features.AudioError:
-            other = None
-        if other is not None and other.size == 0:
-            other = None
-    return continuation_floors(item.example.id, item.wave[:prompt_samples], item.wave[prompt_samples:], other,
-                               None if other is None else partner.id, scorers)
+            continue
+        if wave.size:
+            other, other_id = wave, partner.id
+            break
+    try:
+        return continuation_floors(item.example.id, item.wave[:prompt_samples], item.wave[prompt_samples:], other,
+                                   other_id, scorers)
+    except Exception as e:  # noqa: BLE001 - a floor is not worth the row: left out, counted, said why
+        return {ERROR_FIELD: _one_line(e)}
