@@ -53,6 +53,8 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="text sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--nowavs", dest="wavs", action="store_false", help="do not write the generated wavs")
+    p.add_argument("--nofloors", dest="floors", action="store_false",
+                   help="do not score the floors and ceilings (noise, silence, another speaker, the truth)")
     p.add_argument("--bootstrap_resamples", type=int, default=1000,
                    help="bootstrap resamples of the 95%% intervals (over utterances; 0: no intervals)")
     p.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resamples")
@@ -65,7 +67,7 @@ def make_scorers(args: Any, bundle: Any):
     """The scorers the flags ask for (each loads its model once here)."""
     from spectron_jax.evaluation import runner
 
-    scorers = runner.Scorers()
+    scorers = runner.Scorers(floors=bool(getattr(args, "floors", True)))
     try:
         if args.asr != "none":
             from spectron_jax.evaluation.asr import make_asr
@@ -109,7 +111,7 @@ def fingerprint(args: Any, bundle: Any, scorers: Any) -> dict:
 
     return {"export_dir": _where(args.export_dir), "step": meta.get("step"),
             "decode": dict(getattr(args, "decode", None) or {}), "scorers": scorers.names(), "suite": suite,
-            "floors": floors.VERSION}
+            "floors": floors.VERSION if getattr(scorers, "floors", True) else None}
 
 
 def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], scorers: Any) -> dict:
@@ -191,6 +193,8 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
     found = evidence.collect(args.suite, rows, boot)
     values.update(found["figures"])
     made = provenance.provenance(getattr(bundle, "meta", None), stamp["decode"], scorers.names(), args.export_dir)
+    made["scorer_flags"] = {k: getattr(args, k, None) for k in ("asr", "text_lm", "speaker", "naturalness")}
+    made["floors"] = scorers.floors
     report.write(out, args.suite, values, rows, skips, scorers.names(), settings, panels,
                  [n for n in notes if n], evidence=found, provenance=made)
     return values

@@ -91,7 +91,8 @@ def _continuation_row(i, boundary="separator", asr="the keeper walked", with_lm=
                      "other_speaker_id": f"u{i + 1}", "asr_silence": "dog" if i % 2 else "",
                      "asr_true": "the light for forty years", "asr_true_lm": {"log_likelihood": -5.0, "num_tokens": 5},
                      "dnsmos_silence": {k: 2.1 for k in ("p808_mos", "sig_mos", "bak_mos", "ovrl_mos")},
-                     "dnsmos_noise": {k: None if i == 0 else 2.2 for k in ("p808_mos", "sig_mos", "bak_mos", "ovrl_mos")}}
+                     "dnsmos_noise": {k: None if i == 0 else 2.2
+                                      for k in ("p808_mos", "sig_mos", "bak_mos", "ovrl_mos")}}
     return row
 
 
@@ -178,7 +179,8 @@ def test_other_speaker_partners_and_noise():
     noise = floors.white_noise(like, "u0")
     assert noise.shape == like.shape and noise.dtype == np.float32
     assert np.sqrt(np.mean(noise ** 2)) == pytest.approx(np.sqrt(np.mean(like ** 2)), rel=0.05)
-    assert np.array_equal(noise, floors.white_noise(like, "u0")) and not np.array_equal(noise, floors.white_noise(like, "u1"))
+    assert np.array_equal(noise, floors.white_noise(like, "u0"))
+    assert not np.array_equal(noise, floors.white_noise(like, "u1"))
 
 
 def test_the_sweep_table_prints_intervals_and_marks_overlapping_differences(repo_root):

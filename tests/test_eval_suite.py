@@ -224,6 +224,11 @@ def test_llama_questions_suite_feeds_long_questions_whole(tmp_path, embedded_dir
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["skipped"]["by_reason"] == {"missing_file": 1}
     assert payload["settings"]["questions_longer_than_prompt"] == 1
+    # The ASR on silence of each question's length (the speech accuracy's floor) and on the question.
+    assert 0.0 <= values["speech_accuracy_silence_floor"] <= 100.0 and 0.0 <= values["asr_question_wer"]
+    assert payload["references"]["speech_accuracy"][0]["figure"] == "speech_accuracy_silence_floor"
+    assert payload["intervals"]["text_accuracy"] is not None
+    assert payload["excluded"]["speech_accuracy"] == {"rows_used": 2, "rows_excluded": {}}
     assert "1 questions are longer than the 3 s" in (out / "report.md").read_text()
     assert (out / "plots" / "accuracy.png").is_file()
     cut = _args(suite="llama_questions", data_dir=str(tmp_path), output_dir=str(tmp_path / "cut"), text_lm="none",

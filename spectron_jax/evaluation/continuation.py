@@ -159,7 +159,8 @@ def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], sco
         ex = item.example
         try:
             row = _score(inferencer, item, result, scorers, resynth, config, wav_dir, prompt_samples, prompt_frames)
-            row[floors.FLOORS_FIELD] = floors.continuation_row_floors(item, partners, scorers, prompt_samples)
+            if scorers.floors:
+                row[floors.FLOORS_FIELD] = floors.continuation_row_floors(item, partners, scorers, prompt_samples)
         except Exception as e:  # noqa: BLE001 - one example's failure is counted, not fatal
             skips.append(runner.scoring_skip(ex, e))
             continue

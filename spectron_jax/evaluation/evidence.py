@@ -4,7 +4,7 @@
     found["figures"]     # the floor figures (`floors.metrics`), to be added to the suite's metrics
     found["intervals"]   # {figure: [low, high] or None} for every pooled figure (suite and floors)
     found["excluded"]    # {figure: {"rows_used": n, "rows_excluded": {reason: count}}}
-    found["references"]  # {figure: [{"figure", "kind" (floor | ceiling), "what"}]} (`floors.REFERENCES`)
+    found["references"]  # {figure: [{"figure", "kind" (floor | ceiling | reference), "what"}]} (`floors.REFERENCES`)
     figure_cell(key, values, found)   # "0.432 [0.401, 0.460] ≤ floor" for report.md
 
 `parts` says how every pooled figure of a suite is made from its rows (the same pooling as
@@ -129,6 +129,12 @@ def collect(suite: str, rows: Sequence[Mapping], config: intervals.BootstrapConf
             "silence_transcripts": [[text, n] for text, n in floors.silence_transcripts(rows)]}
 
 
+def shown_beside(found: Optional[Mapping]) -> set[str]:
+    """The figures `markdown_section` prints (floors and ceilings, the silence sentence)."""
+    refs = (found or {}).get("references") or {}
+    return {ref["figure"] for listed in refs.values() for ref in listed} | {"asr_silence_word_fraction"}
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -175,8 +181,9 @@ def markdown_section(values: Mapping[str, Any], found: Optional[Mapping]) -> lis
     if refs:
         lines += ["", "## Floors and ceilings", "",
                   "The same scorers on the same utterances: a floor is what input that cannot be right scores "
-                  "(noise, silence, another speaker), a ceiling what the real thing scores. A figure that is not "
-                  "better than its best floor is marked ≤ floor; ≈ floor when its interval overlaps that floor's.",
+                  "(noise, silence, another speaker), a ceiling what the real thing scores, a reference the real "
+                  "thing through the same ASR / LM. A figure that is not better than its best floor is marked "
+                  "≤ floor; ≈ floor when its interval overlaps that floor's.",
                   "", "| figure | ours | floor / ceiling | value |", "| --- | --- | --- | --- |"]
         for key, listed in refs.items():
             for i, ref in enumerate(listed):
@@ -191,7 +198,8 @@ def markdown_section(values: Mapping[str, Any], found: Optional[Mapping]) -> lis
     if excluded:
         lines += ["", "## Rows left out of a figure", ""]
         lines += [f"- `{key}`: {v['rows_used']} rows used; left out: "
-                  + ", ".join(f"{reason} ({n})" for reason, n in v["rows_excluded"].items()) for key, v in excluded.items()]
+                  + ", ".join(f"{reason} ({n})" for reason, n in v["rows_excluded"].items())
+                  for key, v in excluded.items()]
     boot = found.get("bootstrap") or {}
     if boot:
         lines += ["", f"Intervals: {100 * boot['level']:g} % {boot['method']}; {boot['resamples']} resamples, "

@@ -23,10 +23,10 @@ dnsmos_true / _resynthesized are the suite's own figures):
 
     speaker_sim_noise_floor, speaker_sim_other_speaker_floor   means
     dnsmos_silence_<key>, dnsmos_noise_<key>                   means (DNSMOS keys)
-    asr_true_wer               the ASR's WER on the true continuation vs its reference words (the
-                               best an ASR-based figure can do through this recogniser)
+    asr_true_wer               the ASR's WER on the true continuation vs its reference words (how
+                               well this recogniser hears real speech: the reference for ASR figures)
     asr_true_log_ppl           pooled perplexity of `asr_true` under the text LM (the log-PPL of real
-                               speech through the same ASR and LM)
+                               speech through the same ASR and LM: the reference for asr_log_ppl)
     asr_silence_word_fraction  share of silence clips the ASR wrote a word for
     speech_text_wer_silence_floor   WER of the silence transcript vs the model's text continuation
     speech_accuracy_silence_floor   QA: % of questions whose answer is found in the transcript of silence
@@ -204,19 +204,23 @@ def silence_transcripts(rows: Sequence[Mapping], top: int = 5) -> list[tuple[str
     return collections.Counter(t for t in texts if t).most_common(top)
 
 
-# (figure, [(reference figure, "floor" | "ceiling", what it is)]), and whether higher is better.
+# figure -> (whether higher is better, [(reference figure, "floor" | "ceiling" | "reference", what it is)]);
+# only floors mark a figure (`evidence.floor_mark`); a "reference" is another system on the same input.
 REFERENCES: dict[str, tuple[bool, list[tuple[str, str, str]]]] = {
     "speaker_sim_generated": (True, [
         ("speaker_sim_noise_floor", "floor", "prompt vs white noise"),
         ("speaker_sim_other_speaker_floor", "floor", "prompt vs another speaker's true continuation"),
         ("speaker_sim_true", "ceiling", "prompt vs the true continuation")]),
     "asr_log_ppl": (False, [
-        ("asr_true_log_ppl", "ceiling", "the ASR transcript of the true continuation")]),
+        ("asr_true_log_ppl", "reference", "the ASR transcript of the true continuation")]),
     "speech_text_wer": (False, [
         ("speech_text_wer_silence_floor", "floor", "the ASR transcript of silence vs the model's text"),
-        ("asr_true_wer", "ceiling", "the ASR on the true continuation vs its reference words")]),
+        ("asr_true_wer", "reference", "the ASR on the true continuation vs its reference words")]),
     "speech_accuracy": (True, [
         ("speech_accuracy_silence_floor", "floor", "answer found in the ASR transcript of silence"),
+    ]),
+    "question_wer": (False, [
+        ("asr_question_wer", "reference", "the ASR on the same spoken questions"),
     ]),
 }
 for _key in DNSMOS_KEYS:

@@ -16,6 +16,9 @@
                     without git: never an error);
   created_utc       when the report was written (ISO 8601, UTC).
 
+`spectron_jax.eval` adds `scorer_flags` (the --asr / --text_lm / --speaker / --naturalness specs) and
+`floors` (whether the floors were scored).
+
 The rows each figure leaves out, and why, are in metrics.json's `excluded` (`evidence.collect`).
 """
 

@@ -113,7 +113,7 @@ def markdown(suite: str, values: Mapping[str, Any], scorers: Mapping[str, str], 
         theirs = f"{paper} (the paper's: {paper_label})" if paper is not None else "–"
         ours = evidence_lib.figure_cell(key, values, evidence, _format)
         lines.append(f"| {label} | {ours} | {theirs} | {_scorer_note(key, scorers) or 'this tool'} |")
-    shown = {key for key, *_ in PAPER[suite]} | set((evidence or {}).get("figures") or ())
+    shown = {key for key, *_ in PAPER[suite]} | evidence_lib.shown_beside(evidence)
     extra = [(k, v) for k, v in values.items() if k not in shown and k != "num_examples"]
     if extra:
         lines += ["", "Other figures:", ""] + [f"- `{k}`: {evidence_lib.figure_cell(k, values, evidence, _format)}"

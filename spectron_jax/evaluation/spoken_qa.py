@@ -126,7 +126,7 @@ def run(make_inferencer: Callable[[float], Any], suite: str, examples: Sequence[
                                            lambda it: it.wave[:samples], len(loaded), suite):
         try:
             row = _score(item, result, scorers, config, wav_dir, samples)
-            if scorers.asr is not None:  # the ASR on silence and on the question (`evaluation.floors`)
+            if scorers.floors and scorers.asr is not None:  # the ASR on silence and the question (`floors`)
                 row[floors.FLOORS_FIELD] = floors.qa_floors(item.wave, scorers)
         except Exception as e:  # noqa: BLE001 - one example's failure is counted, not fatal
             skips.append(runner.scoring_skip(item.example, e))
