@@ -207,3 +207,23 @@ def test_the_sweep_table_prints_intervals_and_marks_overlapping_differences(repo
     assert cells == ["0.45 [0.420, 0.480] ≈", "0.47 [0.440, 0.500] (best)"]
     # Reports without intervals: values only, nothing marked.
     assert evidence.comparison_cells([{"x": 1.0}, {"x": 2.0}], [{}, {}], "x", False, str) == ["1.0", "2.0"]
+
+
+def test_provenance_names_versions_and_commit_and_never_fails_without_git(tmp_path, repo_root):
+    import datetime
+    import importlib.metadata
+    import subprocess
+
+    from spectron_jax.evaluation import provenance
+
+    made = provenance.provenance({"step": 1200, "sep_id": 3, "num_params_per_component": {"decoder": 1}},
+                                 {"temperature": 0.7, "top_k": 5}, {"asr": "pocketsphinx"}, "runs/export")
+    assert made["checkpoint_step"] == 1200 and made["bundle"] == {"step": 1200, "sep_id": 3}
+    assert made["decode"] == {"temperature": 0.7, "top_k": 5} and made["scorers"] == {"asr": "pocketsphinx"}
+    assert made["packages"]["jiwer"] == importlib.metadata.version("jiwer")
+    assert datetime.datetime.fromisoformat(made["created_utc"]).utcoffset() == datetime.timedelta(0)
+    assert "not-a-package-anywhere" not in provenance.package_versions(("jiwer", "not-a-package-anywhere"))
+    head = subprocess.run(["git", "-C", str(repo_root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: its commit (a clean or "+dirty" tree)
+        assert made["git_commit"].split("+")[0] == head.stdout.strip()
+    assert provenance.git_commit(str(tmp_path)) is None  # not a checkout: None, no error
