@@ -37,8 +37,11 @@ def _whisper_normalizer():
 
 def normalize(text: str) -> str:
     """The evaluation's one text normaliser: Whisper's English normaliser (the module docstring)."""
-    if not text:
-        return ""
+    return _normalize(text) if text else ""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _normalize(text: str) -> str:  # a report normalises each reference and hypothesis several times
     return " ".join(_whisper_normalizer()(text).split())
 
 
