@@ -31,12 +31,13 @@ EXTRAS_REQUIRE = {
     "tpu": ["libtpu==0.0.42.*"],
     # Evaluation scorers, all offline: resemblyzer (speaker similarity; ships its weights),
     # pocketsphinx (ASR; ships an en-US model), speechmos + onnxruntime (DNSMOS; ships its ONNX
-    # models), jiwer (WER/CER), matplotlib (report plots), transformers (the optional hf: / whisper:
+    # models), jiwer (WER/CER), whisper-normalizer (Whisper's English text normaliser, applied before
+    # every text comparison), matplotlib (report plots), transformers (the optional hf: / whisper:
     # scorers). torch must be exactly 2.13.0: any other version pulls the CUDA build; webrtcvad
     # needs pkg_resources, gone in setuptools 81.
     "eval": ["torch==2.13.0", "resemblyzer==0.1.4", "setuptools<81", "pocketsphinx==5.1.1",
-             "speechmos==0.0.1.1", "onnxruntime==1.32.0", "jiwer==4.0.0", "matplotlib==3.11.2",
-             "transformers==5.24.0"],
+             "speechmos==0.0.1.1", "onnxruntime==1.32.0", "jiwer==4.0.0", "whisper-normalizer==0.1.15",
+             "matplotlib==3.11.2", "transformers==5.24.0"],
     # Importers of open checkpoints (Gemma decoders, w2v-BERT 2.0 encoder).
     "convert": ["torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0"],
     "test": ["pytest", "pytest-xdist",

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from etils import epath  # noqa: E402
 
 from spectron_jax import cli  # noqa: E402
-from spectron_jax.evaluation import report  # noqa: E402
+from spectron_jax.evaluation import evidence, report  # noqa: E402
 
 # Validation losses (MODEL_DIR/metrics.jsonl, teacher-forced on the validation split) shown per point.
 # Every term is logged whatever its weight, so points trained without a term are still measured on it.
@@ -67,6 +67,7 @@ def sweep_payload(sweep: str, suite: str, entries: Sequence[Mapping[str, Any]]) 
             "model_dir": entry.get("model_dir"), "export_dir": entry.get("export_dir"),
             "eval_dir": entry.get("eval_dir"),
             "metrics": None if evaluation is None else dict(evaluation.get("metrics") or {}),
+            "intervals": None if evaluation is None else dict(evaluation.get("intervals") or {}),
             "skipped": None if evaluation is None else (evaluation.get("skipped") or {}).get("count", 0),
             "scorers": None if evaluation is None else dict(evaluation.get("scorers") or {}),
             "settings": None if evaluation is None else dict(evaluation.get("settings") or {}),
@@ -81,7 +82,9 @@ def sweep_payload(sweep: str, suite: str, entries: Sequence[Mapping[str, Any]]) 
 
 
 def sweep_markdown(payload: Mapping[str, Any]) -> str:
-    """`sweep_payload` as markdown: a row per figure, a column per point (n/a: not measured)."""
+    """`sweep_payload` as markdown: a row per figure, a column per point (n/a: not measured); each cell
+    with its 95 % interval, the best point and those whose interval overlaps it marked
+    (`evidence.comparison_cells`)."""
     points = payload["points"]
     names = [p["name"] for p in points]
     lines = [f"# Sweep {payload['sweep']}: {payload['suite']}", "",
@@ -92,8 +95,9 @@ def sweep_markdown(payload: Mapping[str, Any]) -> str:
                  f"{p['metrics'].get('num_examples', 0)} ({p['skipped']})" for p in points) + " |"]
     for key, label in payload["figures"]:
         theirs = f"{payload['paper'][key]} (the paper's)" if key in payload["paper"] else "–"
-        lines.append(f"| {label} | {theirs} | " + " | ".join(
-            _format((p["metrics"] or {}).get(key)) for p in points) + " |")
+        cells = evidence.comparison_cells([p["metrics"] for p in points], [p.get("intervals") for p in points],
+                                          key, evidence.direction(label), _format)
+        lines.append(f"| {label} | {theirs} | " + " | ".join(cells) + " |")
     steps = sorted({p["validation_step"] for p in points if p["validation_step"] is not None})
     if steps:
         lines.append("| validation step | – | " + " | ".join(
@@ -112,7 +116,8 @@ def sweep_markdown(payload: Mapping[str, Any]) -> str:
         else:
             lines += [f"- `{p['name']}`: " + "; ".join(f"{k}: {v}" for k, v in p["scorers"].items())
                       for p in points if p["scorers"] is not None]
-    lines += ["", "The paper's column was measured with the paper's scorers and models; compare the points "
+    lines += ["", evidence.COMPARISON_NOTE,
+              "", "The paper's column was measured with the paper's scorers and models; compare the points "
               "with each other, and with the paper's column in kind only."]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,11 @@ Scorers (all offline by default): `--asr=pocketsphinx|whisper:<name-or-path>|non
 `--speaker=resemblyzer|none`, `--naturalness=dnsmos|none`.
 
 Writes OUT/metrics.json, report.md, report.html, examples.jsonl, wavs/, plots/ (see `evaluation.report`;
-OUT may be a `gs://` folder, and `--data_dir` too). A bad
+OUT may be a `gs://` folder, and `--data_dir` too). Every
+pooled figure has a 95 % bootstrap interval over utterances (`--bootstrap_resamples`, DEFAULT 1000;
+`--bootstrap_seed`) and, where one exists, its floors and ceilings (`evaluation.floors`: the same
+scorers on noise, silence, another speaker and the truth); metrics.json records its provenance
+(`evaluation.provenance`) and the rows each figure leaves out. A bad
 example (missing or corrupt audio, too short, an inference error) is counted and skipped with its
 reason; a rerun into the same OUT resumes, reusing the rows already written, when they were made by the
 same run: every row records its fingerprint (export folder and step, decode settings, scorers, suite,
@@ -50,6 +54,11 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="text sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--nowavs", dest="wavs", action="store_false", help="do not write the generated wavs")
+    p.add_argument("--nofloors", dest="floors", action="store_false",
+                   help="do not score the floors and ceilings (noise, silence, another speaker, the truth)")
+    p.add_argument("--bootstrap_resamples", type=int, default=1000,
+                   help="bootstrap resamples of the 95%% intervals (over utterances; 0: no intervals)")
+    p.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resamples")
     p.add_argument("--overwrite", action="store_true",
                    help="discard the rows of an earlier run in --output_dir instead of resuming it")
     return p
@@ -59,7 +68,7 @@ def make_scorers(args: Any, bundle: Any):
     """The scorers the flags ask for (each loads its model once here)."""
     from spectron_jax.evaluation import runner
 
-    scorers = runner.Scorers()
+    scorers = runner.Scorers(floors=bool(getattr(args, "floors", True)))
     try:
         if args.asr != "none":
             from spectron_jax.evaluation.asr import make_asr
@@ -92,14 +101,18 @@ def _where(path: str) -> str:
 def fingerprint(args: Any, bundle: Any, scorers: Any) -> dict:
     """What makes a row (recorded in each, compared on resume): the export folder and its step
     (bundle.json), the decode settings (`args.decode`: `DecodeConfig` as a dict), the scorers and the
-    suite's data and settings. Not the batch size or `--limit`: they do not change a row."""
+    suite's data and settings, and the version of the rows' floors. Not the batch size, `--limit` or
+    the bootstrap: they do not change a row."""
     meta = getattr(bundle, "meta", None) or {}
     suite = {"suite": args.suite, "data_dir": _where(args.data_dir), "split": args.split,
              "prompt_seconds": float(getattr(args, "prompt_seconds", 3.0))}
     if args.suite != "continuation":
         suite["long_questions"] = args.long_questions
+    from spectron_jax.evaluation import floors
+
     return {"export_dir": _where(args.export_dir), "step": meta.get("step"),
-            "decode": dict(getattr(args, "decode", None) or {}), "scorers": scorers.names(), "suite": suite}
+            "decode": dict(getattr(args, "decode", None) or {}), "scorers": scorers.names(), "suite": suite,
+            "floors": floors.VERSION if getattr(scorers, "floors", True) else None}
 
 
 def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], scorers: Any) -> dict:
@@ -111,7 +124,8 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
     """
     from etils import epath
 
-    from spectron_jax.evaluation import continuation, datasets, report, runner, spectrograms, spoken_qa
+    from spectron_jax.evaluation import continuation, datasets, evidence, intervals, provenance, report, runner
+    from spectron_jax.evaluation import spectrograms, spoken_qa, text_lm
 
     out = epath.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +185,21 @@ def evaluate(args: Any, bundle: Any, make_inferencer: Callable[[float], Any], sc
     if scorers.text_lm is not None and getattr(scorers.text_lm, "name", "").endswith("(proxy LM)"):
         notes.append("Perplexities are under the model's own decoder (a proxy); the paper used GPT-2 Medium "
                      "(--text_lm=hf:<path to gpt2-medium>).")
-    report.write(out, args.suite, values, rows, skips, scorers.names(), settings, panels, notes)
+    if any("asr_lm" in r for r in rows):
+        notes.append(text_lm.empty_note([text_lm.TextScore(**r["asr_lm"]) for r in rows if "asr_lm" in r],
+                                        "asr_log_ppl", "ASR transcripts of the generated speech"))
+    try:
+        boot = intervals.BootstrapConfig(resamples=int(getattr(args, "bootstrap_resamples", 1000)),
+                                         seed=int(getattr(args, "bootstrap_seed", 0)))
+    except ValueError as e:
+        raise cli.UsageError(f"--bootstrap_resamples: {e}") from None
+    found = evidence.collect(args.suite, rows, boot)
+    values.update(found["figures"])
+    made = provenance.provenance(getattr(bundle, "meta", None), stamp["decode"], scorers.names(), args.export_dir)
+    made["scorer_flags"] = {k: getattr(args, k, None) for k in ("asr", "text_lm", "speaker", "naturalness")}
+    made["floors"] = scorers.floors
+    report.write(out, args.suite, values, rows, skips, scorers.names(), settings, panels,
+                 [n for n in notes if n], evidence=found, provenance=made)
     return values
 
 
@@ -179,6 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         raise cli.UsageError(f"--batch_size={args.batch_size}: must be at least 1")
+    if args.bootstrap_resamples < 0:
+        raise cli.UsageError(f"--bootstrap_resamples={args.bootstrap_resamples}: must be at least 0")
     if args.limit is not None and args.limit < 1:
         raise cli.UsageError(f"--limit={args.limit}: must be at least 1")
     if not os.path.exists(args.data_dir) and not args.data_dir.startswith("gs://"):

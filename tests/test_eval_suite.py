@@ -152,7 +152,8 @@ def test_continuation_suite_writes_every_report_file_and_counts_bad_audio(tmp_pa
         f"{r[0]}\t{embedded_dir / r[1]}\t{r[2]}\t{r[3]}\n" for r in test_rows)
         + "broken\tcorrupt.wav\tsome words\tspk99\nabsent\tnot_there.flac\tother words\tspk99\n")
     out = tmp_path / "out"
-    args = _args(suite="continuation", data_dir=str(manifest), output_dir=str(out))
+    args = _args(suite="continuation", data_dir=str(manifest), output_dir=str(out),
+                 decode={"temperature": 0.0, "seed": 0, "max_frames": 800})
     scorers = eval_cli.make_scorers(args, bundle)
     double = ScriptedInferencer()
     values = eval_cli.evaluate(args, bundle, lambda seconds: double, scorers)
@@ -173,6 +174,21 @@ def test_continuation_suite_writes_every_report_file_and_counts_bad_audio(tmp_pa
             assert features.load_audio(out / rel).size > 0
     text = (out / "report.md").read_text()
     assert "the paper's" in text and "126.08" in text and "unreadable: 1" in text and "pocketsphinx" in text
+    # Floors and ceilings beside the figures, from the same scorers on the same utterances; intervals for
+    # every pooled figure; where the figures came from.
+    for key in ("speaker_sim_noise_floor", "speaker_sim_other_speaker_floor", "dnsmos_silence_p808_mos",
+                "dnsmos_noise_p808_mos", "asr_true_wer", "asr_silence_word_fraction", "speech_text_wer_silence_floor"):
+        assert key in values and np.isfinite(values[key]), key
+    assert all(e["floors"]["other_speaker_id"] not in (None, e["id"]) for e in examples)  # two speakers here
+    assert values["speaker_sim_true"] > values["speaker_sim_noise_floor"]  # real speech beats noise
+    assert set(payload["intervals"]) >= {"asr_log_ppl", "text_wer", "speaker_sim_generated", "speaker_sim_noise_floor"}
+    assert payload["bootstrap"]["resamples"] == 1000
+    for key, span in payload["intervals"].items():
+        assert span is None or span[0] <= span[1], key
+    assert payload["references"]["speaker_sim_generated"][-1]["kind"] == "ceiling"
+    assert payload["provenance"]["decode"] == args.decode and payload["provenance"]["created_utc"].endswith("+00:00")
+    assert payload["provenance"]["packages"]["whisper-normalizer"] == "0.1.15"
+    assert "## Floors and ceilings" in text and "prompt vs white noise" in text and "## Provenance" in text
     # A rerun into the same folder resumes: no example is run again, the figures are the same.
     again = ScriptedInferencer()
     assert eval_cli.evaluate(args, bundle, lambda seconds: again, scorers) == values
@@ -208,6 +224,11 @@ def test_llama_questions_suite_feeds_long_questions_whole(tmp_path, embedded_dir
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["skipped"]["by_reason"] == {"missing_file": 1}
     assert payload["settings"]["questions_longer_than_prompt"] == 1
+    # The ASR on silence of each question's length (the speech accuracy's floor) and on the question.
+    assert 0.0 <= values["speech_accuracy_silence_floor"] <= 100.0 and 0.0 <= values["asr_question_wer"]
+    assert payload["references"]["speech_accuracy"][0]["figure"] == "speech_accuracy_silence_floor"
+    assert payload["intervals"]["text_accuracy"] is not None
+    assert payload["excluded"]["speech_accuracy"] == {"rows_used": 2, "rows_excluded": {}}
     assert "1 questions are longer than the 3 s" in (out / "report.md").read_text()
     assert (out / "plots" / "accuracy.png").is_file()
     cut = _args(suite="llama_questions", data_dir=str(tmp_path), output_dir=str(tmp_path / "cut"), text_lm="none",

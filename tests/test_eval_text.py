@@ -8,43 +8,35 @@ from spectron_jax.evaluation import datasets, text_metrics
 
 
 @pytest.mark.parametrize("raw, want", [
-    ("Don't STOP!", "dont stop"),
+    ("Don't STOP!", "do not stop"),  # Whisper's normaliser expands contractions
     ("  Café   au-lait ", "cafe au lait"),
-    ("10,000 miles in 1969", "ten thousand miles in one thousand nine hundred sixty nine"),
+    ("10,000 miles in 1969", "10000 miles in 1969"),  # digits stay digits
+    ("it is nineteen sixty nine", "it is 1969"),  # spelled-out numbers become digits
+    ("three point one four", "3.14"),
+    ("Straße", "strasse"),
     ("the 3rd of May", "the 3rd of may"),
-    ("Nobel’s prize; (1901)", "nobels prize one thousand nine hundred one"),
-    ("\"quoted\"  & spaced\t", "quoted spaced"),
+    ("hmm, uh, yes", "yes"),  # filler words go
+    ("\"quoted\"  & spaced\t", "quoted spaced"),  # symbols go
     ("", ""),
 ])
-def test_normalize_hand_cases(raw, want):
+def test_normalize_is_whispers_english_normaliser(raw, want):
     assert text_metrics.normalize(raw) == want
 
 
-def test_number_words():
-    assert text_metrics.number_to_words(0) == "zero"
-    assert text_metrics.number_to_words(42) == "forty two"
-    assert text_metrics.number_to_words(1_000_017) == "one million seventeen"
-    with pytest.raises(ValueError):
-        text_metrics.number_to_words(-1)
-
-
-@pytest.mark.parametrize("answer, hypothesis, found", [
-    ("Paris", "I think it is Paris, France.", True),
-    ("par", "paris is big", False),  # whole words only
-    ("George Washington", "it was george washington who", True),
-    ("Washington George", "it was george washington", False),  # order matters
-    ("4", "the answer is four", True),  # digits vs spelled-out numbers
-    ("Mercury", "", False),
-    ("...", "anything at all", False),  # an answer with no words is never found
-    ("The Beatles", "the beatles", True),
-])
-def test_answer_found(answer, hypothesis, found):
-    assert text_metrics.answer_found(answer, hypothesis) is found
-
-
-def test_any_answer_found():
-    assert text_metrics.any_answer_found(["Jamaica", "Kingston"], "he lived in kingston")
-    assert not text_metrics.any_answer_found([], "he lived in kingston")
+def test_one_normaliser_for_every_comparison():
+    # The number cases of the hand-written normaliser that it used to miss: both sides normalised.
+    assert text_metrics.word_error_rate(["It is 1969"], ["it is nineteen sixty nine"]) == 0.0
+    assert text_metrics.word_error_rate(["pi is 3.14"], ["pi is three point one four"]) == 0.0
+    assert text_metrics.word_error_rate(["Straße"], ["strasse"]) == 0.0
+    assert text_metrics.answer_found("1969", "it was in nineteen sixty nine")
+    assert text_metrics.answer_found("Straße", "down the strasse")
+    # Whisper's normaliser makes dotted letters separate words ("U.S.A." -> "u s a") and keeps the
+    # acronym one word ("USA" -> "usa"): this case cannot hold under the field's normaliser, and the
+    # evaluation keeps its behaviour rather than patching it.
+    assert text_metrics.normalize("U.S.A.") == "u s a" and text_metrics.normalize("USA") == "usa"
+    assert text_metrics.word_error_rate(["U.S.A."], ["USA"]) == 1.0  # 1 substitution + 2 deletions over 3 words
+    assert not text_metrics.answer_found("U.S.A.", "the USA")
+    assert text_metrics.answer_found("U.S.A.", "the u s a")
 
 
 def test_error_rates_against_hand_counts():
@@ -120,18 +112,25 @@ def test_comparison_table_of_several_reports(tmp_path):
 
     from spectron_jax.evaluation import report
 
-    for name, ppl in (("paper", 300.5), ("no_text_ce", 900.25)):
+    # asr_log_ppl (lower is better): "paper" is best; "no_text_ce"'s interval overlaps it, "other"'s does not.
+    for name, ppl, span in (("paper", 300.5, [250.0, 350.0]), ("no_text_ce", 900.25, [320.0, 1500.0]),
+                            ("other", 1200.0, [1000.0, 1400.0])):
         folder = tmp_path / name
         folder.mkdir()
-        payload = {"suite": "continuation", "metrics": {"num_examples": 4, "asr_log_ppl": ppl, "text_wer": None}}
+        payload = {"suite": "continuation", "metrics": {"num_examples": 4, "asr_log_ppl": ppl, "text_wer": None},
+                   "intervals": {"asr_log_ppl": span, "text_wer": None}}
         (folder / "metrics.json").write_text(json.dumps(payload))
     proc = subprocess.run([sys.executable, str(__import__("pathlib").Path(__file__).parent.parent / "launch" / "eval_table.py"),
                            f"--eval=paper={tmp_path / 'paper'}", f"--eval=no_text_ce={tmp_path / 'no_text_ce'}",
-                           f"--output={tmp_path / 'table.md'}"], capture_output=True, text=True)
+                           f"--eval=other={tmp_path / 'other'}", f"--output={tmp_path / 'table.md'}"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert lines[2].startswith("| the paper's Spectron | – | 126.08 (the paper's)")
-    assert lines[3] == "| paper | 4 | 300.500 | n/a |" and lines[4] == "| no_text_ce | 4 | 900.250 | n/a |"
+    assert lines[3] == "| paper | 4 | 300.500 [250.000, 350.000] (best) | n/a |"
+    assert lines[4] == "| no_text_ce | 4 | 900.250 [320.000, 1500.000] ≈ | n/a |"
+    assert lines[5] == "| other | 4 | 1200.000 [1000.000, 1400.000] | n/a |"
+    assert "overlaps the best one's" in lines[-1]
     with pytest.raises(ValueError, match="different suites"):
         report.comparison_markdown({"a": {"suite": "continuation", "metrics": {}},
                                     "b": {"suite": "llama_questions", "metrics": {}}})
@@ -171,3 +170,16 @@ def test_llama_questions_ids_keep_folders_apart(tmp_path):
     assert [(e.id, e.audio) for e in examples] == [("6", str(tmp_path / "6.wav")),
                                                    ("sub/6", str(tmp_path / "sub/6.wav"))]
     assert [(s.id, s.reason) for s in skips] == [("6", "duplicate_id")]  # ./6.wav is 6.wav again
+
+
+def test_error_counts_sum_to_the_corpus_rates():
+    refs = ["The cat sat.", "A b", "", "It is 1969", "some other words here"]
+    hyps = ["the bat sat down", "a b", "ignored", "it is nineteen sixty nine", ""]
+    for unit, rate in (("word", text_metrics.word_error_rate), ("char", text_metrics.char_error_rate)):
+        counts = text_metrics.error_counts(refs, hyps, unit)
+        assert counts[2] is None  # an empty reference has no error rate
+        edits = sum(c[0] for c in counts if c) / sum(c[1] for c in counts if c)
+        assert edits == pytest.approx(rate(refs, hyps))
+    assert text_metrics.error_counts(refs, hyps)[0] == (2, 3) and text_metrics.error_counts(refs, hyps)[4] == (4, 4)
+    with pytest.raises(ValueError, match="unit"):
+        text_metrics.error_counts(refs, hyps, "phone")

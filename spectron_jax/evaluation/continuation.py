@@ -18,6 +18,8 @@ the vocoder turns into audio. Per example (one row of examples.jsonl) and pooled
                              report says so, or a row where the model wrote none);
   asr_log_ppl                perplexity, under the same LM, of the ASR transcript of the generated speech
                              (the paper's "log-PPL" column; its scorer was GPT-2 Medium, see `text_lm`);
+                             an empty transcript has no token to score: `asr_empty_transcripts` counts
+                             the rows it leaves out;
   speech_text_wer            ASR transcript of the generated speech vs the model's text continuation
                              (does the speech say what the model wrote);
   speaker_sim_generated      cosine of speaker embeddings, prompt vs generated continuation;
@@ -30,6 +32,9 @@ the vocoder turns into audio. Per example (one row of examples.jsonl) and pooled
   l1_free_running            the same for the generated frames, over the frames both have;
   length_ratio               generated frames / true continuation frames;
   stop_head_fraction         share of continuations ended by the stop head (the rest hit the budget).
+
+Each row also holds its `floors` (`evaluation.floors`: the scorers on white noise, silence, another
+speaker's continuation and the true continuation), pooled beside these figures in the report.
 """
 
 from __future__ import annotations
@@ -42,11 +47,11 @@ from etils import epath
 
 from spectron_jax import vocoder as vocoder_lib
 from spectron_jax.data import features, phi
-from spectron_jax.evaluation import runner, text_metrics
+from spectron_jax.evaluation import floors, runner, text_metrics
 from spectron_jax.evaluation.datasets import EvalExample, Skip
 from spectron_jax.evaluation.naturalness import KEYS as DNSMOS_KEYS
 from spectron_jax.evaluation.speaker import cosine
-from spectron_jax.evaluation.text_lm import TextScore, perplexity
+from spectron_jax.evaluation.text_lm import TextScore, empty_count, perplexity
 
 SUITE = "continuation"
 SYSTEMS = ("generated", "true", "resynthesized")
@@ -146,6 +151,7 @@ def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], sco
     if config.write_wavs:
         wav_dir.mkdir(parents=True, exist_ok=True)
     resynth = vocoder_lib.GriffinLimVocoder()
+    partners = floors.other_speaker_partners(examples)  # for the other-speaker floor
     panels: list[dict] = []
     loaded = runner.load_examples(todo, skips, min_seconds=config.prompt_seconds + MIN_CONTINUATION_SECONDS)
     for item, result in runner.run_batched(inferencer, loaded, config.batch_size, skips,
@@ -153,6 +159,8 @@ def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], sco
         ex = item.example
         try:
             row = _score(inferencer, item, result, scorers, resynth, config, wav_dir, prompt_samples, prompt_frames)
+            if scorers.floors:
+                row[floors.FLOORS_FIELD] = floors.continuation_row_floors(item, partners, scorers, prompt_samples)
         except Exception as e:  # noqa: BLE001 - one example's failure is counted, not fatal
             skips.append(runner.scoring_skip(ex, e))
             continue
@@ -199,6 +207,7 @@ def metrics(rows: Sequence[dict]) -> dict[str, float]:
         out["continuation_text_ppl"] = perplexity(_scores(rows, "continuation_lm"))
     if any("asr_lm" in r for r in rows):
         out["asr_log_ppl"] = perplexity(_scores(rows, "asr_lm"))
+        out["asr_empty_transcripts"] = empty_count(_scores(rows, "asr_lm"))  # left out of asr_log_ppl
     if any("asr_transcript" in r for r in rows):
         with_asr = [r for r in rows if "asr_transcript" in r]
         out["speech_text_wer"] = text_metrics.word_error_rate(

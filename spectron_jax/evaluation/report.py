@@ -1,9 +1,13 @@
 """Writes a suite's report into its output folder.
 
     OUT/metrics.json    pooled figures, skipped examples (count, by reason, each with its reason), the
-                        scorers used, the run's settings
-    OUT/report.md       a table of our figures beside the paper's (marked as the paper's), which scorer
-                        produced which figure, skips, settings
+                        scorers used, the run's settings; with `evidence` (`evaluation.evidence`) each
+                        figure's 95 % bootstrap interval (`intervals`), its floors and ceilings
+                        (`references`), the rows it leaves out and why (`excluded`); `provenance`
+                        (`evaluation.provenance`: step, decode, scorer versions, commit, time)
+    OUT/report.md       a table of our figures (with intervals; "≤ floor" marks a figure not above its
+                        floor) beside the paper's (marked as the paper's), which scorer produced which
+                        figure, the floors and ceilings, skips, settings, provenance
     OUT/examples.jsonl  one row per example (written by the suite as it goes)
     OUT/wavs/           the generated audio (written by the suite)
     OUT/plots/*.png     continuation: a prompt | generated | true spectrogram grid (one colour scale), a
@@ -29,6 +33,7 @@ import numpy as np
 from etils import epath
 
 from spectron_jax import filesystem
+from spectron_jax.evaluation import evidence as evidence_lib
 from spectron_jax.evaluation import report_html, spectrograms
 from spectron_jax.evaluation.datasets import Skip
 
@@ -103,7 +108,8 @@ def _scorer_note(key: str, names: Mapping[str, str]) -> str:
 
 
 def markdown(suite: str, values: Mapping[str, Any], scorers: Mapping[str, str], skips: dict,
-             settings: Mapping[str, Any], notes: Sequence[str] = ()) -> str:
+             settings: Mapping[str, Any], notes: Sequence[str] = (), evidence: Mapping | None = None,
+             provenance: Mapping | None = None) -> str:
     lines = [f"# Evaluation: {suite}", "", f"{values.get('num_examples', 0)} examples scored, "
              f"{skips['count']} skipped.", "",
              "| figure | ours | the paper's (Spectron) | scored by |", "| --- | --- | --- | --- |"]
@@ -111,21 +117,27 @@ def markdown(suite: str, values: Mapping[str, Any], scorers: Mapping[str, str], 
         if key not in values:
             continue
         theirs = f"{paper} (the paper's: {paper_label})" if paper is not None else "–"
-        lines.append(f"| {label} | {_format(values[key])} | {theirs} | {_scorer_note(key, scorers) or 'this tool'} |")
-    shown = {key for key, *_ in PAPER[suite]}
+        ours = evidence_lib.figure_cell(key, values, evidence, _format)
+        lines.append(f"| {label} | {ours} | {theirs} | {_scorer_note(key, scorers) or 'this tool'} |")
+    shown = {key for key, *_ in PAPER[suite]} | evidence_lib.shown_beside(evidence)
     extra = [(k, v) for k, v in values.items() if k not in shown and k != "num_examples"]
     if extra:
-        lines += ["", "Other figures:", ""] + [f"- `{k}`: {_format(v)}" for k, v in extra]
+        lines += ["", "Other figures:", ""] + [f"- `{k}`: {evidence_lib.figure_cell(k, values, evidence, _format)}"
+                                              for k, v in extra]
     lines += ["", "The paper's values were measured with its own scorers (human N-MOS raters, an unnamed ASR "
               "and speaker encoder, GPT-2 Medium for log-PPL); ours with the scorers below, so compare "
               "systems scored here with each other, and the paper's column in kind only.", "", "## Scorers", ""]
     lines += [f"- {kind}: {name}" for kind, name in scorers.items()] or ["- none"]
+    lines += evidence_lib.markdown_section(values, evidence)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Skipped examples", ""]
     lines += [f"- {reason}: {count}" for reason, count in skips["by_reason"].items()] or ["- none"]
     lines += [f"  - `{s['id'] or s['source']}` ({s['reason']}): {s['detail']}" for s in skips["examples"][:50]]
     lines += ["", "## Settings", ""] + [f"- `{k}`: {v}" for k, v in settings.items()]
+    if provenance:
+        lines += ["", "## Provenance", ""] + [f"- `{k}`: {v}" for k, v in provenance.items() if k != "packages"]
+        lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in (provenance.get("packages") or {}).items()))
     return "\n".join(lines) + "\n"
 
 
@@ -197,8 +209,13 @@ def plot_bars(groups: Mapping[str, Mapping[str, float]], path: epath.Path, ylabe
 
 def write(output_dir: epath.Path, suite: str, values: Mapping[str, Any], rows: Sequence[dict],
           skips: Sequence[Skip], scorers: Mapping[str, str], settings: Mapping[str, Any],
-          panels: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = ()) -> list[str]:
-    """Writes metrics.json, report.md, report.html and the plots; returns the plot files written (relative names)."""
+          panels: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = (), evidence: Mapping | None = None,
+          provenance: Mapping | None = None) -> list[str]:
+    """Writes metrics.json, report.md, report.html and the plots; returns the plot files written (relative names).
+
+    `evidence`: `evidence.collect` of the rows (intervals, floors, exclusions); `provenance`:
+    `provenance.provenance` (step, decode, scorer versions, commit, time). Both are optional.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     plots_dir = output_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +243,13 @@ def write(output_dir: epath.Path, suite: str, values: Mapping[str, Any], rows: S
     payload = {"suite": suite, "metrics": dict(values), "skipped": skipped, "scorers": dict(scorers),
                "settings": dict(settings), "notes": list(notes), "plots": plots,
                "paper": {key: paper for key, _, paper, _ in PAPER[suite] if paper is not None}}
+    if evidence:
+        payload.update({k: evidence[k] for k in ("intervals", "bootstrap", "references", "excluded",
+                                                 "silence_transcripts") if k in evidence})
+    if provenance:
+        payload["provenance"] = dict(provenance)
     filesystem.write_text(output_dir / "metrics.json", json.dumps(_clean(payload), indent=2, ensure_ascii=False) + "\n")
-    text = markdown(suite, values, scorers, skipped, settings, notes)
+    text = markdown(suite, values, scorers, skipped, settings, notes, evidence, provenance)
     if plots:
         text += "\n## Plots\n\n" + "".join(f"![{p}]({p})\n" for p in plots)
     filesystem.write_text(output_dir / "report.md", text)
@@ -242,8 +264,9 @@ def comparison_markdown(entries: Mapping[str, Mapping[str, Any]]) -> str:
       entries: name -> a metrics.json payload (`write` writes them); all of the same suite.
 
     Returns:
-      Markdown: a row per entry, a column per figure of `PAPER[suite]` that any entry has, plus the
-      paper's Spectron value as the first row (marked as the paper's) where it reports one.
+      Markdown: a row per entry, a column per figure of `PAPER[suite]` that any entry has (with its
+      interval; the best entry and those whose interval overlaps it marked: `evidence.comparison_cells`),
+      plus the paper's Spectron value as the first row (marked as the paper's) where it reports one.
     """
     suites = {payload["suite"] for payload in entries.values()}
     if len(suites) != 1:
@@ -256,8 +279,11 @@ def comparison_markdown(entries: Mapping[str, Mapping[str, Any]]) -> str:
     if any(paper is not None for _, _, paper in columns):
         lines.append("| the paper's Spectron | – | " + " | ".join(
             "–" if paper is None else f"{paper} (the paper's)" for _, _, paper in columns) + " |")
-    for name, payload in entries.items():
-        values = payload["metrics"]
-        lines.append(f"| {name} | {values.get('num_examples', 0)} | "
-                     + " | ".join(_format(values.get(key)) for key, _, _ in columns) + " |")
-    return "\n".join(lines) + "\n"
+    names = list(entries)
+    cells = [evidence_lib.comparison_cells([entries[n]["metrics"] for n in names],
+                                           [entries[n].get("intervals") or {} for n in names], key,
+                                           evidence_lib.direction(label), _format) for key, label, _ in columns]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | {entries[name]['metrics'].get('num_examples', 0)} | "
+                     + " | ".join(column[i] for column in cells) + " |")
+    return "\n".join(lines) + "\n\n" + evidence_lib.COMPARISON_NOTE + "\n"

@@ -260,6 +260,7 @@ class Scorers:
     text_lm: Any = None  # text_lm.TextLM
     speaker: Any = None  # speaker.SpeakerEncoder
     dnsmos: Any = None  # naturalness.DNSMOS
+    floors: bool = True  # also score each row's floors and ceilings with them (`evaluation.floors`)
 
     def names(self) -> dict[str, str]:
         """kind -> the name of the system that scores it, for the scorers that are set."""

@@ -10,7 +10,9 @@ the question, then a continuation, which is its answer) and then speaks. Two acc
 the model's text after its separator (`SpectronConfig.sep_id`): its transcript of the question is not
 searched, so an answer that the question itself contains does not count. When the model writes no
 separator (a bundle without `sep_id`: the report says so; or a row where it wrote none) its whole text
-is searched (`runner.continuation_text`), so an answer inside the question then counts too.
+is searched (`runner.continuation_text`), so an answer inside the question then counts too. Each row
+also holds its `floors` (`evaluation.floors`): the ASR's transcript of silence of the question's length
+(an answer found there is the speech accuracy's floor) and of the spoken question (the ASR's own WER).
 `question_wer` is the model's transcript of the question (the text before the separator) vs the
 question text, over the rows with a separator; for a model without one, its whole text (as before the
 separator existed).
@@ -35,7 +37,7 @@ from etils import epath
 
 from spectron_jax import vocoder as vocoder_lib
 from spectron_jax.data import features
-from spectron_jax.evaluation import runner, text_metrics
+from spectron_jax.evaluation import floors, runner, text_metrics
 from spectron_jax.evaluation.datasets import EvalExample, Skip
 
 LONG_QUESTION_POLICIES = ("full", "truncate")
@@ -124,6 +126,8 @@ def run(make_inferencer: Callable[[float], Any], suite: str, examples: Sequence[
                                            lambda it: it.wave[:samples], len(loaded), suite):
         try:
             row = _score(item, result, scorers, config, wav_dir, samples)
+            if scorers.floors and scorers.asr is not None:  # the ASR on silence and the question (`floors`)
+                row[floors.FLOORS_FIELD] = floors.qa_floors(item.wave, scorers)
         except Exception as e:  # noqa: BLE001 - one example's failure is counted, not fatal
             skips.append(runner.scoring_skip(item.example, e))
             continue

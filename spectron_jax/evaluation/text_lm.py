@@ -4,6 +4,7 @@
     lm = make_text_lm("hf:/path/to/gpt2-medium")  # a transformers causal LM (the paper scored with GPT-2 Medium)
     scores = lm.score(["a sentence", ...])    # list[TextScore]
     perplexity(scores)                        # exp(-Σ log p / Σ tokens) over all of them
+    empty_count(scores)                       # texts with no token (left out of the pooled figure)
 
 A `TextScore` holds Σ log p(token | preceding tokens) over a text's tokens and their count, where the
 first token is conditioned on the LM's start token (`sos` for the bundle, `bos` for a transformers LM
@@ -39,11 +40,30 @@ class TextScore:
 
 
 def perplexity(scores: Sequence[TextScore]) -> float:
-    """exp(-Σ log p / Σ tokens) pooled over `scores`; NaN when no token was scored."""
+    """exp(-Σ log p / Σ tokens) pooled over `scores`; NaN when no token was scored.
+
+    A score of an empty text (no token scored) adds nothing to either sum: count such texts with
+    `empty_count` and report them beside the figure (an empty ASR transcript is a failure of the
+    speech, not a text with a good perplexity).
+    """
     tokens = sum(s.num_tokens for s in scores)
     if tokens == 0:
         return float("nan")
     return float(math.exp(-sum(s.log_likelihood for s in scores) / tokens))
+
+
+def empty_count(scores: Sequence[TextScore]) -> int:
+    """How many of `scores` scored no token (empty texts): what `perplexity` leaves out."""
+    return sum(1 for s in scores if s.num_tokens == 0)
+
+
+def empty_note(scores: Sequence[TextScore], figure: str, what: str) -> str | None:
+    """A report note counting the empty texts that `figure` leaves out (None when there are none)."""
+    empty = empty_count(scores)
+    if not empty:
+        return None
+    return (f"{empty} of {len(scores)} {what} were empty (no token to score): `{figure}` pools the other "
+            f"{len(scores) - empty}, so it says nothing about those rows.")
 
 
 class TextLM(Protocol):

@@ -1,79 +1,68 @@
 """Text normalisation, word / character error rates and spoken-QA answer matching.
 
-One normaliser serves every text comparison of the evaluation (WER/CER of the prompt transcript, answer
-matching in text and in ASR transcripts), so that the figures are comparable:
+One normaliser serves every text comparison of the evaluation (WER/CER of transcripts, answer matching
+in text and in ASR transcripts), so that the figures are comparable: `normalize`, which is Whisper's
+English text normaliser (`whisper_normalizer.english.EnglishTextNormalizer`, the one the public ASR
+leaderboards apply to both sides before WER). It lower-cases; removes punctuation, bracketed asides and
+filler words ("uh", "hmm"); expands contractions and titles ("don't" -> "do not", "Mr." -> "mister");
+strips accents and folds letters like "ß" -> "ss"; maps British to American spellings; and writes
+spelled-out numbers as digits ("nineteen sixty nine" -> "1969", "three point one four" -> "3.14",
+"four" -> "4"), so a reference that writes digits matches an ASR transcript that spells them out.
+Normalise both sides: every function here does.
 
-  1. Unicode NFKD, combining marks dropped ("Café" -> "cafe"), lower case;
-  2. apostrophes removed inside words ("don't" -> "dont", "Nobel's" -> "nobels");
-  3. every other character that is not a letter or a digit becomes a space (punctuation, hyphens, "&");
-  4. numbers written with digits become words ("1969" -> "one thousand nine hundred sixty nine",
-     "3rd" stays "3rd"), so that an ASR transcript that spells a number out matches a reference that
-     writes digits, and the other way round (integers below one billion; commas inside digits, as in
-     "10,000", are joined first);
-  5. runs of whitespace collapse to one space; leading and trailing space is dropped.
+What it does not do: letters with dots become separate letters ("U.S.A." -> "u s a"), so they do not
+match the acronym written without dots ("USA" -> "usa"); that costs WER and an answer match in that
+case, and is left as the field's normaliser has it.
 
-Articles are kept (they count as words for WER). Answer matching (`answer_found`) is the Moshi-style
-protocol the paper's successors use: the normalised reference answer occurs in the normalised
-hypothesis as a whole-word span ("paris" is found in "it is paris france", "par" is not).
+Answer matching (`answer_found`) is the Moshi-style protocol the paper's successors use: the normalised
+reference answer occurs in the normalised hypothesis as a whole-word span ("paris" is found in "it is
+paris france", "par" is not). A leading article of the answer is optional there (as in SQuAD's answer
+matching): "the Beatles" is found in "beatles" and in "the beatles".
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
+import functools
 from typing import Iterable, Sequence
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-         "sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_SCALES = ((1_000_000, "million"), (1_000, "thousand"), (100, "hundred"))
-_DIGIT_COMMAS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_APOSTROPHES = re.compile(r"(?<=\w)['’`](?=\w)")
-_NON_WORD = re.compile(r"[^a-z0-9]+")
-_NUMBER = re.compile(r"\b\d+\b")
-MAX_SPELLED_NUMBER = 999_999_999
+ARTICLES = ("a", "an", "the")
 
 
-def number_to_words(n: int) -> str:
-    """0 <= n <= 999,999,999 -> English words without "and" or hyphens (42 -> "forty two")."""
-    if not 0 <= n <= MAX_SPELLED_NUMBER:
-        raise ValueError(f"number_to_words: {n} out of range [0, {MAX_SPELLED_NUMBER}]")
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
-    for size, name in _SCALES:
-        if n >= size:
-            head, rest = divmod(n, size)
-            return f"{number_to_words(head)} {name}" + ("" if rest == 0 else " " + number_to_words(rest))
-    raise AssertionError(n)  # unreachable: n >= 100 matches the hundred scale
+@functools.lru_cache(maxsize=1)
+def _whisper_normalizer():
+    from whisper_normalizer.english import EnglishTextNormalizer
 
-
-def _spell(match: re.Match) -> str:
-    digits = match.group(0)
-    value = int(digits)
-    return number_to_words(value) if value <= MAX_SPELLED_NUMBER else digits
+    return EnglishTextNormalizer()
 
 
 def normalize(text: str) -> str:
-    """The evaluation's text normaliser (the module docstring lists its steps)."""
-    text = unicodedata.normalize("NFKD", text or "")
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    text = _DIGIT_COMMAS.sub("", _APOSTROPHES.sub("", text))
-    text = _NON_WORD.sub(" ", text)
-    text = _NUMBER.sub(_spell, text)
-    return " ".join(text.split())
+    """The evaluation's one text normaliser: Whisper's English normaliser (the module docstring)."""
+    return _normalize(text) if text else ""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _normalize(text: str) -> str:  # a report normalises each reference and hypothesis several times
+    return " ".join(_whisper_normalizer()(text).split())
+
+
+def _has_word(text: str) -> bool:
+    return any(c.isalnum() for c in text)
 
 
 def answer_found(answer: str, hypothesis: str) -> bool:
     """Whether the normalised `answer` occurs as a whole-word span of the normalised `hypothesis`.
 
-    An answer that normalises to nothing (only punctuation) is never found.
+    A leading article of the answer is optional ("the beatles" is found in "beatles"). An answer that
+    normalises to no letter or digit (only punctuation) is never found.
     """
     want = normalize(answer)
-    if not want:
+    if not _has_word(want):
         return False
-    return f" {want} " in f" {normalize(hypothesis)} "
+    words = want.split()
+    hypothesis = f" {normalize(hypothesis)} "
+    if f" {want} " in hypothesis:
+        return True
+    return len(words) > 1 and words[0] in ARTICLES and f" {' '.join(words[1:])} " in hypothesis
 
 
 def any_answer_found(answers: Iterable[str], hypothesis: str) -> bool:
@@ -107,3 +96,29 @@ def char_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> flo
 
     refs, hyps = _pairs(references, hypotheses)
     return float(jiwer.cer(refs, hyps)) if refs else float("nan")
+
+
+def error_counts(references: Sequence[str], hypotheses: Sequence[str], unit: str = "word"
+                 ) -> list[tuple[int, int] | None]:
+    """Per pair, after `normalize`: (edits, reference length) in words (`unit="word"`) or characters
+    (`"char"`, spaces included); None for a pair whose reference normalises to nothing.
+
+    The corpus rates above are ratios of their sums (Σ edits / Σ length), which is how
+    `evaluation.intervals` resamples them.
+    """
+    import jiwer
+
+    if unit not in ("word", "char"):
+        raise ValueError(f"unit must be 'word' or 'char', got {unit!r}")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    process = jiwer.process_words if unit == "word" else jiwer.process_characters
+    out: list[tuple[int, int] | None] = []
+    for ref, hyp in zip(references, hypotheses):
+        ref, hyp = normalize(ref), normalize(hyp)
+        if not ref:
+            out.append(None)
+            continue
+        o = process(ref, hyp)
+        out.append((int(o.substitutions + o.deletions + o.insertions), int(o.substitutions + o.deletions + o.hits)))
+    return out
