@@ -6,6 +6,8 @@
                  + w_time   · Σ_{k=1..K} L12(Δt_k x̂ − Δt_k x) )
       + w_stop · BCE(stop)                                 (only with a stop head)
       + w_z    · mean(log² Z)                              (PaLM's z-loss on the text softmax)
+      + w_ctc  · CTC(prompt transcript | encoder frames)   (only with the encoder's CTC head; beyond
+                                                            the paper, `models.encoder_ctc`)
 
     L12(e) = mean |e| + mean e²     over valid elements only
     Δf z = z[:, :, 1:] − z[:, :, :-1]          (neighbouring mel bins)
@@ -30,7 +32,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from spectron_jax.models import acoustic
+from spectron_jax.models import acoustic, encoder_ctc
 
 Array = jax.Array
 
@@ -54,6 +56,8 @@ class LossWeights:
       time_delta: weight of the sum over k of L12 on the time deltas. DEFAULT, not in the paper: 1.0.
       stop: weight of the stop BCE (used only when stop logits are given). DEFAULT, not in the paper: 1.0.
       z_loss: coefficient of log² Z on the text softmax. DEFAULT, not in the paper: 1e-4 (PaLM).
+      ctc: weight of the encoder's CTC loss of the prompt transcript, per transcript token (used only
+        when the model has the head, `SpectronConfig.encoder_ctc`). DEFAULT, not in the paper: 1.0.
     """
 
     text: float = 1.0
@@ -65,6 +69,7 @@ class LossWeights:
     time_delta: float = 1.0
     stop: float = 1.0
     z_loss: float = 1e-4
+    ctc: float = 1.0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -239,7 +244,8 @@ def stop_loss(logits: Array, targets: Array, step_mask: Array, num_steps: Array 
 
 def spectron_loss(text_logits: Array, batch: Mapping[str, Array], spec_pred: Array,
                   stop_logits: Array | None = None, weights: LossWeights = LossWeights(),
-                  max_time_delta_order: int = 3) -> tuple[Array, dict[str, Array]]:
+                  max_time_delta_order: int = 3, ctc_logits: Array | None = None,
+                  ctc_valid: Array | None = None, blank_id: int = 0) -> tuple[Array, dict[str, Array]]:
     """The joint training loss of one batch and every term of it.
 
     Args:
@@ -252,11 +258,16 @@ def spectron_loss(text_logits: Array, batch: Mapping[str, Array], spec_pred: Arr
       stop_logits: `[batch, cont_len / r]` stop logits, or None without a stop head.
       weights: the term weights.
       max_time_delta_order: K of the time-delta terms (3 in the paper).
+      ctc_logits: `[batch, F, vocab]` of the encoder's CTC head, or None; with them `ctc_valid` bool
+        [batch, F] (valid encoder frames) and `blank_id` (the pad id). The CTC labels are the targets of
+        `text_segments == 1` (the prompt's transcript and the separator); the term is their −log
+        likelihood summed over rows, per such token (`asr_tokens`).
 
     Returns:
       total: float32 scalar to minimise.
       metrics: float32 scalars — `loss`, `text_loss` (weighted text CE incl. any asr/lm factors),
         `ce_text`, `ce_asr` and `ce_lm` (with `text_segments`), `z_loss` (mean log² Z · coefficient),
+        `ctc` (with `ctc_logits`),
         the spectrogram terms of `spectrogram_loss`, `stop` (with stop logits), `num_text_tokens`,
         `num_frames`.
     """
@@ -307,6 +318,14 @@ def spectron_loss(text_logits: Array, batch: Mapping[str, Array], spec_pred: Arr
         metrics["stop"] = stop_loss(stop_logits, acoustic.stop_targets(cont_mask, reduction_factor),
                                     acoustic.group_mask(cont_mask, reduction_factor), norms["stop_steps"])
         total = total + weights.stop * metrics["stop"]
+
+    if ctc_logits is not None:
+        if "text_segments" not in batch or "asr_tokens" not in norms:
+            raise ValueError("the encoder's CTC loss needs text_segments in the batch (TaskConfig.phi_split=True)")
+        labels = encoder_ctc.ctc_label_mask(text_weights, batch["text_segments"])
+        metrics["ctc"] = _safe_divide(
+            encoder_ctc.ctc_loss_sum(ctc_logits, ctc_valid, targets, labels, blank_id), norms["asr_tokens"])
+        total = total + weights.ctc * metrics["ctc"]
 
     metrics["num_text_tokens"] = jnp.sum(text_weights)
     metrics["loss"] = total

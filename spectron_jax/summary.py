@@ -24,7 +24,7 @@ from typing import Sequence
 
 from spectron_jax import cli, gin_config
 
-COMPONENTS = ("encoder", "projection", "decoder", "prenet", "postnet", "stop_head")
+COMPONENTS = ("encoder", "projection", "decoder", "prenet", "postnet", "stop_head", "ctc_head")
 
 
 def count_parameters(config) -> dict[str, int]:

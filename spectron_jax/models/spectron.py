@@ -37,6 +37,7 @@ from spectron_jax.models.acoustic import AcousticConfig, PostNet, PreNet, StopHe
 from spectron_jax.models.attention import DecoderCache
 from spectron_jax.models.conformer import ConformerConfig, ConformerEncoder
 from spectron_jax.models.decoder import Decoder, DecoderConfig
+from spectron_jax.models.encoder_ctc import EncoderCTCHead
 from spectron_jax.models.sharding import constrain, logical_param
 
 # A test-sized decoder matching the tiny ConformerConfig defaults (vocabulary of the embedded tokenizer).
@@ -92,6 +93,10 @@ class SpectronConfig:
         unused piece of a converted LM's). None: the paper's text, no marker. Inference and the
         evaluation suites split the text there; the frame budget counts the tokens after it.
       projection_bias: whether P has a bias. DEFAULT, not in the paper ("a linear layer").
+      encoder_ctc: an auxiliary CTC head on the encoder output, trained on the prompt's transcript
+        (`encoder_ctc.EncoderCTCHead`, weight `LossWeights.ctc`; needs `text_segments`, i.e.
+        TaskConfig.phi_split). Beyond the paper (whose encoder is pretrained): it gives a randomly
+        initialised encoder a direct signal. Training only; inference never reads it. DEFAULT False.
       pretrained: optional checkpoints for the encoder and the LM (None: random init).
       prompt_features: what the encoder reads (`spectron_jax.data.prompt_features.KINDS`): 'log_mel'
         (the prompt's frames, encoder.input_dim = acoustic.num_mel) or 'w2v_bert_fbank' (stacked fbank,
@@ -108,6 +113,7 @@ class SpectronConfig:
     pad_id: int = 0
     sep_id: Optional[int] = None
     projection_bias: bool = True
+    encoder_ctc: bool = False
     pretrained: PretrainedInit = PretrainedInit()
     prompt_features: str = "log_mel"
 
@@ -170,6 +176,7 @@ class SpectronOutputs:
     stop_logits: [batch, S] or None (no stop head).
     speech_valid: int32 [batch, S], 1 where the step's output group holds a valid frame.
     prefix_valid: bool [batch, F], valid encoder frames.
+    ctc_logits: float32 [batch, F, vocab] of the encoder's CTC head, or None (no head).
     """
 
     text_logits: jax.Array
@@ -177,6 +184,7 @@ class SpectronOutputs:
     stop_logits: Optional[jax.Array]
     speech_valid: jax.Array
     prefix_valid: jax.Array
+    ctc_logits: Optional[jax.Array] = None
 
 
 class PrefixProjection(nnx.Module):
@@ -213,6 +221,9 @@ def component_factories(config: SpectronConfig) -> dict[str, Callable[[nnx.Rngs]
         "prenet": lambda rngs: PreNet(ac, dec.model_dim, rngs=rngs),
         "postnet": lambda rngs: PostNet(ac, dec.model_dim, rngs=rngs),
         "stop_head": lambda rngs: StopHead(ac, dec.model_dim, rngs=rngs) if ac.stop_head else None,
+        "ctc_head": lambda rngs: (EncoderCTCHead(config.encoder.model_dim, dec.vocab_size, dtype=dec.dtype,
+                                                 param_dtype=dec.param_dtype, rngs=rngs)
+                                  if config.encoder_ctc else None),
     }
 
 
@@ -240,15 +251,21 @@ class Spectron(nnx.Module):
         self.prenet = parts["prenet"]
         self.postnet = parts["postnet"]
         self.stop_head = parts["stop_head"]
+        self.ctc_head = parts["ctc_head"]
 
     # ---- pieces of the row ---------------------------------------------------------------------------
     def encode_prompt(self, prompt_frames: jax.Array, prompt_mask: jax.Array, *,
                       deterministic: bool) -> tuple[jax.Array, jax.Array]:
         """Prompt features [batch, prompt_len, encoder.input_dim] + mask [batch, prompt_len] -> prefix
         [batch, F, embed], prefix_valid bool [batch, F] (F = encoder.output_length(prompt_len))."""
-        prompt_frames = jnp.where(jnp.asarray(prompt_mask)[..., None] > 0, prompt_frames, 0.0)  # padded: may be NaN
-        encoded, encoded_mask = self.encoder(prompt_frames, prompt_mask, deterministic=deterministic)
+        encoded, encoded_mask = self._encode(prompt_frames, prompt_mask, deterministic)
         return self.projection(encoded), encoded_mask
+
+    def _encode(self, prompt_frames: jax.Array, prompt_mask: jax.Array,
+                deterministic: bool) -> tuple[jax.Array, jax.Array]:
+        """The encoder's output [batch, F, enc] and its valid frames bool [batch, F]."""
+        prompt_frames = jnp.where(jnp.asarray(prompt_mask)[..., None] > 0, prompt_frames, 0.0)  # padded: may be NaN
+        return self.encoder(prompt_frames, prompt_mask, deterministic=deterministic)
 
     def _prenet(self, inputs: jax.Array, deterministic: bool, rngs: Optional[nnx.Rngs],
                 row_keys: Optional[jax.Array] = None) -> jax.Array:
@@ -300,8 +317,9 @@ class Spectron(nnx.Module):
           rngs: an `nnx.Rngs` with a 'dropout' stream for the decoder (and the pre-net); required when
             the decoder has dropout and `deterministic` is False.
         """
-        prefix, prefix_valid = self.encode_prompt(batch["prompt_frames"], batch["prompt_mask"],
-                                                  deterministic=deterministic)
+        encoded, prefix_valid = self._encode(batch["prompt_frames"], batch["prompt_mask"], deterministic)
+        prefix = self.projection(encoded)
+        ctc_logits = self.ctc_head(encoded) if self.ctc_head is not None else None
         text = self.decoder.embed(jnp.asarray(batch["text_inputs"], jnp.int32))
         text_valid = jnp.asarray(batch["text_weights"]) > 0
         speech, speech_valid = self.speech_inputs(batch["cont_frames"], batch["cont_mask"],
@@ -315,7 +333,7 @@ class Spectron(nnx.Module):
         text_logits = self.decoder.logits(hidden[:, num_prefix:num_prefix + num_text])
         frames, stop = self._heads(hidden[:, num_prefix + num_text:])
         return SpectronOutputs(text_logits=text_logits, frames=frames, stop_logits=stop,
-                               speech_valid=speech_valid, prefix_valid=prefix_valid)
+                               speech_valid=speech_valid, prefix_valid=prefix_valid, ctc_logits=ctc_logits)
 
     # ---- incremental decoding ------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int) -> DecoderCache:

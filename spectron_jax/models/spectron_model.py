@@ -131,7 +131,9 @@ class SpectronModel:
         rngs = None if rng is None else nnx.Rngs(dropout=rng)
         out = module(batch, deterministic=deterministic, rngs=rngs)
         return losses.spectron_loss(out.text_logits, batch, out.frames, out.stop_logits,
-                                    self.config.loss_weights, self.config.max_time_delta_order)
+                                    self.config.loss_weights, self.config.max_time_delta_order,
+                                    ctc_logits=out.ctc_logits, ctc_valid=out.prefix_valid,
+                                    blank_id=self.config.pad_id)
 
     def loss_and_state_fn(self, params: nnx.State, state: Optional[nnx.State], batch: Batch, rng: jax.Array, *,
                           deterministic: bool = False) -> tuple[jax.Array, tuple[dict[str, jax.Array], nnx.State]]:
