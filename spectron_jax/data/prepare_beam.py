@@ -14,8 +14,8 @@ The pipeline, for N shard jobs:
     Create(plan files) -> read jobs -> Reshuffle -> write shard (or skip a finished one)
     Create(listing skip counts) -> count
 
-The plan (one JSON line per job: split, index, shard count, fingerprint, files and their segments)
-goes to `DIR/.tmp-beam-plan-<hash>/<k>.jsonl`, `JOBS_PER_PLAN_FILE` jobs a file, so that the
+The plan (one JSON line per job: split, index, shard count, fingerprint, files and their segments,
+and whether an earlier run's index record names the job) goes to `DIR/.tmp-beam-plan-<hash>/<k>.jsonl`, `JOBS_PER_PLAN_FILE` jobs a file, so that the
 pipeline's own description stays small for any corpus; it is deleted with the other temporary files
 after a successful run.
 
@@ -25,7 +25,8 @@ writes a temporary name and renames it (on an object store the shard is uploaded
 upload is cancelled, `filesystem.copy`), and writes the index record last, atomically. A shard is never
 seen partial or twice.
 
-Beam metrics (namespace `spectron_prepare`): `shards_written`, `shards_resumed`, `examples`, and
+Beam metrics (namespace `spectron_prepare`, committed values: each element counted once, however
+often it was retried): `shards_written`, `shards_resumed`, `examples`, and
 `skipped_<reason>` for every skip, those found while listing included, so the counters add up to
 report.json's `skipped.by_reason`; `BeamExecutor.metrics` holds them after a run.
 
@@ -64,7 +65,7 @@ class InjectedFailure(RuntimeError):
 
 
 def job_to_json(job: prepare.ShardJob) -> str:
-    """One shard job as one line of JSON (floats round-trip exactly)."""
+    """One shard job as one line of JSON (floats round-trip exactly): `job_from_json` reads it back."""
     files = [
         {"path": f.path, "source": f.source, "split": f.split, "segments": [dataclasses.asdict(s) for s in f.segments]}
         for f in job.files
@@ -95,17 +96,47 @@ def job_from_json(line: str) -> prepare.ShardJob:
     )
 
 
-def write_plan(jobs: Sequence[prepare.ShardJob], output_dir: str) -> list[str]:
-    """Writes the jobs as JSON lines, `JOBS_PER_PLAN_FILE` to a file, under a temporary folder of
-    `output_dir`; returns the files' paths."""
+def write_plan(jobs: Sequence[prepare.ShardJob], output_dir: str, resumable: set[str]) -> list[str]:
+    """Writes the jobs, `JOBS_PER_PLAN_FILE` to a file, under a temporary folder of `output_dir`, one
+    line each: `<R|W>\t<job_to_json>` (R: an index record of this job existed before the run, see
+    `_resumable`); returns the files' paths."""
     digest = hashlib.sha256("".join(j.fingerprint for j in jobs).encode()).hexdigest()[:16]
     folder = filesystem.join(output_dir, f".tmp-beam-plan-{digest}")
-    paths = []
-    for k in range(0, len(jobs), JOBS_PER_PLAN_FILE):
-        path = filesystem.join(folder, f"{k // JOBS_PER_PLAN_FILE:05d}.jsonl")
-        filesystem.write_text(path, "".join(job_to_json(j) + "\n" for j in jobs[k : k + JOBS_PER_PLAN_FILE]))
-        paths.append(path)
+    chunks = [jobs[k : k + JOBS_PER_PLAN_FILE] for k in range(0, len(jobs), JOBS_PER_PLAN_FILE)]
+    paths = [filesystem.join(folder, f"{k:05d}.jsonl") for k in range(len(chunks))]
+
+    def write(path_and_chunk):
+        path, chunk = path_and_chunk
+        lines = "".join(f"{'R' if j.name in resumable else 'W'}\t{job_to_json(j)}\n" for j in chunk)
+        filesystem.write_text(path, lines)
+
+    _parallel(write, list(zip(paths, chunks)), filesystem.is_remote(output_dir))
     return paths
+
+
+def _parallel(fn, items: list, remote: bool) -> list:
+    """`[fn(x) for x in items]`, in 32 threads for object-store round trips."""
+    if not remote or len(items) < 2:
+        return [fn(x) for x in items]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        return list(pool.map(fn, items))
+
+
+def _index_record(output_dir: str, job: prepare.ShardJob) -> dict | None:
+    try:
+        return json.loads(filesystem.read_text(filesystem.join(output_dir, prepare.INDEX_DIR, job.name + ".json")))
+    except (OSError, ValueError):
+        return None
+
+
+def _resumable(output_dir: str, jobs: Sequence[prepare.ShardJob]) -> set[str]:
+    """Names of the jobs whose index record (from an earlier run) names the job's fingerprint: only
+    these may count as resumed. The pipeline still checks the shard itself (`prepare.finished_shard`),
+    and a shard finished by a failed attempt of this run counts as written, as with `--runner=local`."""
+    records = _parallel(lambda j: _index_record(output_dir, j), list(jobs), filesystem.is_remote(output_dir))
+    return {j.name for j, r in zip(jobs, records) if r and r.get("fingerprint") == j.fingerprint}
 
 
 def _read_plan_file(path: str):
@@ -216,13 +247,13 @@ def _make_write_fn(output_dir: str, options: prepare.PrepareOptions):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
         def process(self, line: str):
-            job = job_from_json(line)
-            record = prepare.finished_shard(output_dir, job)
-            if record is None:
+            mark, _, payload = line.partition("\t")
+            job = job_from_json(payload)
+            record = prepare.finished_shard(output_dir, job)  # also after a failed attempt of this run
+            wrote = record is None
+            if wrote:
                 record = prepare.write_shard(job, output_dir, options, _fail_once_hook(job.name))
-                _count("shards_written")
-            else:
-                _count("shards_resumed")
+            _count("shards_written" if mark == "W" or wrote else "shards_resumed")
             _count("examples", record["examples"])
             for skip in record["skipped"]:
                 _count(f"skipped_{skip['reason']}")
@@ -233,21 +264,11 @@ def _make_write_fn(output_dir: str, options: prepare.PrepareOptions):
 
 def _read_records(output_dir: str, jobs: Sequence[prepare.ShardJob]) -> list[dict]:
     """The index record of every job, in `jobs` order (object-store reads in parallel)."""
-    import concurrent.futures
-
-    def read(job):
-        path = filesystem.join(output_dir, prepare.INDEX_DIR, job.name + ".json")
-        try:
-            record = json.loads(filesystem.read_text(path))
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"the pipeline finished but {path} cannot be read ({e})") from e
-        if record.get("fingerprint") != job.fingerprint:
-            raise RuntimeError(f"the pipeline finished but {path} belongs to another plan of {job.name}")
-        return record
-
-    workers = 32 if filesystem.is_remote(output_dir) else 1
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(read, jobs))
+    records = _parallel(lambda j: _index_record(output_dir, j), list(jobs), filesystem.is_remote(output_dir))
+    for job, record in zip(jobs, records):
+        if record is None or record.get("fingerprint") != job.fingerprint:
+            raise RuntimeError(f"the pipeline finished without a current index record of shard {job.name}")
+    return records
 
 
 class BeamExecutor:
@@ -268,7 +289,8 @@ class BeamExecutor:
         from apache_beam.options.pipeline_options import PipelineOptions
 
         jobs = list(jobs)
-        plan = write_plan(jobs, output_dir)
+        resumable = _resumable(output_dir, jobs)
+        plan = write_plan(jobs, output_dir, resumable)
         listing_counts: dict[str, int] = {}
         for skip in self.listing_skips:
             listing_counts[skip.reason] = listing_counts.get(skip.reason, 0) + 1
@@ -293,4 +315,4 @@ class BeamExecutor:
             value = counter.committed if counter.committed is not None else counter.attempted
             self.metrics[counter.key.metric.name] = self.metrics.get(counter.key.metric.name, 0) + int(value or 0)
         records = _read_records(output_dir, jobs)
-        return records, int(self.metrics.get("shards_written", 0))
+        return records, len(jobs) - int(self.metrics.get("shards_resumed", 0))
