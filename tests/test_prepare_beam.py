@@ -154,6 +154,17 @@ def test_embedded_corpus_same_bytes(embedded_dir, tmp_path):
         "validation.tfrecord-00000-of-00002", "validation.tfrecord-00001-of-00002"]
 
 
+def test_synthetic_librilight_corpus_lists_whole(tmp_path):
+    made = synthetic_librilight.write_corpus(str(tmp_path / "c"), hours=40 / 3600, file_seconds=20)
+    assert made["files"] == 2 and made["audio_seconds"] == pytest.approx(40.0)
+    listing = sources.read_librilight(str(tmp_path / "c" / "audio"), made["transcripts"])
+    assert listing.skips == [] and sum(len(s.segments) for s in listing.sources) == made["segments"] >= 4
+    for source in listing.sources:
+        intervals = json.loads(pathlib.Path(source.path).with_suffix(".json").read_text())["voice_activity"]
+        assert all(0 < a < b <= 20 for a, b in intervals)
+        assert all(s.end - s.start <= 13 for s in source.segments)
+
+
 def test_dry_run_prints_options_and_plan_and_writes_nothing(librilight, tmp_path, capsys):
     _, args, local = librilight
     out = tmp_path / "never"
@@ -196,17 +207,28 @@ def test_remote_runner_and_option_errors_are_one_line(librilight, tmp_path):
     assert "--project" in prepare_beam.check_remote_runner(prepare_beam.pipeline_args(no_project, 1), gs_in, "gs://b/o")
 
 
-def test_gcs_output_same_bytes(librilight, gcs_emulator, monkeypatch):
-    """Shards written to an object store by the pipeline's workers (uploaded whole) are the local bytes."""
+def test_gcs_input_and_output_same_bytes(librilight, gcs_emulator, monkeypatch, tmp_path):
+    """Shards written to an object store by the pipeline's workers (uploaded whole) are the local bytes,
+    and so are those of the layout listed from the object store."""
     from spectron_jax import filesystem
 
     for key, value in gcs_emulator.items():
         if key != "bucket":
             monkeypatch.setenv(key, value)
-    _, args, local = librilight
+    root, args, local = librilight
     out = f"gs://{gcs_emulator['bucket']}/beam-out"
     assert prepare.main([*args, f"--output_dir={out}", "--num_workers=1", "--runner=beam"]) == 0
     want = tree(local)
     got = {name: filesystem.read_bytes(filesystem.join(out, name)) for name in want}
     assert [k for k in want if got[k] != want[k]] == []
     assert filesystem.glob(filesystem.join(out, ".tmp-*")) == []
+    remote = f"gs://{gcs_emulator['bucket']}/ll"
+    for path in sorted((root / "audio").rglob("*")):
+        if path.is_file():
+            filesystem.copy(str(path), filesystem.join(remote, str(path.relative_to(root / "audio"))))
+    from_gcs = [a if not a.startswith("--input=") else f"--input={remote}" for a in args]
+    assert prepare.main([*from_gcs, f"--output_dir={tmp_path / 'o'}", "--num_workers=1", "--runner=beam"]) == 0
+    shards = {k: v for k, v in tree(tmp_path / "o").items() if ".tfrecord-" in k}
+    assert shards == {k: v for k, v in want.items() if ".tfrecord-" in k}
+    assert report(tmp_path / "o")["splits"]["train"]["skipped"]["by_reason"] == report(local)["splits"]["train"][
+        "skipped"]["by_reason"]
