@@ -9,6 +9,7 @@
     python -m spectron_jax.data.prepare --format=tfds --input=NAME[/CONFIG][:VERSION] --tfds_data_dir=DIR \\
         [--tfds_splits=train_clean100,dev_clean] [--tfds_split_map=train=train,dev=validation,test=test] \\
         [--tfds_audio_key=speech --tfds_text_key=text --tfds_speaker_key=speaker_id --tfds_id_key=id] --output_dir=DIR
+    ... [--runner=local|beam] [--beam_pipeline_options="--runner=DataflowRunner ..."] [--dry_run]
 
 The file formats are described in `spectron_jax.data.sources`, the TFDS one in `spectron_jax.data.tfds_source`.
 Inputs and outputs may be local or `gs://` (`spectron_jax.filesystem`).
@@ -37,6 +38,11 @@ when complete, then its index record is written; a re-run skips every shard whos
 fingerprint (inputs, their sizes and mtimes, feature numbers) and TFRecord count all agree, so nothing
 finished is rewritten and a crash never leaves a truncated file under a shard name. After a successful
 run, shards of the same split with another shard count and stale temporary files are removed.
+
+Runners: `--runner=local` (DEFAULT) runs the shard jobs in a process pool (`run_local`);
+`--runner=beam` runs them as an Apache Beam pipeline with `--beam_pipeline_options` (DirectRunner on
+this machine, Dataflow, ...; needs the `beam` extra), same bytes, see `spectron_jax.data.prepare_beam`.
+`--dry_run` prints the runner, its options and the shard plan as JSON and writes nothing.
 
 Utterances longer than the training window (`--max_utterance_seconds`, DEFAULT 13 s) are split at
 pauses into pieces with their share of the transcript, and what cannot be split is dropped and counted
