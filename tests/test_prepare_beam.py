@@ -140,6 +140,39 @@ def test_retried_shard_is_complete_and_identical(librilight, tmp_path, monkeypat
     assert report(out)["run"]["shards_written"] == 3
 
 
+@pytest.mark.parametrize("kind", ["librispeech", "manifest", "tfds"])
+def test_every_format_same_bytes(kind, tmp_path, embedded_dir):
+    """Each source format: Beam (its BundleBasedDirectRunner, in this process) writes the local bytes."""
+    from test_prepare import build_librispeech, write_manifest_inputs
+
+    if kind == "librispeech":  # with bad files of every kind the workers find
+        build_librispeech(tmp_path / "in")
+        args = ["--format=librispeech", f"--input={tmp_path / 'in'}", "--num_shards=2"]
+    elif kind == "manifest":
+        (tmp_path / "in").mkdir()
+        rows = write_manifest_inputs(tmp_path / "in")
+        columns = ["id", "path", "transcript", "speaker", "split", "start", "end"]
+        body = ["\t".join(columns)] + ["\t".join(r.get(c, "") for c in columns) for r in rows]
+        (tmp_path / "in" / "m.tsv").write_text("\n".join(body + ["bad\trow"]) + "\n")
+        args = ["--format=manifest", f"--input={tmp_path / 'in' / 'm.tsv'}"]
+    else:
+        from test_tfds_source import make_tree
+
+        from spectron_jax.data import local_librispeech
+
+        make_tree(tmp_path / "LibriSpeech", embedded_dir)
+        local_librispeech.build(str(tmp_path / "LibriSpeech"), str(tmp_path / "tfds_data"))
+        args = ["--format=tfds", "--input=local_librispeech", f"--tfds_data_dir={tmp_path / 'tfds_data'}"]
+    args += ["--stats", "--num_workers=1"]
+    assert prepare.main([*args, f"--output_dir={tmp_path / 'local'}"]) == 0
+    assert prepare.main([*args, f"--output_dir={tmp_path / 'beam'}", "--runner=beam",
+                         "--beam_pipeline_options=--runner=BundleBasedDirectRunner"]) == 0
+    assert_same_tree(tmp_path / "beam", tmp_path / "local")
+    assert report(tmp_path / "local")["totals"]["utterances"] >= 3
+    if kind != "tfds":
+        assert report(tmp_path / "local")["totals"]["skipped"] >= 1
+
+
 @pytest.mark.slow
 def test_embedded_corpus_same_bytes(embedded_dir, tmp_path):
     if not (embedded_dir / "manifest.tsv").exists():
