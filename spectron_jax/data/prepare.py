@@ -517,10 +517,11 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--max_segment_seconds", type=float, default=13.0, help="librilight: longest merged segment")
     p.add_argument("--write_segments", default=None, help="librilight: write the planned segments TSV and stop")
     p.add_argument("--runner", default="local", choices=RUNNERS,
-                   help="local: a process pool on this machine; beam: an Apache Beam pipeline (spectron_jax.data.prepare_beam)")
+                   help="local: a process pool on this machine; beam: an Apache Beam pipeline "
+                   "(spectron_jax.data.prepare_beam)")
     p.add_argument("--beam_pipeline_options", default=None,
-                   help='--runner=beam: Beam pipeline options as one string, e.g. "--runner=DataflowRunner --project=P ..." '
-                   "(default: DirectRunner with --num_workers workers)")
+                   help='--runner=beam: Beam pipeline options as one string, e.g. "--runner=DataflowRunner '
+                   '--project=P ..." (default: DirectRunner with --num_workers workers)')
     p.add_argument("--dry_run", action="store_true",
                    help="print the runner, its options and the shard plan, write nothing (no network for Beam)")
     tfds_source.add_flags(p)

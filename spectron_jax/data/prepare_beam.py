@@ -15,9 +15,9 @@ The pipeline, for N shard jobs:
     Create(listing skip counts) -> count
 
 The plan (one JSON line per job: split, index, shard count, fingerprint, files and their segments,
-and whether an earlier run's index record names the job) goes to `DIR/.tmp-beam-plan-<hash>/<k>.jsonl`, `JOBS_PER_PLAN_FILE` jobs a file, so that the
-pipeline's own description stays small for any corpus; it is deleted with the other temporary files
-after a successful run.
+and whether an earlier run's index record names the job) goes to `DIR/.tmp-beam-plan-<hash>/<k>.jsonl`,
+`JOBS_PER_PLAN_FILE` jobs a file, so that the pipeline's own description stays small for any corpus;
+it is deleted with the other temporary files after a successful run.
 
 Retries: a runner may run a bundle again after a failure (Dataflow does, up to 4 times in batch;
 Beam's BundleBasedDirectRunner too). A retried shard is rewritten to the same bytes: `write_shard`
@@ -188,7 +188,8 @@ def check_remote_runner(args: Sequence[str], input_path: str, output_dir: str) -
     runner = runner_name(args)
     if runner in _DIRECT or runner in ("BundleBasedDirectRunner", "FnApiRunner", "PrismRunner"):
         return None
-    local = [flag for flag, p in (("--output_dir", output_dir), ("--input", input_path)) if p and not filesystem.is_remote(p)]
+    paths = (("--output_dir", output_dir), ("--input", input_path))
+    local = [flag for flag, p in paths if p and not filesystem.is_remote(p)]
     if local:
         return f"{' and '.join(local)} must be on an object store (gs://...) for --runner={runner}'s workers"
     if runner.endswith("DataflowRunner"):
