@@ -17,9 +17,12 @@ INSTALL_REQUIRES = [
     "librosa==0.11.0",
     "soundfile==0.14.0",
     "gin-config==0.5.0",
-    "sentencepiece==0.2.3",
+    # 0.2.2, not 0.2.3: 0.2.3's generated protobuf code demands a protobuf 7 runtime (see protobuf below)
+    "sentencepiece==0.2.2",
     "numpy==2.4.6",
-    "protobuf==7.36.2",
+    # 6.33.x, not 7.x: apache-beam (the `beam` extra) requires protobuf<7; TensorFlow 2.21, tensorboard,
+    # seqio and the google-cloud clients all accept 6.33 (googleapis-common-protos needs >= 6.33.5)
+    "protobuf==6.33.6",
     "tensorboard==2.21.0",  # the viewer for the event files train writes (`tensorboard --logdir`)
     "tqdm",
     "etils[epath]==1.15.0",  # spectron_jax.filesystem: every path, local or gs://
@@ -46,6 +49,9 @@ EXTRAS_REQUIRE = {
              # drives the system Chromium (/usr/bin/chromium; .ci/run installs it) to test report.html;
              # no browser download: the tests pass `executable_path`
              "playwright==1.65.2"],
+    # `prepare --runner=beam`: the shard jobs as an Apache Beam pipeline (DirectRunner, Prism, Dataflow).
+    # Beam 2.77 needs protobuf<7, pyarrow<26 and pillow<13; the resolver picks pyarrow 25 and pillow 12.
+    "beam": ["apache-beam[gcp]==2.77.0"],
 }
 
 setup(

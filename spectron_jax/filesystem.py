@@ -155,15 +155,28 @@ def size(p: PathLike) -> int:
 
 
 def copy(source: PathLike, destination: PathLike, chunk_bytes: int = 16 << 20) -> None:
-    """Copies one file (any combination of local and remote), streaming `chunk_bytes` at a time; a
-    local destination is written under a temporary name, then renamed."""
+    """Copies one file (any combination of local and remote), streaming `chunk_bytes` at a time, so
+    that `destination` appears whole or not at all: a local destination is written under a temporary
+    name, then renamed; a remote one is a single upload, finished only when everything was sent and
+    cancelled on any error (an object store shows an object when its upload completes, and fsspec's
+    files would otherwise complete a half-sent upload when closed by the error)."""
     target = path(destination)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target if is_remote(destination) else target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
-        with path(source).open("rb") as src, partial.open("wb") as dst:
-            while chunk := src.read(chunk_bytes):
-                dst.write(chunk)
+        with path(source).open("rb") as src:
+            dst = partial.open("wb")
+            try:
+                while chunk := src.read(chunk_bytes):
+                    dst.write(chunk)
+            except BaseException:
+                if partial is target and callable(getattr(dst, "discard", None)):
+                    dst.discard()  # fsspec: cancel the upload...
+                    dst.closed = True  # ...and never finish it, not even when garbage-collected
+                else:
+                    dst.close()
+                raise
+            dst.close()
         if partial != target:
             os.replace(os.fspath(partial), os.fspath(target))
     finally:

@@ -113,3 +113,51 @@ def test_feature_stats_round_trip_on_gcs(gcs):
     assert loaded.num_frames == 40
     with pytest.raises(ValueError, match=r"gs://.*/absent\.json: not a feature statistics file"):
         features.FeatureStats.from_json(fs.join(gcs, "fs-test", "stats", "absent.json"))
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_copy_that_fails_midway_leaves_nothing(where, gcs, tmp_path, monkeypatch):
+    """A copy whose source fails after the first chunk was sent leaves no object or file at all."""
+    from spectron_jax import filesystem as fs
+
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(3 << 20))
+    root = fs.join(gcs, "copy-test") if where == "gcs" else str(tmp_path / "out")
+    destination = fs.join(root, "shard.tfrecord")
+    fs.copy(str(source), fs.join(root, "whole.tfrecord"), chunk_bytes=1 << 20)
+    assert fs.read_bytes(fs.join(root, "whole.tfrecord")) == source.read_bytes()
+
+    class FailingReader:  # the source's file: its second read fails, as a broken disk or network would
+        def __init__(self, f):
+            self.f, self.reads = f, 0
+
+        def read(self, n):
+            self.reads += 1
+            if self.reads == 2:
+                raise OSError("read failed")
+            return self.f.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    real_path = fs.path
+
+    class Source:
+        def __init__(self, p):
+            self.p = p
+
+        def open(self, mode):
+            return FailingReader(open(self.p, mode))
+
+    monkeypatch.setattr(fs, "path", lambda p: Source(p) if str(p) == str(source) else real_path(p))
+    with pytest.raises(OSError, match="read failed"):
+        fs.copy(str(source), destination, chunk_bytes=1 << 20)
+    monkeypatch.setattr(fs, "path", real_path)
+    import gc
+
+    gc.collect()  # an upload left open would be finished by its file's finaliser
+    assert not fs.exists(destination)
+    assert [os.path.basename(p) for p in fs.glob(fs.join(root, "*"))] == ["whole.tfrecord"]

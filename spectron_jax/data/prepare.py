@@ -9,6 +9,7 @@
     python -m spectron_jax.data.prepare --format=tfds --input=NAME[/CONFIG][:VERSION] --tfds_data_dir=DIR \\
         [--tfds_splits=train_clean100,dev_clean] [--tfds_split_map=train=train,dev=validation,test=test] \\
         [--tfds_audio_key=speech --tfds_text_key=text --tfds_speaker_key=speaker_id --tfds_id_key=id] --output_dir=DIR
+    ... [--runner=local|beam] [--beam_pipeline_options="--runner=DataflowRunner ..."] [--dry_run]
 
 The file formats are described in `spectron_jax.data.sources`, the TFDS one in `spectron_jax.data.tfds_source`.
 Inputs and outputs may be local or `gs://` (`spectron_jax.filesystem`).
@@ -37,6 +38,11 @@ when complete, then its index record is written; a re-run skips every shard whos
 fingerprint (inputs, their sizes and mtimes, feature numbers) and TFRecord count all agree, so nothing
 finished is rewritten and a crash never leaves a truncated file under a shard name. After a successful
 run, shards of the same split with another shard count and stale temporary files are removed.
+
+Runners: `--runner=local` (DEFAULT) runs the shard jobs in a process pool (`run_local`);
+`--runner=beam` runs them as an Apache Beam pipeline with `--beam_pipeline_options` (DirectRunner on
+this machine, Dataflow, ...; needs the `beam` extra), same bytes, see `spectron_jax.data.prepare_beam`.
+`--dry_run` prints the runner, its options and the shard plan as JSON and writes nothing.
 
 Utterances longer than the training window (`--max_utterance_seconds`, DEFAULT 13 s) are split at
 pauses into pieces with their share of the transcript, and what cannot be split is dropped and counted
@@ -84,6 +90,7 @@ from spectron_jax.data.tfrecords import (  # noqa: F401
 from spectron_jax.data import tfds_source  # imports TF / TFDS only when used
 
 FORMATS = ("librispeech", "librilight", "manifest", "embedded", "tfds")
+RUNNERS = ("local", "beam")
 FORMAT_VERSION = 2  # 2: float16 storage and splitting at pauses
 DEFAULT_EXAMPLES_PER_SHARD = 256
 
@@ -152,11 +159,26 @@ def _file_state(path: str) -> list:
         return [None, None]
 
 
+def _file_states(paths: Sequence[str]) -> dict[str, list]:
+    """`_file_state` of each path; object-store ones are asked in parallel (a stat is a round trip, and a
+    Libri-Light tree on gs:// has ~220k files)."""
+    unique = sorted(set(paths))
+    remote = [p for p in unique if filesystem.is_remote(p)]
+    states = {p: _file_state(p) for p in unique if not filesystem.is_remote(p)}
+    if remote:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(min(32, len(remote))) as pool:
+            states.update(zip(remote, pool.map(_file_state, remote)))
+    return states
+
+
 def plan_shards(listing: sources.Listing, options: PrepareOptions, num_shards: int | None = None) -> list[ShardJob]:
     """Deals each split's files round-robin (sorted by path) to its shards."""
     by_split: dict[str, list[sources.SourceFile]] = {}
     for source in listing.sources:
         by_split.setdefault(source.split, []).append(source)
+    states = _file_states([s.path for s in listing.sources])
     jobs = []
     for split, files in sorted(by_split.items()):
         files.sort(key=lambda s: (s.source, s.path))
@@ -168,7 +190,7 @@ def plan_shards(listing: sources.Listing, options: PrepareOptions, num_shards: i
                 "version": FORMAT_VERSION,
                 **options.to_dict(),
                 "files": [
-                    [f.path, f.source, _file_state(f.path), [dataclasses.astuple(s) for s in f.segments]] for f in dealt
+                    [f.path, f.source, states[f.path], [dataclasses.astuple(s) for s in f.segments]] for f in dealt
                 ],
             }
             digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -361,6 +383,22 @@ def run_jobs(jobs: Sequence[ShardJob], output_dir: str, options: PrepareOptions,
         bar.close()
 
 
+Executor = Callable[[Sequence[ShardJob], str, PrepareOptions, int], tuple[list[dict], int]]
+
+
+def run_local(jobs: Sequence[ShardJob], output_dir: str, options: PrepareOptions, num_workers: int):
+    """The default executor: skips finished shards, writes the others in a process pool (`run_jobs`).
+
+    Returns:
+      (the index record of every job, in `jobs` order; how many shards were written).
+    """
+    done = {job.name: finished_shard(output_dir, job) for job in jobs}
+    pending = [job for job in jobs if done[job.name] is None]
+    for record in run_jobs(pending, output_dir, options, num_workers):
+        done[record["shard"]] = record
+    return [done[job.name] for job in jobs], len(pending)
+
+
 def _remove_stale(output_dir: str, jobs: Sequence[ShardJob]) -> list[str]:
     """Deletes shards of the prepared splits that this run did not plan, and leftover temp files."""
     current = {j.name for j in jobs}
@@ -386,6 +424,7 @@ def prepare(
     num_workers: int = 1,
     stats: bool = False,
     meta: dict | None = None,
+    execute: Executor | None = None,
 ) -> dict:
     """Writes the shards of `listing` (resuming finished ones), report.json and maybe stats.json.
 
@@ -393,17 +432,16 @@ def prepare(
     report.json entries, and their shards count towards stats.json (train's, or every split's when
     there is no train split), as long as the features are the same.
 
+    `execute` writes the planned shards and returns their records (`run_local`, the default, or
+    `prepare_beam.BeamExecutor`); everything before (the plan) and after (report, stats) is the same.
+
     Returns:
       The report (also written to `output_dir/report.json`); its `run` entry says how many shards
       were written, how many were already complete and which earlier splits were kept.
     """
     filesystem.makedirs(filesystem.join(output_dir, INDEX_DIR))
     jobs = plan_shards(listing, options, num_shards)
-    done = {job.name: finished_shard(output_dir, job) for job in jobs}
-    pending = [job for job in jobs if done[job.name] is None]
-    for record in run_jobs(pending, output_dir, options, num_workers):
-        done[record["shard"]] = record
-    records = [done[job.name] for job in jobs]
+    records, written = (execute or run_local)(jobs, output_dir, options, num_workers)
     removed = _remove_stale(output_dir, jobs)
     report = build_report(records, listing.skips, {**options.to_dict(), **(meta or {})})
     prepared = set(report["splits"]) | {j.split for j in jobs}
@@ -411,8 +449,8 @@ def prepare(
     report["splits"] = dict(sorted({**report["splits"], **kept}.items()))
     report["totals"] = totals(report)
     report["run"] = {
-        "shards_written": len(pending),
-        "shards_resumed": len(jobs) - len(pending),
+        "shards_written": written,
+        "shards_resumed": len(jobs) - written,
         "stale_removed": removed,
         "splits_kept": sorted(kept),
     }
@@ -478,6 +516,14 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--segmentation", default="vad", choices=("vad", "fixed"), help="librilight: how files are cut")
     p.add_argument("--max_segment_seconds", type=float, default=13.0, help="librilight: longest merged segment")
     p.add_argument("--write_segments", default=None, help="librilight: write the planned segments TSV and stop")
+    p.add_argument("--runner", default="local", choices=RUNNERS,
+                   help="local: a process pool on this machine; beam: an Apache Beam pipeline "
+                   "(spectron_jax.data.prepare_beam)")
+    p.add_argument("--beam_pipeline_options", default=None,
+                   help='--runner=beam: Beam pipeline options as one string, e.g. "--runner=DataflowRunner '
+                   '--project=P ..." (default: DirectRunner with --num_workers workers)')
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the runner, its options and the shard plan, write nothing (no network for Beam)")
     tfds_source.add_flags(p)
     return p
 
@@ -506,6 +552,8 @@ def _check_args(args) -> None:
         raise cli.InputError(f"--input {args.input}: no such file or folder")
     if args.transcripts and not filesystem.is_file(args.transcripts):
         raise cli.InputError(f"--transcripts {args.transcripts}: no such file")
+    if args.beam_pipeline_options and args.runner != "beam":
+        raise cli.UsageError("--beam_pipeline_options needs --runner=beam")
 
 
 def _prompt_option(args) -> prompt_features.PromptFeatures | None:
@@ -522,6 +570,46 @@ def _write_segments(args) -> int:
             f.write(f"{seg_id}\t{rel}\t{start:.3f}\t{end:.3f}\n")
     print(f"wrote {len(planned)} segments to {args.write_segments} ({len(skips)} files without usable voice activity)")
     return 0
+
+
+def _beam_executor(args, workers: int, listing: sources.Listing):
+    try:
+        from spectron_jax.data import prepare_beam
+
+        beam_args = prepare_beam.pipeline_args(args.beam_pipeline_options, workers)
+        prepare_beam.describe_options(beam_args)  # Beam's parsing: a bad value is a usage error
+    except ImportError as e:
+        raise cli.UsageError(f"--runner=beam needs Apache Beam: pip install -e '.[beam]' ({e})") from e
+    except (ValueError, SystemExit) as e:  # shlex's unbalanced quotes; argparse inside Beam exits
+        raise cli.UsageError(f"--beam_pipeline_options {args.beam_pipeline_options!r}: cannot be parsed ({e})") from e
+    problem = prepare_beam.check_remote_runner(beam_args, args.input, args.output_dir)
+    if problem:
+        raise cli.UsageError(problem)
+    import logging
+
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)  # Beam's INFO and its workers' notices
+    return prepare_beam.BeamExecutor(beam_args, listing.skips)
+
+
+def _print_plan(args, listing: sources.Listing, options: PrepareOptions, workers: int, execute) -> None:
+    """`--dry_run`: the runner and its options, then the shard plan, as JSON on stdout."""
+    jobs = plan_shards(listing, options, args.num_shards)
+    if execute is None:
+        runner = {"runner": "local", "num_workers": workers}
+    else:
+        from spectron_jax.data import prepare_beam
+
+        runner = {"runner": "beam", "pipeline_options": prepare_beam.describe_options(execute.args)}
+    splits: dict[str, dict] = {}
+    for job in jobs:
+        entry = splits.setdefault(job.split, {"num_shards": job.num_shards, "files": 0, "utterances": 0, "shards": []})
+        entry["files"] += len(job.files)
+        entry["utterances"] += job.num_segments
+        entry["shards"].append({"file": job.name, "files": len(job.files), "utterances": job.num_segments})
+    reasons = summarise_skips([skip_dict(s) for s in listing.skips])["by_reason"]
+    plan = {**runner, "output_dir": args.output_dir, "options": options.to_dict(), "splits": splits,
+            "skipped_while_listing": reasons}
+    print(json.dumps(plan, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -549,21 +637,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     )
     meta = {"format": args.format, "input": args.input}
+    options = PrepareOptions(
+        min_seconds=args.min_seconds,
+        frame_dtype=args.frame_dtype,
+        split=splitting.SplitConfig(args.max_utterance_seconds or None, args.min_pause_seconds, args.pause_db),
+        prompt=_prompt_option(args),
+    )
+    execute = None
+    if args.runner == "beam":
+        execute = _beam_executor(args, workers, listing)
+    if args.dry_run:
+        _print_plan(args, listing, options, workers, execute)
+        return 0
     try:
-        report = prepare(
-            listing,
-            args.output_dir,
-            PrepareOptions(
-                min_seconds=args.min_seconds,
-                frame_dtype=args.frame_dtype,
-                split=splitting.SplitConfig(args.max_utterance_seconds or None, args.min_pause_seconds, args.pause_db),
-                prompt=_prompt_option(args),
-            ),
-            args.num_shards,
-            workers,
-            args.stats,
-            meta,
-        )
+        report = prepare(listing, args.output_dir, options, args.num_shards, workers, args.stats, meta, execute)
     except OSError as e:
         raise cli.InputError(f"--output_dir {args.output_dir}: cannot write ({e})") from e
     totals = report["totals"]
@@ -572,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"skipped {totals['skipped']}; shards written {report['run']['shards_written']}, "
         f"resumed {report['run']['shards_resumed']}; report: {filesystem.join(args.output_dir, 'report.json')}"
     )
+    if execute is not None:
+        print("beam metrics: " + ", ".join(f"{k}={v}" for k, v in sorted(execute.metrics.items())))
     if totals["utterances"] == 0:
         raise cli.InputError(
             f"{args.input}: no utterance could be prepared; see {filesystem.join(args.output_dir, 'report.json')}"

@@ -506,8 +506,8 @@ def plan_librilight_segments(
     files = list(_walk_files(root, ".flac"))
     if not files:
         raise SourceError(f"{root}: no .flac files (Libri-Light layout <speaker>/<book>/<name>.flac)")
-    planned, skips = [], []
-    for audio in files:
+
+    def plan_file(audio: str) -> tuple[list[tuple[str, str, float, float]], Skip | None]:
         rel = _relative(audio, root)
         key = _librilight_key(rel)
         duration = None
@@ -515,8 +515,7 @@ def plan_librilight_segments(
             duration = audio_input.duration_seconds(audio)
         except Exception as e:  # corrupt header: the worker will report it if a transcript names it.
             if segmentation == "fixed":
-                skips.append(Skip(key, rel, None, "unreadable", " ".join(str(e).split())))
-                continue
+                return [], Skip(key, rel, None, "unreadable", " ".join(str(e).split()))
         if segmentation == "fixed":
             spans = fixed_windows(duration or 0.0, max_seconds)
         else:
@@ -525,9 +524,21 @@ def plan_librilight_segments(
                 intervals = json.loads(filesystem.read_text(vad_path))["voice_activity"]
                 spans = merge_voice_activity(intervals, max_seconds, duration)
             except (OSError, ValueError, KeyError, TypeError) as e:
-                skips.append(Skip(key, rel, None, "no_voice_activity", f"{posixpath.basename(vad_path)}: {e}"))
-                continue
-        planned.extend((segment_id(key, a, b), rel, a, b) for a, b in spans)
+                return [], Skip(key, rel, None, "no_voice_activity", f"{posixpath.basename(vad_path)}: {e}")
+        return [(segment_id(key, a, b), rel, a, b) for a, b in spans], None
+
+    if filesystem.is_remote(root):  # two round trips a file (header, VAD json): asked 32 files at a time
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(plan_file, files))
+    else:
+        results = [plan_file(audio) for audio in files]
+    planned, skips = [], []
+    for spans, skip in results:
+        planned.extend(spans)
+        if skip is not None:
+            skips.append(skip)
     return planned, skips
 
 
