@@ -55,6 +55,7 @@ from spectron_jax.models.sharding import constrain, logical_param
 
 CONV_NORMS = ("layer", "group", "batch")
 FRONTENDS = ("conv_subsampling", "feature_projection")
+INPUT_NORMS = ("none", "utterance")
 POSITION_ENCODINGS = ("transformer_xl", "relative_key")
 
 
@@ -81,6 +82,11 @@ class ConformerConfig:
     # 'conv_subsampling' (×4 in time) | 'feature_projection' (LayerNorm + linear per input frame, no
     # subsampling; w2v-BERT takes stacked fbank frames, 160 values per 20 ms).
     frontend: str = "conv_subsampling"
+    # What the encoder does to its input first: 'none' (the features as given) | 'utterance' (each
+    # row's bins minus their mean over its valid frames, over their standard deviation: per-utterance
+    # cepstral mean and variance normalisation, as ASR front-ends do; raw log-mel has a mean near -5
+    # and bins of very different spread). DEFAULT 'none' (w2v-BERT's fbank comes normalised).
+    input_norm: str = "none"
     # 'transformer_xl' (sinusoids, u / v biases, clipped to ±max_relative_distance) | 'relative_key'
     # (a learned [left + right + 1, head_dim] table indexed by key - query, clipped to [-left, right]).
     position_encoding: str = "transformer_xl"
@@ -102,6 +108,8 @@ class ConformerConfig:
         check_remat_policy("ConformerConfig.remat_policy", self.remat_policy)
         if self.frontend not in FRONTENDS:
             raise ValueError(f"ConformerConfig.frontend must be one of {FRONTENDS}, got {self.frontend!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"ConformerConfig.input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
         if self.position_encoding not in POSITION_ENCODINGS:
             raise ValueError(
                 f"ConformerConfig.position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}"
@@ -161,6 +169,17 @@ def conformer_600m_config(**overrides: Any) -> ConformerConfig:
                   subsampling_channels=128)
     values.update(overrides)
     return ConformerConfig(**values)
+
+
+def normalize_utterance(features: jax.Array, mask: jax.Array, epsilon: float = 1e-5) -> jax.Array:
+    """float32 [batch, frames, bins]: each row's bins minus their mean over its valid frames (`mask`
+    bool [batch, frames]), over sqrt(their variance + epsilon); zero at padded frames."""
+    valid = mask[..., None]
+    x = jnp.where(valid, features.astype(jnp.float32), 0.0)
+    count = jnp.maximum(jnp.sum(valid.astype(jnp.float32), axis=1, keepdims=True), 1.0)
+    mean = jnp.sum(x, axis=1, keepdims=True) / count
+    variance = jnp.sum(jnp.where(valid, jnp.square(x - mean), 0.0), axis=1, keepdims=True) / count
+    return jnp.where(valid, (x - mean) * jax.lax.rsqrt(variance + epsilon), 0.0)
 
 
 def subsampled_length(num_frames):
@@ -503,6 +522,8 @@ class ConformerEncoder(nnx.Module):
         if mask.shape != features.shape[:2]:
             raise ValueError(f"Conformer mask must be [batch, frames] = {features.shape[:2]}, got shape {mask.shape}")
         mask = mask.astype(bool)
+        if self.config.input_norm == "utterance":
+            features = normalize_utterance(features, mask)
         frontend = self.subsampling if self.config.frontend == "conv_subsampling" else self.feature_projection
         x, mask = frontend(features, mask)
         x = self.input_dropout(x, deterministic=deterministic).astype(jnp.float32)
