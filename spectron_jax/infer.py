@@ -18,6 +18,10 @@ its name when the manifest gives one (so reordering a manifest changes no output
 line index among the manifest's rows (0 for `--audio`). Prompts pad to the prompt window and the last
 batch pads with dummy rows, so a whole run compiles `generate` once; `timings.compile` in result.json is
 that compile's share, apart from the run time in `timings.generate`.
+
+Overlap: the device runs its work in the order it is queued, so batches are pipelined (`Inferencer.stream`):
+once batch k has generated, its vocoder call and batch k+1's generation are queued back to back, and batch
+k's outputs are written while batch k+1 generates. Outputs are those of each batch run alone.
 """
 
 from __future__ import annotations

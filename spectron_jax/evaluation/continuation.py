@@ -129,10 +129,20 @@ def _vocode(vocoder: Any, frames: Sequence[np.ndarray], batch_size: int) -> list
     return waves
 
 
+class _Done:
+    """A finished result with a future's `result()`."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 def _host_rows(items: Sequence[runner.Loaded], results: Sequence[Any], device: _Device, scorers: runner.Scorers,
-               config: ContinuationConfig, wav_dir: epath.Path, prompt_samples: int) -> list[dict]:
+               config: ContinuationConfig, wav_dir: epath.Path, prompt_samples: int, side: Any = None) -> list[dict]:
     """The rows of a chunk (see the module docstring for their figures), each scorer called once on the
-    whole chunk; writes their wavs."""
+    whole chunk (the ASR on the executor `side` when given, beside the others); writes their wavs."""
     spec = features.SPECTRON_FEATURES
     rows, generated = [], [np.asarray(r.waveform, np.float32) for r in results]
     for i, (item, result) in enumerate(zip(items, results)):
@@ -154,18 +164,9 @@ def _host_rows(items: Sequence[runner.Loaded], results: Sequence[Any], device: _
         if device.teacher_errors[i] is not None:
             row["teacher_forced_error"] = device.teacher_errors[i]
         rows.append(row)
-    if scorers.asr is not None:
-        for row, text in zip(rows, scorers.asr.transcribe(generated)):
-            row["asr_transcript"] = text
-    if scorers.text_lm is not None:
-        texts = [row["text_continuation"] for row in rows] + [row["asr_transcript"] for row in rows
-                                                              if "asr_transcript" in row]
-        scores = scorers.text_lm.score(texts)
-        asr_scores = iter(scores[len(rows):])
-        for row, score in zip(rows, scores):
-            row["continuation_lm"] = dataclasses.asdict(score)
-            if "asr_transcript" in row:
-                row["asr_lm"] = dataclasses.asdict(next(asr_scores))
+    if scorers.asr is not None:  # on `side` when given, beside the speaker encoder and DNSMOS below
+        transcripts = (side.submit(scorers.asr.transcribe, generated) if side is not None
+                       else _Done(scorers.asr.transcribe(generated)))
     if scorers.speaker is not None:
         waves = [w for item, g, t in zip(items, generated, device.true_waves) for w in (item.wave[:prompt_samples], g, t)]
         emb = scorers.speaker.embed(waves)  # [3 * rows, dim]: prompt, generated, true per row
@@ -178,6 +179,18 @@ def _host_rows(items: Sequence[runner.Loaded], results: Sequence[Any], device: _
         for i, row in enumerate(rows):
             for j, system in enumerate(SYSTEMS):
                 row[f"dnsmos_{system}"] = mos[3 * i + j]
+    if scorers.asr is not None:
+        for row, text in zip(rows, transcripts.result()):
+            row["asr_transcript"] = text
+    if scorers.text_lm is not None:
+        texts = [row["text_continuation"] for row in rows] + [row["asr_transcript"] for row in rows
+                                                              if "asr_transcript" in row]
+        scores = scorers.text_lm.score(texts)
+        asr_scores = iter(scores[len(rows):])
+        for row, score in zip(rows, scores):
+            row["continuation_lm"] = dataclasses.asdict(score)
+            if "asr_transcript" in row:
+                row["asr_lm"] = dataclasses.asdict(next(asr_scores))
     if config.write_wavs:
         for i, (item, row) in enumerate(zip(items, rows)):
             name = runner.safe_name(item.example.id)
@@ -193,10 +206,10 @@ def _dnsmos_batch(dnsmos: Any, waves: Sequence[np.ndarray]) -> list[dict]:
     return list(batch(waves)) if callable(batch) else [dnsmos.score(w) for w in waves]
 
 
-def _host_part(items, results, device, scorers, config, wav_dir, prompt_samples, skips) -> list[dict]:
+def _host_part(items, results, device, scorers, config, wav_dir, prompt_samples, skips, side=None) -> list[dict]:
     """`_host_rows` of a chunk; when it raises, row by row, so that one example's failure is a skip."""
     try:
-        return _host_rows(items, results, device, scorers, config, wav_dir, prompt_samples)
+        return _host_rows(items, results, device, scorers, config, wav_dir, prompt_samples, side)
     except Exception:  # noqa: BLE001 - isolate the failing example below
         rows = []
         for i, item in enumerate(items):
@@ -219,7 +232,8 @@ def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], sco
     Work per chunk of `batch_size` examples: generation + vocoder (`inferencer.run`), the teacher-forced
     pass and the resynthesis of the true continuations (each one batched device call) on this thread;
     the host scorers (ASR, text LM, speaker encoder, DNSMOS, each called once per chunk) and the wav
-    writes on a worker thread, so that they overlap the device work of the next chunk. Rows are written
+    writes on a worker thread, the ASR on a second one beside the others (PocketSphinx and ONNX run
+    without Python's lock), so that they overlap each other and the device work of the next chunk. Rows are written
     in example order. The resynthesis uses the inferencer's vocoder (the one that made the generated
     speech; the host Griffin-Lim when it has none).
 
@@ -252,14 +266,14 @@ def run(inferencer: Any, examples: Sequence[EvalExample], skips: list[Skip], sco
                                "generated": np.asarray(result.frames), "true": true_frames})
 
     pending = None
-    with futures.ThreadPoolExecutor(max_workers=1) as pool:
+    with futures.ThreadPoolExecutor(max_workers=1) as pool, futures.ThreadPoolExecutor(max_workers=1) as side:
         for chunk in runner.batches(pairs, config.batch_size):
             items, results = [item for item, _ in chunk], [result for _, result in chunk]
             device = _device_part(inferencer, items, scorers, config, resynth, prompt_samples, prompt_frames)
             if pending is not None:
                 commit(pending)
             pending = (chunk, device, pool.submit(_host_part, items, results, device, scorers, config, wav_dir,
-                                                  prompt_samples, skips))
+                                                  prompt_samples, skips, side))
         if pending is not None:
             commit(pending)
     wanted = {ex.id for ex in examples}
