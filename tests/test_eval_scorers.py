@@ -97,7 +97,7 @@ def test_batched_scorers_equal_each_wave_scored_alone(dnsmos, encoder, embedded_
     from speechmos import dnsmos as speechmos_dnsmos
 
     waves = [wave for _, wave, _ in _corpus(embedded_dir, ["spk02", "spk05"], 1)]
-    waves = [waves[0][:16000 * 3], waves[1], waves[0][:100], waves[1][:int(16000 * 4.2)]]  # lengths 3 s, whole, 100, 4.2 s
+    waves = [waves[0][:16000 * 3], waves[1], waves[0][:100], waves[1][:int(16000 * 4.2)]]  # 3 s, all, 100, 4.2 s
     batched = dnsmos.score_batch(waves)
     for wave, got in zip(waves, batched):
         if wave.size < naturalness.MIN_SAMPLES:

@@ -23,8 +23,11 @@ the vocoder turns into audio. Per example (one row of examples.jsonl) and pooled
   speaker_sim_generated      cosine of speaker embeddings, prompt vs generated continuation;
   speaker_sim_true           prompt vs the true continuation (the ceiling);
   dnsmos_<system>_<key>      DNSMOS of the generated continuation, the true continuation, and the true
-                             continuation resynthesised by the vocoder from its log-mel (its ceiling);
+                             continuation resynthesised from its log-mel by the vocoder that made the
+                             generated speech (its ceiling);
   l1_teacher_forced          mean |predicted − true| log-mel of the continuation with the true frames fed
+                             (with the pre-net's dropout on at inference, its masks keyed by the
+                             example's id: the same in any batch)
                              (a row whose teacher-forced pass failed has it null and says why in
                              `teacher_forced_error`; the report counts such rows);
   l1_free_running            the same for the generated frames, over the frames both have;
@@ -168,7 +171,8 @@ def _host_rows(items: Sequence[runner.Loaded], results: Sequence[Any], device: _
         transcripts = (side.submit(scorers.asr.transcribe, generated) if side is not None
                        else _Done(scorers.asr.transcribe(generated)))
     if scorers.speaker is not None:
-        waves = [w for item, g, t in zip(items, generated, device.true_waves) for w in (item.wave[:prompt_samples], g, t)]
+        waves = [w for item, g, t in zip(items, generated, device.true_waves)
+                 for w in (item.wave[:prompt_samples], g, t)]
         emb = scorers.speaker.embed(waves)  # [3 * rows, dim]: prompt, generated, true per row
         for i, row in enumerate(rows):
             row["speaker_sim_generated"] = cosine(emb[3 * i], emb[3 * i + 1])
