@@ -16,7 +16,10 @@ The frame budget of a row is `clip(ceil(frames_per_token * text tokens), min_fra
 (DEFAULT knobs, not in the paper), the text tokens being those after the separator when the model
 writes one (`SpectronConfig.sep_id`: the continuation the speech says), else the whole text. The stop
 head cannot end a row before `min_frames`, and a row emits at most its budget: with r > 1 the frames of
-the last group beyond the budget are not returned.
+the last group beyond the budget are not returned. A row ended by its stop head emits its whole last
+group: the head gives one logit per group (trained towards 1 at the group holding the last valid frame,
+`acoustic.stop_targets`), so where inside that group the speech ends is not known to the model; cutting
+it would need a per-frame stop target.
 
 Randomness is per row: row b's key is fold_in(key(seed), row_ids[b]); its text step i draws from
 fold_in(fold_in(row key, 0), i) and its speech step s masks the pre-net with fold_in(fold_in(row key, 1), s).

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -177,11 +177,16 @@ class DeviceGriffinLimVocoder:
 
     def batch(self, log_mel: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
         """[batch, frames, mel] + [batch] lengths -> waves [(lengths[i] - 1) * hop] ([0] below 2 frames)."""
+        return self.dispatch(log_mel, lengths)()
+
+    def dispatch(self, log_mel: np.ndarray, lengths: Sequence[int]) -> Callable[[], list[np.ndarray]]:
+        """`batch`, asynchronously: starts the device call and returns a function that waits for it and
+        returns the waves (so the host can queue more device work, e.g. the next generation, meanwhile)."""
         spec = self.feature_spec
         log_mel, lengths = vocoder_lib._check_batch(log_mel, lengths, spec.num_mel)
         batch, frames = log_mel.shape[:2]
         if frames < 2:
-            return [np.zeros((0,), np.float32) for _ in range(batch)]
+            return lambda: [np.zeros((0,), np.float32) for _ in range(batch)]
         floor = math.log(spec.log_floor)
         clean = np.clip(np.nan_to_num(np.asarray(log_mel, np.float64), nan=floor, neginf=floor,
                                       posinf=vocoder_lib.MAX_LOG_MEL), floor, vocoder_lib.MAX_LOG_MEL)
@@ -190,9 +195,14 @@ class DeviceGriffinLimVocoder:
             if n >= 2:
                 phase[i, :n] = initial_phase(int(n), spec, self.seed)
         used = np.maximum(lengths, 1).astype(np.int32)
-        waves = np.asarray(_program(spec, self.n_iter, self.nnls_iter)(clean.astype(np.float32), used, phase))
-        return [vocoder_lib.limit_peak(waves[i, :self.num_samples(n)], self.peak, self.normalize) if n >= 2
-                else np.zeros((0,), np.float32) for i, n in enumerate(lengths)]
+        running = _program(spec, self.n_iter, self.nnls_iter)(clean.astype(np.float32), used, phase)
+
+        def collect() -> list[np.ndarray]:
+            waves = np.asarray(running)
+            return [vocoder_lib.limit_peak(waves[i, :self.num_samples(n)], self.peak, self.normalize) if n >= 2
+                    else np.zeros((0,), np.float32) for i, n in enumerate(lengths)]
+
+        return collect
 
 
 __all__ = ["DeviceGriffinLimVocoder", "griffin_lim", "initial_phase", "istft", "nnls", "stft"]

@@ -18,6 +18,10 @@ its name when the manifest gives one (so reordering a manifest changes no output
 line index among the manifest's rows (0 for `--audio`). Prompts pad to the prompt window and the last
 batch pads with dummy rows, so a whole run compiles `generate` once; `timings.compile` in result.json is
 that compile's share, apart from the run time in `timings.generate`.
+
+Overlap: the device runs its work in the order it is queued, so batches are pipelined (`Inferencer.stream`):
+once batch k has generated, its vocoder call and batch k+1's generation are queued back to back, and batch
+k's outputs are written while batch k+1 generates. Outputs are those of each batch run alone.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import dataclasses
 import io
 import json
 import time
+import weakref
 import zlib
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -172,37 +177,86 @@ class Inferencer:
         row_ids = list(range(len(waveforms))) if row_ids is None else [int(i) for i in row_ids]
         if len(row_ids) != len(waveforms):
             raise ValueError(f"Inferencer.run: {len(row_ids)} row ids for {len(waveforms)} waveforms")
-        results: list[InferenceResult] = []
-        for start in range(0, len(waveforms), self.batch_size):
-            stop = start + self.batch_size
-            results += self._run_batch(waveforms[start:stop], row_ids[start:stop])
-        return results
+        starts = range(0, len(waveforms), self.batch_size)
+        batches = ((waveforms[i:i + self.batch_size], row_ids[i:i + self.batch_size]) for i in starts)
+        return [result for results in self.stream(batches) for result in results]
 
-    def _run_batch(self, waveforms: Sequence[np.ndarray], row_ids: Sequence[int]) -> list[InferenceResult]:
+    def stream(self, batches: Iterable[tuple[Sequence[np.ndarray], Sequence[int]]]
+               ) -> Iterator[list[InferenceResult]]:
+        """The results of each (waves, row ids) batch of at most `batch_size` rows, in order, overlapped.
+
+        The device runs its work in the order it is queued, so the host keeps it queued: once batch k's
+        generation is done, its vocoder call and then batch k+1's generation are dispatched (reading and
+        featurising batch k+1 overlap batch k's vocoder), and batch k's results are handed out while batch
+        k+1 generates (the caller's writes overlap it). Each batch's output is the same as alone: only
+        when the host waits changes. A vocoder without `dispatch` (see `device_vocoder`) runs at once.
+        """
+        iterator = iter(batches)
+        current = self._dispatch(*next(iterator, (None, None)))
+        while current is not None:
+            collect = self._vocode(current)
+            upcoming = self._dispatch(*next(iterator, (None, None)))
+            yield self._finish(current, collect)
+            current = upcoming
+
+    def _dispatch(self, waveforms: Optional[Sequence[np.ndarray]], row_ids: Optional[Sequence[int]]
+                  ) -> Optional[dict]:
+        """Featurises a batch and dispatches its generation (not waited for); None for no batch."""
+        if waveforms is None:
+            return None
+        if len(waveforms) > self.batch_size:
+            raise ValueError(f"Inferencer.stream: a batch of {len(waveforms)} rows, more than {self.batch_size}")
         t0 = time.perf_counter()
         prompts = [self.prompt_frames(w) for w in waveforms]
         log_mel_encoder = self.bundle.model.config.prompt_features == "log_mel"
         frames, mask, valid = self._pad(prompts if log_mel_encoder else [self.encoder_input(w) for w in waveforms],
                                         self.batch_size)
         ids = np.zeros((self.batch_size,), np.int32)
-        ids[:len(row_ids)] = row_ids
+        ids[:len(row_ids)] = [int(i) for i in row_ids]
         t1 = time.perf_counter()
         with compile_time.CompileTimer() as compiling:
             out = decoding.generate(self.bundle.model, self.bundle.params, frames, mask, self.config,
                                     row_ids=ids, row_valid=valid)
-            out = decoding.to_host(jax.block_until_ready(out))
-        t2 = time.perf_counter()
-        # The whole padded batch (dummy rows have 0 frames), so a batched vocoder keeps one shape too.
-        with compile_time.CompileTimer() as compiling_vocoder:
-            waves = vocoder_lib.synthesize_batch(self.vocoder, out["frames"], out["num_frames"])
-        t3 = time.perf_counter()
+        return {"prompts": prompts, "out": out, "features": t1 - t0, "compile": compiling.seconds,
+                "dispatch": time.perf_counter() - t1}
+
+    def _vocode(self, pending: dict):
+        """Waits for a batch's generation and dispatches its vocoder; returns the wait for the waves."""
+        t0 = time.perf_counter()
+        out = decoding.to_host(jax.block_until_ready(pending["out"]))
+        t1 = time.perf_counter()
+        # The padded batch (dummy rows have 0 frames), its frame axis cut to the longest row rounded up
+        # to VOCODER_FRAME_BUCKET: a batched vocoder compiles a few shapes at most and skips the padding.
+        used = min(out["frames"].shape[1], _round_up(max(int(np.max(out["num_frames"])), 2), VOCODER_FRAME_BUCKET))
+        frames = out["frames"][:, :used]
+        with compile_time.CompileTimer() as compiling:
+            dispatch = getattr(self.vocoder, "dispatch", None)
+            if callable(dispatch):
+                collect = dispatch(frames, out["num_frames"])
+            else:
+                waves = vocoder_lib.synthesize_batch(self.vocoder, frames, out["num_frames"])
+                collect = lambda: waves  # noqa: E731
+        pending.update(host=out, wait=t1 - t0, vocoder_compile=compiling.seconds,
+                       vocoder_dispatch=time.perf_counter() - t1)
+        return collect
+
+    def _finish(self, pending: dict, collect) -> list[InferenceResult]:
+        """Waits for a batch's waves and builds its results."""
+        t0 = time.perf_counter()
+        waves = [np.asarray(w, np.float32) for w in collect()]
+        vocoder_seconds = pending["vocoder_dispatch"] + time.perf_counter() - t0
+        prompts, out = pending["prompts"], pending["host"]
         n_rows = len(prompts)
         out, waves = {k: v[:n_rows] for k, v in out.items()}, waves[:n_rows]
-        compile_generate = min(compiling.seconds, t2 - t1)
-        compile_vocoder = min(compiling_vocoder.seconds, t3 - t2)
-        timings = {"features": (t1 - t0) / n_rows, "compile": (compile_generate + compile_vocoder) / n_rows,
-                   "generate": (t2 - t1 - compile_generate) / n_rows,
-                   "vocoder": (t3 - t2 - compile_vocoder) / n_rows}
+        generate_seconds = pending["dispatch"] + pending["wait"]
+        compile_generate = min(pending["compile"], generate_seconds)
+        compile_vocoder = min(pending["vocoder_compile"], vocoder_seconds)
+        # Per row: host-visible seconds (work hidden behind other work, e.g. a generation running while
+        # the previous batch was written, is not counted twice).
+        timings = {"features": pending["features"] / n_rows,
+                   "compile": (compile_generate + compile_vocoder) / n_rows,
+                   "generate": (generate_seconds - compile_generate) / n_rows,
+                   "vocoder": (vocoder_seconds - compile_vocoder) / n_rows}
         results = []
         for i, (prompt, wave) in enumerate(zip(prompts, waves)):
             n = int(out["text_lengths"][i])
@@ -211,8 +265,7 @@ class Inferencer:
             gen = out["frames"][i, :int(out["num_frames"][i])]
             results.append(InferenceResult(
                 text=text, prompt_transcript=transcript, continuation=continuation, text_boundary=boundary,
-                prompt_frames=prompt, frames=gen,
-                waveform=np.asarray(wave, np.float32),
+                prompt_frames=prompt, frames=gen, waveform=wave,
                 stop_reason="stop_head" if bool(out["stopped"][i]) else "budget", timings=dict(timings)))
         return results
 
@@ -226,32 +279,101 @@ class Inferencer:
         tail = f" {tail}" if head and tail else tail  # as the Tasks tokenise it (tokenizers without a dummy prefix)
         return [int(t) for t in encode(head)] + [int(self.sep_id)] + [int(t) for t in encode(tail)]
 
-    def teacher_forced_frames(self, waveforms: Sequence[np.ndarray], transcripts: Sequence[str]) -> list[np.ndarray]:
+    def teacher_forced_frames(self, waveforms: Sequence[np.ndarray], transcripts: Sequence[str],
+                              row_ids: Optional[Sequence[int]] = None,
+                              log_mels: Optional[Sequence[np.ndarray]] = None) -> list[np.ndarray]:
         """Post-net frames [frames, mel] predicted under teacher forcing on the true continuation (the
-        audio after the prompt) and `transcripts` (its text, with the separator at phi: `text_ids`)."""
+        audio after the prompt) and `transcripts` (its text, with the separator at phi: `text_ids`).
+
+        One jitted call per `batch_size` rows, padded to buckets (`TEACHER_FORCED_FRAME_BUCKET` frames,
+        `TEACHER_FORCED_TEXT_BUCKET` text slots, dummy rows), so a whole suite compiles it once. With the
+        pre-net's dropout on at inference, row i's masks come from its own key (`row_ids[i]`, default i,
+        with `seed`, stream 2), so a row's frames do not depend on the batch it runs in. `log_mels`:
+        the waves' `features.log_mel`, when the caller has them already.
+        """
+        row_ids = list(range(len(waveforms))) if row_ids is None else [int(i) for i in row_ids]
+        if len(row_ids) != len(waveforms) or len(transcripts) != len(waveforms):
+            raise ValueError(f"teacher_forced_frames: {len(waveforms)} waves, {len(transcripts)} transcripts, "
+                             f"{len(row_ids)} row ids")
+        out: list[np.ndarray] = []
+        for start in range(0, len(waveforms), self.batch_size):
+            stop = start + self.batch_size
+            out += self._teacher_forced_batch(waveforms[start:stop], transcripts[start:stop], row_ids[start:stop],
+                                              None if log_mels is None else log_mels[start:stop])
+        return out
+
+    def teacher_forced_inputs(self, waveforms: Sequence[np.ndarray], transcripts: Sequence[str],
+                              log_mels: Optional[Sequence[np.ndarray]] = None) -> tuple[dict, list[int]]:
+        """The model batch of `batch_size` rows (dummies after len(waveforms)) and each row's number of
+        true continuation frames: prompt_frames [batch, window, dim], prompt_mask, text_inputs / text_weights
+        [batch, text bucket], cont_frames [batch, frame bucket, mel], cont_mask."""
+        cfg, spec = self.bundle.model.config, self.spec
+        r, p = cfg.reduction_factor, features.frames_for_seconds(self.config.prompt_seconds, spec)
+        conts, texts = [], []
+        for i, (wave, text) in enumerate(zip(waveforms, transcripts)):
+            full = features.log_mel(np.asarray(wave, np.float32), spec) if log_mels is None else log_mels[i]
+            conts.append(np.asarray(full[p:], np.float32))
+            texts.append([cfg.sos_id] + self.text_ids(text, p / max(len(full), 1)))
+        cont_len = _round_up(max([len(c) for c in conts] + [1]), TEACHER_FORCED_FRAME_BUCKET)
+        cont_len = _round_up(cont_len, r)
+        text_len = _round_up(max(len(t) for t in texts), TEACHER_FORCED_TEXT_BUCKET)
+        prompt_frames, prompt_mask, _ = self._pad([self.encoder_input(w) for w in waveforms], self.batch_size)
+        batch = self.batch_size
+        text_inputs = np.zeros((batch, text_len), np.int32)
+        text_weights = np.zeros((batch, text_len), np.float32)
+        cont_frames = np.zeros((batch, cont_len, spec.num_mel), np.float32)
+        cont_mask = np.zeros((batch, cont_len), np.int32)
+        for i in range(batch):
+            j = i if i < len(conts) else 0  # dummy rows copy row 0
+            text_inputs[i, :len(texts[j])] = texts[j]
+            text_weights[i, :len(texts[j])] = 1
+            cont_frames[i, :len(conts[j])] = conts[j]
+            cont_mask[i, :len(conts[j])] = 1
+        return ({"prompt_frames": prompt_frames, "prompt_mask": prompt_mask, "text_inputs": text_inputs,
+                 "text_weights": text_weights, "cont_frames": cont_frames, "cont_mask": cont_mask},
+                [len(c) for c in conts])
+
+    def _teacher_forced_batch(self, waveforms, transcripts, row_ids, log_mels) -> list[np.ndarray]:
+        batch, lengths = self.teacher_forced_inputs(waveforms, transcripts, log_mels)
+        ids = np.zeros((self.batch_size,), np.int32)
+        ids[:len(row_ids)] = row_ids
+        seed = np.asarray(int(self.config.seed) % 2**32, np.uint32)
+        frames = np.asarray(_teacher_forced_program(self.bundle.model)(self.bundle.params, batch, seed, ids))
+        return [frames[i, :n] for i, n in enumerate(lengths)]
+
+
+VOCODER_FRAME_BUCKET = 160  # DEFAULT: the vocoder's frame axis is the longest row rounded up to this (2 s)
+TEACHER_FORCED_FRAME_BUCKET = 800  # DEFAULT: continuation frames pad to a multiple of this (10 s)
+TEACHER_FORCED_TEXT_BUCKET = 64  # DEFAULT: text slots (sos + ids) pad to a multiple of this
+TEACHER_FORCED_STREAM = 2  # the row keys' stream of the teacher-forced pre-net masks (0, 1: decoding's)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+_TEACHER_FORCED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _teacher_forced_program(model):
+    """The jitted teacher-forced pass of a model: (params, batch, seed uint32 [], row ids int32 [batch])
+    -> post-net frames float32 [batch, cont_len, mel]."""
+    if model not in _TEACHER_FORCED:
         import jax.numpy as jnp
 
-        model, params, cfg = self.bundle.model, self.bundle.params, self.bundle.model.config
-        r = cfg.reduction_factor
-        out_rows = []
-        for wave, text in zip(waveforms, transcripts):
-            full = features.log_mel(np.asarray(wave, np.float32), self.spec)
-            p = features.frames_for_seconds(self.config.prompt_seconds, self.spec)
-            cont = full[p:]
-            cont_len = max(r, -(-len(cont) // r) * r)
-            prompt_frames, prompt_mask, _ = self._pad([self.encoder_input(wave)])
-            ids = [cfg.sos_id] + self.text_ids(text, p / max(len(full), 1))
-            cont_frames = np.zeros((1, cont_len, self.spec.num_mel), np.float32)
-            cont_frames[0, :len(cont)] = cont
-            cont_mask = np.zeros((1, cont_len), np.int32)
-            cont_mask[0, :len(cont)] = 1
-            batch = {"prompt_frames": prompt_frames, "prompt_mask": prompt_mask,
-                     "text_inputs": np.asarray([ids], np.int32), "text_weights": np.ones((1, len(ids)), np.float32),
-                     "cont_frames": cont_frames, "cont_mask": cont_mask}
+        def run(params, batch, seed, ids):
+            keys = decoding.step_keys(decoding.row_keys(seed, ids), TEACHER_FORCED_STREAM, jnp.zeros((), jnp.int32))
             module = model.merge(params)
-            pred = module({k: jnp.asarray(v) for k, v in batch.items()}, deterministic=True).frames
-            out_rows.append(np.asarray(pred, np.float32).reshape(-1, self.spec.num_mel)[:len(cont)])
-        return out_rows
+            pred = module(batch, deterministic=True, row_keys=keys).frames  # [batch, steps, r, mel]
+            return pred.reshape(pred.shape[0], -1, pred.shape[-1]).astype(jnp.float32)
+
+        _TEACHER_FORCED[model] = jax.jit(run)
+    return _TEACHER_FORCED[model]
+
+
+def teacher_forced_compiles() -> int:
+    """Programs the teacher-forced pass has compiled in this process (one per model and bucket shape)."""
+    return sum(fn._cache_size() for fn in list(_TEACHER_FORCED.values()))
 
 
 # ---- outputs -------------------------------------------------------------------------------------------
@@ -388,9 +510,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     done = 0
     with tqdm(total=len(rows), disable=bool(args.audio), desc="infer") as bar:
-        for batch in _batches(rows, args.batch_size, load, on_skip):
-            ids = [row_id(i, rows[i][1]) for i, _, _ in batch]
-            results = inferencer.run([wave for _, _, wave in batch], ids)
+        loaded: list = []  # the batches read so far and not yet written (two at most: see Inferencer.stream)
+
+        def requests():
+            for batch in _batches(rows, args.batch_size, load, on_skip):
+                loaded.append(batch)
+                yield [wave for _, _, wave in batch], [row_id(i, rows[i][1]) for i, _, _ in batch]
+
+        for results in inferencer.stream(requests()):
+            batch = loaded.pop(0)
             for (_, name, wave), result in zip(batch, results):
                 folder = epath.Path(args.output_dir) if args.audio else epath.Path(args.output_dir) / name
                 info = write_outputs(result, wave, str(folder), bundle.feature_spec.sample_rate)

@@ -88,3 +88,27 @@ def test_pocketsphinx_transcript_does_not_depend_on_what_came_before(embedded_di
     assert recogniser.transcribe([a, b, a, noise, a]) == [fresh["a"], fresh["b"], fresh["a"], fresh["n"], fresh["a"]]
     # Batch size and order: one at a time on the same recogniser, and reversed, give the same texts.
     assert [recogniser.transcribe([w])[0] for w in (noise, b, a)] == [fresh["n"], fresh["b"], fresh["a"]]
+
+
+@pytest.mark.slow  # DNSMOS on about twenty 9 s windows, twice: ~20 s on 2 loaded cores
+def test_batched_scorers_equal_each_wave_scored_alone(dnsmos, encoder, embedded_dir):
+    """DNSMOS's windows of several clips in one ONNX call == speechmos's own `run` on each clip; the
+    speaker encoder's partials of several waves in one batch == resemblyzer's `embed_utterance` on each."""
+    from speechmos import dnsmos as speechmos_dnsmos
+
+    waves = [wave for _, wave, _ in _corpus(embedded_dir, ["spk02", "spk05"], 1)]
+    waves = [waves[0][:16000 * 3], waves[1], waves[0][:100], waves[1][:int(16000 * 4.2)]]  # 3 s, all, 100, 4.2 s
+    batched = dnsmos.score_batch(waves)
+    for wave, got in zip(waves, batched):
+        if wave.size < naturalness.MIN_SAMPLES:
+            assert all(np.isnan(v) for v in got.values())
+            continue
+        alone = speechmos_dnsmos.run(np.clip(wave, -1.0, 1.0), sr=16000)
+        for key in naturalness.KEYS:
+            assert got[key] == pytest.approx(float(alone[key]), abs=1e-4), key
+    emb = encoder.embed(waves)
+    for row, wave in enumerate(waves):
+        if wave.size < speaker.MIN_SAMPLES:
+            assert np.all(np.isnan(emb[row]))
+            continue
+        np.testing.assert_allclose(emb[row], encoder._encoder.embed_utterance(wave), atol=1e-5)

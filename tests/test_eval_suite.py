@@ -49,7 +49,7 @@ class ScriptedInferencer:
                 stop_reason="stop_head" if len(self.prompt_samples) % self.stop_every else "budget", timings={}))
         return out
 
-    def teacher_forced_frames(self, waves, transcripts):
+    def teacher_forced_frames(self, waves, transcripts, row_ids=None, log_mels=None):
         return [features.log_mel(w)[PROMPT_FRAMES:] + 0.1 for w in waves]
 
 

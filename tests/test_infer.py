@@ -228,3 +228,55 @@ def test_bad_batch_size_and_bad_config_gin_are_one_line_errors(export_dir, tmp_p
     message = str(e.value)
     assert "\n" not in message and str(broken / "config.gin") in message and "line 4" in message, message
     assert "no_such_knob" in message
+
+
+@pytest.mark.slow  # compiles of the teacher-forced pass (batch 3 and 1) and generate + vocoder: ~40 s loaded
+def test_teacher_forced_pass_is_batched_per_row_and_compiles_once(export_dir):
+    """Batched and jitted, a row's teacher-forced frames equal that row run alone (pre-net dropout on,
+    masks keyed per row); one compile covers ragged batches, other texts and other lengths."""
+    import dataclasses
+
+    from spectron_jax import decoding
+    from spectron_jax.data import features
+
+    class Chars:  # a stand-in vocabulary: ids of characters, inside the tiny model's 64 ids
+        def encode(self, text):
+            return [4 + (ord(c) % 60) for c in text]
+
+    loaded = dataclasses.replace(_dropout_bundle(export_dir), tokenizer=Chars())
+    config = decoding.DecodeConfig(prompt_seconds=0.5, max_text_tokens=3, max_frames=12, min_frames=4)
+    waves = [_speechlike(s, 16000) * g for s, g in ((0.8, 1.0), (1.3, 0.5), (0.6, 2.0), (1.0, 1.5))]
+    texts = ["ab", "a longer text", "c", "de"]
+    before = infer.teacher_forced_compiles()
+    batched = infer.Inferencer(loaded, config, batch_size=3)
+    rows = batched.teacher_forced_frames(waves, texts, row_ids=[5, 6, 7, 8])  # a ragged second batch
+    again = batched.teacher_forced_frames(waves[1:3], texts[2:0:-1], row_ids=[9, 10])
+    assert infer.teacher_forced_compiles() - before == 1
+    alone = infer.Inferencer(loaded, config, batch_size=1)
+    for wave, text, i, row in zip(waves, texts, [5, 6, 7, 8], rows):
+        n = features.num_frames(wave.size) - features.frames_for_seconds(0.5)
+        assert row.shape == (n, 128) and np.all(np.isfinite(row))
+        np.testing.assert_allclose(row, alone.teacher_forced_frames([wave], [text], row_ids=[i])[0], atol=1e-4)
+    assert again[0].shape == rows[1].shape
+    # the row's key drives its pre-net masks: another id, other frames
+    assert not np.allclose(alone.teacher_forced_frames([waves[0]], [texts[0]], row_ids=[99])[0], rows[0], atol=1e-3)
+
+
+@pytest.mark.slow  # generate + device Griffin-Lim over three batches: ~30 s on 2 loaded cores
+def test_overlapped_batches_equal_each_batch_run_alone(export_dir):
+    """`Inferencer.stream` queues batch k+1's generation behind batch k's vocoder: the waves and frames
+    are exactly those of each batch run on its own."""
+    from spectron_jax import decoding
+
+    loaded = _dropout_bundle(export_dir)
+    config = decoding.DecodeConfig(prompt_seconds=0.5, max_text_tokens=3, max_frames=24, min_frames=8,
+                                   temperature=1.0, seed=4)
+    inferencer = infer.Inferencer(loaded, config, batch_size=2)
+    waves = [_speechlike(0.4 + 0.1 * i, 16000) * (1 + 0.2 * i) for i in range(5)]
+    overlapped = inferencer.run(waves, row_ids=[10, 11, 12, 13, 14])
+    for start in range(0, 5, 2):
+        ids = [10 + i for i in range(start, min(start + 2, 5))]
+        for a, b in zip(inferencer.run(waves[start:start + 2], row_ids=ids), overlapped[start:start + 2]):
+            np.testing.assert_array_equal(a.frames, b.frames)
+            np.testing.assert_array_equal(a.waveform, b.waveform)
+            assert a.waveform.size == (len(a.frames) - 1) * 200 > 0

@@ -19,6 +19,7 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 EMBEDDING_DIM = 256
+RATE, MIN_COVERAGE = 1.3, 0.75  # resemblyzer's `embed_utterance` defaults: partials per second, last one's cover
 MIN_SAMPLES = 1600  # 0.1 s: resemblyzer needs at least one of its 1.6 s windows' worth of partials
 
 
@@ -36,13 +37,36 @@ class SpeakerEncoder:
 
     def embed(self, waves: Sequence[np.ndarray]) -> np.ndarray:
         """Each [samples] float32 16 kHz wave -> [n, 256] float32 unit-norm embeddings (NaN rows for
-        waves shorter than 0.1 s or silent, which have no speaker)."""
+        waves shorter than 0.1 s or silent, which have no speaker).
+
+        As `VoiceEncoder.embed_utterance` per wave (1.6 s partials at its default rate and coverage,
+        their mean embedding normalised), but the partials of all waves go through the network in one
+        batch; each row equals the wave embedded alone up to float rounding.
+        """
+        import torch
+        from resemblyzer import audio
+
         out = np.full((len(waves), EMBEDDING_DIM), np.nan, np.float32)
+        owners, mels = [], []
         for row, wave in enumerate(waves):
             wave = np.nan_to_num(np.asarray(wave, np.float32))
             if wave.size < MIN_SAMPLES or not np.any(wave):
                 continue
-            out[row] = self._encoder.embed_utterance(wave)
+            wave_slices, mel_slices = self._encoder.compute_partial_slices(len(wave), RATE, MIN_COVERAGE)
+            if wave_slices[-1].stop >= len(wave):
+                wave = np.pad(wave, (0, wave_slices[-1].stop - len(wave)), "constant")
+            mel = audio.wav_to_mel_spectrogram(wave)
+            for s in mel_slices:
+                owners.append(row)
+                mels.append(mel[s])
+        if not mels:
+            return out
+        with torch.no_grad():
+            partials = self._encoder(torch.from_numpy(np.asarray(mels, np.float32))).cpu().numpy()
+        owners = np.asarray(owners)
+        for row in sorted(set(owners.tolist())):
+            raw = np.mean(partials[owners == row], axis=0)
+            out[row] = raw / np.linalg.norm(raw, 2)
         return out
 
 

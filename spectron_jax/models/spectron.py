@@ -279,12 +279,14 @@ class Spectron(nnx.Module):
         return self.decoder.embed(jnp.full((batch, 1), self.config.eos_id, jnp.int32))
 
     def speech_inputs(self, cont_frames: jax.Array, cont_mask: jax.Array, *, deterministic: bool,
-                      rngs: Optional[nnx.Rngs] = None) -> tuple[jax.Array, jax.Array]:
+                      rngs: Optional[nnx.Rngs] = None,
+                      row_keys: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
         """Teacher-forced speech-slot inputs.
 
         Args:
           cont_frames: [batch, cont_len, mel], cont_len a multiple of r; padded frames may hold anything.
           cont_mask: [batch, cont_len], 1 = valid frame (a prefix of each row).
+          row_keys: a key array [batch]: each row's pre-net dropout mask from its own key (see `PreNet`).
 
         Returns:
           inputs [batch, S, embed] (step 0: eos embedding; step s: pre-net(group s-1)) and
@@ -294,7 +296,7 @@ class Spectron(nnx.Module):
         # Padded frames may hold anything (NaN included): zero them so they cannot reach valid slots.
         cont_frames = jnp.where(jnp.asarray(cont_mask)[..., None] > 0, cont_frames, 0.0)
         raw, step_valid = acoustic.prenet_inputs(cont_frames, cont_mask, cfg.reduction_factor, cfg.prenet_input)
-        pre = self._prenet(raw, deterministic, rngs)
+        pre = self._prenet(raw, deterministic, rngs, row_keys)
         inputs = jnp.concatenate([self._eos_embedding(pre.shape[0]).astype(pre.dtype), pre[:, 1:]], axis=1)
         return inputs, step_valid
 
@@ -306,7 +308,7 @@ class Spectron(nnx.Module):
 
     # ---- teacher-forced forward ------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, jax.Array], *, deterministic: bool,
-                 rngs: Optional[nnx.Rngs] = None) -> SpectronOutputs:
+                 rngs: Optional[nnx.Rngs] = None, row_keys: Optional[jax.Array] = None) -> SpectronOutputs:
         """The full teacher-forced pass over a model batch (keys and shapes: the batch contract).
 
         Args:
@@ -316,6 +318,8 @@ class Spectron(nnx.Module):
           deterministic: disables dropout (and uses batch-norm running statistics in the encoder).
           rngs: an `nnx.Rngs` with a 'dropout' stream for the decoder (and the pre-net); required when
             the decoder has dropout and `deterministic` is False.
+          row_keys: a key array [batch]: the pre-net's dropout masks per row from these keys (so a row's
+            output does not depend on the other rows), instead of from `rngs`.
         """
         encoded, prefix_valid = self._encode(batch["prompt_frames"], batch["prompt_mask"], deterministic)
         prefix = self.projection(encoded)
@@ -323,7 +327,7 @@ class Spectron(nnx.Module):
         text = self.decoder.embed(jnp.asarray(batch["text_inputs"], jnp.int32))
         text_valid = jnp.asarray(batch["text_weights"]) > 0
         speech, speech_valid = self.speech_inputs(batch["cont_frames"], batch["cont_mask"],
-                                                  deterministic=deterministic, rngs=rngs)
+                                                  deterministic=deterministic, rngs=rngs, row_keys=row_keys)
         num_prefix, num_text = prefix.shape[1], text.shape[1]
         dtype = jnp.dtype(self.config.decoder.dtype)
         x = jnp.concatenate([prefix.astype(dtype), text.astype(dtype), speech.astype(dtype)], axis=1)
