@@ -139,7 +139,7 @@ def write_table(sweep_name: str, sweep_dir: str, points: Sequence[Point], suite:
 
 
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(prog="eval_table", description="Compare evaluation reports.")
+    parser = cli.ArgumentParser(prog="spectron_jax.sweeps.eval_table", description="Compare evaluation reports.")
     parser.add_argument("--eval", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--sweep_dir", default=None, help="a sweep folder (BASE_MODEL_DIR/SWEEP_NAME)")
     parser.add_argument("--suite", default="continuation", choices=tuple(report.PAPER),
