@@ -183,11 +183,8 @@ def test_other_speaker_partners_and_noise():
     assert not np.array_equal(noise, floors.white_noise(like, "u1"))
 
 
-def test_the_sweep_table_prints_intervals_and_marks_overlapping_differences(repo_root):
-    import sys
-
-    sys.path.insert(0, str(repo_root / "launch"))
-    import eval_table
+def test_the_sweep_table_prints_intervals_and_marks_overlapping_differences():
+    from spectron_jax.sweeps import eval_table
 
     def entry(name, sim, span):
         return {"name": name, "eval_dir": f"runs/{name}", "evaluation": {

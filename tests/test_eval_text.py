@@ -120,10 +120,10 @@ def test_comparison_table_of_several_reports(tmp_path):
         payload = {"suite": "continuation", "metrics": {"num_examples": 4, "asr_log_ppl": ppl, "text_wer": None},
                    "intervals": {"asr_log_ppl": span, "text_wer": None}}
         (folder / "metrics.json").write_text(json.dumps(payload))
-    proc = subprocess.run([sys.executable, str(__import__("pathlib").Path(__file__).parent.parent / "launch" / "eval_table.py"),
+    proc = subprocess.run([sys.executable, "-m", "spectron_jax.sweeps.eval_table",
                            f"--eval=paper={tmp_path / 'paper'}", f"--eval=no_text_ce={tmp_path / 'no_text_ce'}",
                            f"--eval=other={tmp_path / 'other'}", f"--output={tmp_path / 'table.md'}"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=__import__("pathlib").Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert lines[2].startswith("| the paper's Spectron | – | 126.08 (the paper's)")

@@ -1,4 +1,4 @@
-"""The launch tools: sweep expansion (launch/sweep.py) and the dry runs of the shell launchers.
+"""The launch tools: sweep expansion (spectron_jax.sweep) and the dry runs of the shell launchers.
 
 Every launcher is checked in dry-run mode with a PATH that holds only the basic tools the scripts use
 (no gcloud, no xpk), so nothing can reach a cloud; printed commands are parsed back with `shlex` and
@@ -8,7 +8,6 @@ compared with the arguments they must carry.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import itertools
 import json
 import os
@@ -23,21 +22,12 @@ import time
 
 import pytest
 
+from spectron_jax import sweep
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = REPO_ROOT / "launch"
 SAFE = re.compile(r"[A-Za-z0-9._=+-]+")
 TOOLS = ("bash", "dirname", "base64", "tr", "sed", "date", "cat", "env", "head", "tail", "grep")
-
-
-def _load_sweep_module():
-    spec = importlib.util.spec_from_file_location("spectron_launch_sweep", LAUNCH / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep_module()
 
 
 @pytest.fixture()
@@ -79,7 +69,7 @@ def _run_script(script, args, path, env=None):
                           env=full_env, cwd=REPO_ROOT, timeout=60)
 
 
-# ---- sweep.py ------------------------------------------------------------------------------------------
+# ---- spectron_jax.sweep ------------------------------------------------------------------------------------------
 def test_grid_expands_to_cartesian_product(tmp_path, gin_file):
     parsed = sweep.parse_sweep(str(_write(tmp_path, _grid_text(gin_file))))
     points = sweep.expand(parsed, str(tmp_path / "runs"))
@@ -134,7 +124,7 @@ def test_gin_file_axis_and_extra_bindings(tmp_path, gin_file):
 def test_dry_run_prints_commands_and_runs_nothing(tmp_path, gin_file):
     path = _write(tmp_path, _grid_text(gin_file))
     base = tmp_path / "runs"
-    out = subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), f"--sweep={path}", f"--base_model_dir={base}",
+    out = subprocess.run([sys.executable, "-m", "spectron_jax.sweep", f"--sweep={path}", f"--base_model_dir={base}",
                           "--runner=local", "--dry_run", "--python=python3"],
                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
@@ -161,7 +151,7 @@ def test_local_runner_runs_each_point_and_records_it(tmp_path, gin_file):
     fake.chmod(0o755)
     path = _write(tmp_path, _grid_text(gin_file))
     base = tmp_path / "runs"
-    out = subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), f"--sweep={path}", f"--base_model_dir={base}",
+    out = subprocess.run([sys.executable, "-m", "spectron_jax.sweep", f"--sweep={path}", f"--base_model_dir={base}",
                           "--runner=local", f"--python={fake}", "--only=0", "--only=learning_rate=3e-4_spectrogram=2.0"],
                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
@@ -187,7 +177,7 @@ def test_local_runner_runs_each_point_and_records_it(tmp_path, gin_file):
 ])
 def test_malformed_sweep_gives_one_line_error_with_file_and_line(tmp_path, gin_file, body, line, fragment):
     path = _write(tmp_path, f"base_gin_files = ['{gin_file}']\n{body}", name="bad.sweep")
-    out = subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), f"--sweep={path}", "--base_model_dir=x"],
+    out = subprocess.run([sys.executable, "-m", "spectron_jax.sweep", f"--sweep={path}", "--base_model_dir=x"],
                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
@@ -258,11 +248,11 @@ def test_shell_quote_round_trips():
     assert sweep.shell_quote("--gin.MODEL_DIR='gs://b/r'") == "--gin.MODEL_DIR=\"'gs://b/r'\""
 
 
-# ---- sweep.py: evaluating the points -----------------------------------------------------------------
+# ---- spectron_jax.sweep: evaluating the points -----------------------------------------------------------------
 # A stand-in interpreter for the three entry points a sweep runs. `train` writes a metrics.jsonl whose last
 # validation record is a function of the point's swept values (and fails for one point), `export` writes a
 # bundle.json naming its run, `eval` writes a metrics.json computed from that run's validation record, so
-# the table can be checked against values derived here independently of sweep.py.
+# the table can be checked against values derived here independently of the sweep modules.
 FAKE_ENTRY_POINTS = r'''
 import json, os, pathlib, sys
 args = sys.argv[1:]
@@ -319,7 +309,7 @@ def _calls(log):
 
 def _sweep_run(args, env=None):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "spectron_jax.sweep", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO_ROOT, env=full_env)
 
 
@@ -398,9 +388,9 @@ def test_local_runner_evaluates_points_and_writes_one_table(tmp_path, gin_file):
     calls = _calls(log)
     assert [kind for kind, _ in calls] == ["export", "eval"] and calls[1][1][-1] == "--overwrite"
 
-    # launch/eval_table.py --sweep_dir rebuilds the same table from the folder alone.
+    # spectron_jax.sweeps.eval_table --sweep_dir rebuilds the same table from the folder alone.
     (base / "grid" / "eval_continuation.json").unlink()
-    out = subprocess.run([sys.executable, str(LAUNCH / "eval_table.py"), f"--sweep_dir={base}/grid"],
+    out = subprocess.run([sys.executable, "-m", "spectron_jax.sweeps.eval_table", f"--sweep_dir={base}/grid"],
                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     rebuilt = json.loads((base / "grid" / "eval_continuation.json").read_text())

@@ -1,4 +1,4 @@
-"""launch/synthesize_questions.py: WebQuestions answers parsing, espeak-ng audio, a manifest the suite reads."""
+"""spectron_jax.evaluation.synthesize_questions: WebQuestions answers parsing, espeak-ng audio, a manifest the suite reads."""
 
 import json
 import shutil
@@ -8,10 +8,7 @@ import sys
 import pytest
 import soundfile
 
-from spectron_jax.evaluation import datasets
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "launch"))
-import synthesize_questions  # noqa: E402
+from spectron_jax.evaluation import datasets, synthesize_questions
 
 
 def test_target_answers():
@@ -29,8 +26,9 @@ def test_speaks_a_manifest_the_web_questions_suite_reads(tmp_path, repo_root):
         {"utterance": "", "targetValue": "(list (description Nothing))"},
         {"utterance": "who wrote hamlet?", "targetValue": "(list (description \"William Shakespeare\"))"}]))
     out = tmp_path / "webq"
-    proc = subprocess.run([sys.executable, str(repo_root / "launch" / "synthesize_questions.py"),
-                           f"--questions={questions}", f"--output_dir={out}"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "spectron_jax.evaluation.synthesize_questions",
+                           f"--questions={questions}", f"--output_dir={out}"], capture_output=True, text=True,
+                          cwd=repo_root)
     assert proc.returncode == 0, proc.stderr
     examples, skips = datasets.web_questions_examples(str(out / "manifest.jsonl"))
     assert [(e.id, e.text, e.answers) for e in examples] == [
@@ -47,9 +45,9 @@ def test_llama_questions_layout_reads_back(tmp_path, repo_root):
     questions.write_text(json.dumps({"question": "what  color is the sky?", "answers": ["blue", "azure"]}) + "\n"
                          + json.dumps({"question": "no answer", "answers": []}) + "\n")
     out = tmp_path / "llama"
-    proc = subprocess.run([sys.executable, str(repo_root / "launch" / "synthesize_questions.py"),
+    proc = subprocess.run([sys.executable, "-m", "spectron_jax.evaluation.synthesize_questions",
                            f"--questions={questions}", f"--output_dir={out}", "--layout=llama_questions"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr
     raw = (out / datasets.LLAMA_QUESTIONS_TSV).read_bytes()
     assert raw == b"Questions\tAnswer\tWav Filename\r\nwhat color is the sky?\tblue\t0.wav\r\n"

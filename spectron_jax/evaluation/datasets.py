@@ -24,9 +24,9 @@ or corrupt file as a skip of its own.
 `web_questions` (`web_questions_examples`): a manifest of spoken questions, `.tsv` (a header with the
   columns `audio` (or `path`), `question`, `answers` (or `answer`), the answers separated by `|`),
   `.jsonl` (one `{"audio": ..., "question": ..., "answers": [...]}` per line) or `.json` (an array of
-  such objects), audio paths relative to the manifest; `launch/synthesize_questions.py` writes one from
-  the WebQuestions JSON. A null among the answers is dropped (a row left with none is skipped); the id
-  is the row's `id`, else its audio file's name without the extension.
+  such objects), audio paths relative to the manifest; `synthesize_questions` (this package) writes one
+  from the WebQuestions JSON. A null among the answers is dropped (a row left with none is skipped); the
+  id is the row's `id`, else its audio file's name without the extension.
 """
 
 from __future__ import annotations

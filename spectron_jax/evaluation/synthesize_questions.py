@@ -4,8 +4,8 @@ The spoken WebQuestions audio of the paper was never released. Bring the WebQues
 al. 2013; e.g. `webquestions.examples.test.json`: a list of `{"utterance": ..., "targetValue": "(list
 (description ...) ...)"}`) or a JSONL / TSV of `question` + `answers`, and run
 
-    python launch/synthesize_questions.py --questions=webquestions.examples.test.json --output_dir=webq \\
-        [--voice=en-us+f3] [--limit=N] [--speed=160]
+    python -m spectron_jax.evaluation.synthesize_questions --questions=webquestions.examples.test.json \\
+        --output_dir=webq [--voice=en-us+f3] [--limit=N] [--speed=160]
     python -m spectron_jax.eval --suite=web_questions --data_dir=webq/manifest.jsonl ...
 
 It writes OUT/audio/<n>.wav (16 kHz mono 16-bit; espeak-ng speaks at 22.05 kHz, resampled here) and
@@ -19,22 +19,18 @@ answer of each question), for running `--suite=llama_questions` on questions of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import soundfile
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from spectron_jax import cli  # noqa: E402
-from spectron_jax.data import features  # noqa: E402
+from spectron_jax import cli
+from spectron_jax.data import features
 
 _DESCRIPTION = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^()\s]+))\)')
 
@@ -88,7 +84,7 @@ def speak(text: str, path: str, voice: str, speed: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(prog="synthesize_questions", description="Speak questions with espeak-ng.")
+    parser = cli.ArgumentParser(prog="spectron_jax.evaluation.synthesize_questions", description="Speak questions with espeak-ng.")
     parser.add_argument("--questions", required=True, help="WebQuestions JSON, JSONL or TSV")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--voice", default="en-us")

@@ -1,33 +1,33 @@
-"""Puts several evaluation reports of one suite side by side: one markdown table (e.g. a sweep's points).
+"""The comparison table of evaluation reports of one suite: a sweep's points side by side, or any named
+reports.
 
-    python launch/eval_table.py --eval=paper=runs/eval/paper --eval=no_text_ce=runs/eval/no_text_ce \\
+    python -m spectron_jax.sweeps.eval_table --eval=paper=runs/eval/paper --eval=no_text_ce=runs/eval/no_text_ce \\
         [--output=docs/experiments/ablations_table.md]
-    python launch/eval_table.py --sweep_dir=runs/sweeps/tiny_ablations --suite=continuation
+    python -m spectron_jax.sweeps.eval_table --sweep_dir=runs/sweeps/tiny_ablations --suite=continuation
 
 Each `--eval=NAME=DIR` names a folder written by `python -m spectron_jax.eval` (its metrics.json); the
 table has a row per name, in the order given, and the paper's values as its first row where it reports
 one. Prints the table, and writes it to --output when given.
 
-`--sweep_dir` reads a sweep folder instead (launch/sweep.py: one sub-folder per point holding
-sweep_point.json, its report in POINT/eval/SUITE/ and its training log in POINT/metrics.jsonl) and
-writes SWEEP_DIR/eval_SUITE.md and .json (`sweep_markdown`, `sweep_payload`): a row per figure, a
+`--sweep_dir` reads a sweep folder instead (`python -m spectron_jax.sweep`: one sub-folder per point
+holding sweep_point.json, its report in POINT/eval/SUITE/ and its training log in POINT/metrics.jsonl)
+and writes SWEEP_DIR/eval_SUITE.md and .json (`sweep_markdown`, `sweep_payload`): a row per figure, a
 column per point, the paper's value beside them, and the validation losses of each point's last
-training evaluation; `launch/sweep.py --evaluate=SUITE` writes the same files after evaluating.
+training evaluation; `python -m spectron_jax.sweep --evaluate=SUITE` writes the same files after
+evaluating (`write_table`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any, Mapping, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from etils import epath
 
-from etils import epath  # noqa: E402
-
-from spectron_jax import cli  # noqa: E402
-from spectron_jax.evaluation import evidence, report  # noqa: E402
+from spectron_jax import cli, filesystem
+from spectron_jax.evaluation import evidence, report
+from spectron_jax.sweeps import sweep_eval
+from spectron_jax.sweeps.sweep_file import Point, SweepError
 
 # Validation losses (MODEL_DIR/metrics.jsonl, teacher-forced on the validation split) shown per point.
 # Every term is logged whatever its weight, so points trained without a term are still measured on it.
@@ -122,39 +122,24 @@ def sweep_markdown(payload: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sweep_dir_table(sweep_dir: str, suite: str) -> str:
-    """Writes SWEEP_DIR/eval_SUITE.md and .json from the point folders found there; returns the markdown."""
-    import sweep_eval  # launch/, next to this file
-    from sweep_file import POINT_FILENAME, Point
+def table_paths(sweep_dir: str, suite: str) -> tuple[str, str]:
+    """The table's files in a sweep folder (BASE_MODEL_DIR/SWEEP_NAME): eval_SUITE.md and eval_SUITE.json."""
+    return sweep_eval.join(sweep_dir, f"eval_{suite}.md"), sweep_eval.join(sweep_dir, f"eval_{suite}.json")
 
-    root = epath.Path(sweep_dir)
-    if not root.is_dir():
-        raise cli.InputError(f"--sweep_dir={sweep_dir}: not a directory")
-    points = []
-    for child in sorted(root.iterdir(), key=lambda c: c.name):
-        record_path = child / POINT_FILENAME
-        if not record_path.exists():
-            continue
-        try:
-            record = json.loads(record_path.read_text())
-            points.append(Point(int(record["index"]), str(record["name"]), tuple(record.get("gin_files", ())),
-                                tuple((record.get("bindings") or {}).items()), dict(record.get("swept") or {}),
-                                os.fspath(child)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise cli.InputError(f"{record_path}: not a sweep point record ({e})") from None
-    if not points:
-        raise cli.InputError(f"--sweep_dir={sweep_dir}: no sub-folder holds {POINT_FILENAME}")
-    points.sort(key=lambda p: p.index)
-    entries = [sweep_eval.point_entry(p, suite) for p in points]
-    payload = sweep_payload(root.name, suite, entries)
+
+def write_table(sweep_name: str, sweep_dir: str, points: Sequence[Point], suite: str) -> str:
+    """Writes eval_SUITE.md and eval_SUITE.json into `sweep_dir` from what each point holds; returns the
+    markdown."""
+    payload = sweep_payload(sweep_name, suite, [sweep_eval.point_entry(p, suite) for p in points])
+    markdown_path, json_path = table_paths(sweep_dir, suite)
     text = sweep_markdown(payload)
-    (root / f"eval_{suite}.md").write_text(text)
-    (root / f"eval_{suite}.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    sweep_eval.write_text(markdown_path, text)
+    sweep_eval.write_text(json_path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     return text
 
 
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(prog="eval_table", description="Compare evaluation reports.")
+    parser = cli.ArgumentParser(prog="spectron_jax.sweeps.eval_table", description="Compare evaluation reports.")
     parser.add_argument("--eval", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--sweep_dir", default=None, help="a sweep folder (BASE_MODEL_DIR/SWEEP_NAME)")
     parser.add_argument("--suite", default="continuation", choices=tuple(report.PAPER),
@@ -164,11 +149,9 @@ def main(argv=None) -> int:
     if bool(args.eval) == bool(args.sweep_dir):
         raise cli.UsageError("give either --eval=NAME=DIR (repeatable) or --sweep_dir=DIR")
     if args.sweep_dir:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from sweep_file import SweepError
-
         try:
-            table = _sweep_dir_table(args.sweep_dir, args.suite)
+            points = sweep_eval.recorded_points(args.sweep_dir)
+            table = write_table(filesystem.path(args.sweep_dir).name, args.sweep_dir, points, args.suite)
         except (ValueError, SweepError) as e:
             raise cli.InputError(str(e)) from None
     else:

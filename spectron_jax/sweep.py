@@ -1,12 +1,12 @@
 """Expands a sweep file into training runs (the cartesian product of gin bindings) and launches them.
 
-    python launch/sweep.py --sweep=gin/sweeps/tiny_lr_x_spec_weight.sweep --base_model_dir=runs/sweeps \\
+    python -m spectron_jax.sweep --sweep=gin/sweeps/tiny_lr_x_spec_weight.sweep --base_model_dir=runs/sweeps \\
         [--runner=local|tpu_vm|print] [--dry_run] [--only=NAME_OR_INDEX ...] [--gin_search_paths=DIRS] \\
         [--gin.NAME=VALUE ...]          (bindings added to every point, e.g. a data folder)
 
-A sweep file (format: launch/sweep_file.py; examples in gin/sweeps/) is gin syntax: `base_gin_files = [...]`,
-an optional `gin_files = [...]` axis, and `NAME = VALUE` bindings where a list value is an axis. Each
-point of the cartesian product runs
+A sweep file (format: `spectron_jax.sweeps.sweep_file`; examples in gin/sweeps/) is gin syntax:
+`base_gin_files = [...]`, an optional `gin_files = [...]` axis, and `NAME = VALUE` bindings where a list
+value is an axis. Each point of the cartesian product runs
 
     python -m spectron_jax.train --gin_file=BASE... [--gin_file=AXIS_FILE] --gin.NAME=VALUE... \\
         --gin.MODEL_DIR="'BASE_MODEL_DIR/SWEEP_NAME/POINT_NAME'"
@@ -14,26 +14,25 @@ point of the cartesian product runs
 with POINT_NAME made from its swept values (e.g. `learning_rate=1e-4_spectrogram=0.5`: filesystem-safe,
 unique, stable). When a point is run, its bindings are written to MODEL_DIR/sweep_point.json.
 
-Evaluation (launch/sweep_eval.py): with `--evaluate=SUITE --eval_data_dir=DIR [--eval_limit=N]
-[--eval_arg=FLAG ...]`, each point that trains is then exported (MODEL_DIR/export) and scored by
-`python -m spectron_jax.eval` (MODEL_DIR/eval/SUITE), and one comparison over the points is written to
-BASE_MODEL_DIR/SWEEP_NAME/eval_SUITE.md and .json. `--mode=evaluate` does only that, over points trained
-before: a point is exported unless MODEL_DIR/export/bundle.json exists (or always with --reexport), and
-an evaluation resumes the rows already written unless the point was just exported. Evaluation runs on
-this machine (with --python) whatever the runner; it reads gs:// folders through the package's
-file-system layer.
+Evaluation (`spectron_jax.sweeps.sweep_eval`): with `--evaluate=SUITE --eval_data_dir=DIR
+[--eval_limit=N] [--eval_arg=FLAG ...]`, each point that trains is then exported (MODEL_DIR/export) and
+scored by `python -m spectron_jax.eval` (MODEL_DIR/eval/SUITE), and one comparison over the points is
+written to BASE_MODEL_DIR/SWEEP_NAME/eval_SUITE.md and .json (`spectron_jax.sweeps.eval_table`).
+`--mode=evaluate` does only that, over points trained before: a point is exported unless
+MODEL_DIR/export/bundle.json exists (or always with --reexport), and an evaluation resumes the rows
+already written unless the point was just exported. Evaluation runs on this machine (with --python)
+whatever the runner; it reads gs:// folders through the package's file-system layer.
 
-    python launch/sweep.py --sweep=tiny_ablations --base_model_dir=runs/sweeps --runner=local \
+    python -m spectron_jax.sweep --sweep=tiny_ablations --base_model_dir=runs/sweeps --runner=local \
         --evaluate=continuation --eval_data_dir=data
-    python launch/sweep.py --sweep=tiny_ablations --base_model_dir=runs/sweeps --mode=evaluate \
+    python -m spectron_jax.sweep --sweep=tiny_ablations --base_model_dir=runs/sweeps --mode=evaluate \
         --runner=local --evaluate=continuation --eval_data_dir=data --eval_limit=8
 
 Runners: `local` runs the points one after another on this machine; `tpu_vm` runs
 `launch/tpu_vm.sh train --wait ...` per point (its settings come from the environment: PROJECT, ZONE,
 TPU_NAME, BUCKET, ...; the base model dir must be gs://); `print` (or --dry_run with any runner)
-prints the commands and runs nothing. Printing needs only the standard library (gin, when installed, is
-used to check the syntax of each value); sweep_point.json and the table are written through
-`spectron_jax.filesystem` when the package is importable.
+prints the commands and runs nothing. sweep_point.json and the table are written through
+`spectron_jax.filesystem` (local or gs://).
 """
 
 from __future__ import annotations
@@ -45,10 +44,12 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sweep_eval  # noqa: E402
-from sweep_file import (LAUNCH_DIR, SWEEP_DIR, SWEEP_SUFFIX, Point, Sweep, SweepError,  # noqa: E402
-                        BINDING_NAME, check_value, expand, parse_sweep)
+from spectron_jax import gin_config
+from spectron_jax.sweeps import eval_table, sweep_eval
+from spectron_jax.sweeps.sweep_file import (SWEEP_DIR, SWEEP_SUFFIX, Point, Sweep, SweepError, BINDING_NAME,
+                                            check_value, expand, parse_sweep)
+
+LAUNCH_DIR = gin_config.REPO_ROOT / "launch"  # the shell launchers (tpu_vm.sh for the tpu_vm runner)
 
 # ---- Shell quoting (for printed commands) ----------------------------------------------------------
 _BARE = re.compile(r"[A-Za-z0-9_./:=,+@%^-]+")
@@ -103,9 +104,9 @@ def resolve_sweep_path(value: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2
-            raise SweepError(f"sweep.py: {message}", exit_code=2)
+            raise SweepError(f"spectron_jax.sweep: {message}", exit_code=2)
 
-    p = Parser(prog="launch/sweep.py", description="Expand a sweep file into training runs and launch them.")
+    p = Parser(prog="spectron_jax.sweep", description="Expand a sweep file into training runs and launch them.")
     p.add_argument("--sweep", required=True, help="sweep file, or its name under gin/sweeps/")
     p.add_argument("--base_model_dir", required=True,
                    help="each point's MODEL_DIR is BASE_MODEL_DIR/SWEEP_NAME/POINT_NAME (gs:// for tpu_vm)")
@@ -217,12 +218,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         attempt(point, sweep_eval.eval_command(point, args.python, args.evaluate, args.eval_data_dir,
                                                args.eval_limit, args.eval_arg, fresh), "evaluation")
     if args.evaluate:
-        markdown_path, json_path = sweep_eval.table_paths(sweep, base, args.evaluate)
-        if dry_run:
-            print(f"# table: {markdown_path} and {json_path}", flush=True)
-        else:
-            sweep_eval.write_table(sweep, points, base, args.evaluate)
-            print(f"# table: {markdown_path} and {json_path}", flush=True)
+        sweep_dir = sweep_eval.join(base, sweep.name)
+        markdown_path, json_path = eval_table.table_paths(sweep_dir, args.evaluate)
+        if not dry_run:
+            eval_table.write_table(sweep.name, sweep_dir, points, args.evaluate)
+        print(f"# table: {markdown_path} and {json_path}", flush=True)
     if failures:
         raise SweepError(f"{len(failures)} point(s) failed: {', '.join(failures)}")
     return 0

@@ -24,7 +24,7 @@ value loses information (or the name would be longer than MAX_NAME_CHARS) a shor
 swept values is appended, so names are filesystem-safe, unique within the sweep and the same every
 time the sweep is expanded. Its MODEL_DIR is BASE_MODEL_DIR/SWEEP_NAME/NAME.
 
-Standard library only; gin, when installed, is used to check the syntax of each value.
+Values are checked with gin's own parser; gin files are looked up as the training entry point does.
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ import pathlib
 import re
 from typing import Optional, Sequence
 
-LAUNCH_DIR = pathlib.Path(__file__).resolve().parent
-REPO_ROOT = LAUNCH_DIR.parent
-SWEEP_DIR = REPO_ROOT / "gin" / "sweeps"
+import gin.config
+import gin.config_parser
+
+from spectron_jax import gin_config
+
+SWEEP_DIR = gin_config.GIN_DIR / "sweeps"
 SWEEP_SUFFIX = ".sweep"
 POINT_FILENAME = "sweep_point.json"
 MAX_NAME_CHARS = 120
 SAFE_NAME = re.compile(r"[A-Za-z0-9._=+-]+")
 BINDING_NAME = re.compile(r"[A-Za-z_][\w.]*(/[A-Za-z_][\w.]*)*")  # gin: macro, Configurable.param, scope/...
-_REFERENCE = re.compile(r"[@%][A-Za-z_][\w./]*(\(\))?")
 _OPEN, _CLOSE = "([{", ")]}"
 
 
@@ -200,28 +202,15 @@ def _is_list(value: str) -> bool:
 
 
 def check_value(value: str, where: str) -> None:
-    """Raises SweepError unless `value` is a gin value: a Python literal, `@ref`, `@ref()`, `%macro`
-    (or, with gin installed, anything gin's parser accepts)."""
+    """Raises SweepError unless gin's parser accepts `value` as a binding's value (a Python literal,
+    `@ref`, `@ref()`, `%macro`, ...)."""
     try:
-        import gin.config
-        import gin.config_parser
-    except ImportError:
-        gin = None
-    if gin is not None:
-        try:
-            parser = gin.config_parser.ConfigParser(f"x = {value}\n", gin.config.ParserDelegate(skip_unknown=True))
-            for _ in parser:
-                pass
-            return
-        except Exception as e:  # noqa: BLE001 - gin raises SyntaxError / ValueError / ...
-            detail = re.sub(r"\s*\(line \d+\)", "", " ".join(str(e).split()).split(" In file")[0])
-            raise SweepError(f"{where}: {value!r} is not a gin value ({detail})") from None
-    if _REFERENCE.fullmatch(value):
-        return
-    try:
-        ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        raise SweepError(f"{where}: {value!r} is not a gin value (a literal, @reference or %macro)") from None
+        parser = gin.config_parser.ConfigParser(f"x = {value}\n", gin.config.ParserDelegate(skip_unknown=True))
+        for _ in parser:
+            pass
+    except Exception as e:  # noqa: BLE001 - gin raises SyntaxError / ValueError / ...
+        detail = re.sub(r"\s*\(line \d+\)", "", " ".join(str(e).split()).split(" In file")[0])
+        raise SweepError(f"{where}: {value!r} is not a gin value ({detail})") from None
 
 
 # ---- The sweep ---------------------------------------------------------------------------------------
@@ -269,7 +258,7 @@ def _string_list(statement: Statement, path: str, allow_single: bool) -> tuple[s
 
 def _check_gin_file(name: str, where: str, search_paths: Sequence[str]) -> None:
     """Raises unless `name` is found the way the training entry point looks gin files up."""
-    roots = ["", *search_paths, str(REPO_ROOT), str(REPO_ROOT / "gin")]
+    roots = ["", *search_paths, str(gin_config.REPO_ROOT), str(gin_config.GIN_DIR)]
     if not any(os.path.isfile(os.path.join(root, name)) for root in roots):
         raise SweepError(f"{where}: gin file {name} not found (looked in the working directory, "
                          "--gin_search_paths, the repository root and gin/)")
