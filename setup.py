@@ -32,6 +32,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Compile for TPU topologies on a CPU host (aot) and run on Cloud TPU VMs.
     "tpu": ["libtpu==0.0.42.*"],
+    # One or more NVIDIA GPUs: JAX's CUDA 12 plugin (jax-cuda12-plugin[with-cuda], the CUDA libraries as
+    # wheels) at the pinned JAX version.
+    "cuda": ["jax[cuda12]==0.10.2"],
     # Evaluation scorers, all offline: resemblyzer (speaker similarity; ships its weights),
     # pocketsphinx (ASR; ships an en-US model), speechmos + onnxruntime (DNSMOS; ships its ONNX
     # models), jiwer (WER/CER), whisper-normalizer (Whisper's English text normaliser, applied before

@@ -457,7 +457,9 @@ def run(args) -> dict:
     device = jax.devices()[0]
     dtype = args.compute_dtype
     if dtype == "auto":
-        dtype = "float32" if device.platform == "cpu" else "bfloat16"
+        from spectron_jax import trainer
+
+        dtype = trainer.resolve_compute_dtype("auto", device.platform).name
     configs = aot.configs_from_gin(args.gin_file, args.gin_bindings, args.gin_search_paths, args.batch_size, dtype,
                                    platform=device.platform)
     result = {

@@ -199,9 +199,16 @@ class StepConfig:
             raise ValueError(f"StepConfig.microbatches must be >= 1, got {self.microbatches}")
 
     def resolved_dtype(self, platform: str) -> jnp.dtype:
-        if self.compute_dtype == "auto":
-            return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
-        return jnp.dtype(self.compute_dtype)
+        """The compute dtype on `platform` (`resolve_compute_dtype`)."""
+        return resolve_compute_dtype(self.compute_dtype, platform)
+
+
+def resolve_compute_dtype(name: str, platform: str) -> jnp.dtype:
+    """'float32' / 'bfloat16' as given; 'auto' = float32 on 'cpu', bfloat16 on any accelerator ('tpu', 'gpu'
+    (what JAX calls a CUDA or ROCm device), ...): their matrix units run bfloat16 at full rate."""
+    if name == "auto":
+        return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+    return jnp.dtype(name)
 
 
 def cast_floating(tree: Any, dtype) -> Any:

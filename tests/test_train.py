@@ -7,6 +7,7 @@ corpus with a one-layer model, on one CPU device unless the test is about shardi
 persistent compilation cache so only the first run of a program pays for its compilation.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -617,6 +618,59 @@ def test_bad_command_line_exits_nonzero_in_a_subprocess(tmp_path, repo_root):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "MODEL_DIR" in lines[0] and "Traceback" not in result.stderr
+
+
+# ---- quiet CPU hosts: no libtpu start-up errors with the `tpu` extra installed ------------------------
+# What libtpu 0.0.42 prints when JAX loads it on a host without TPU chips (each pattern one of its lines).
+LIBTPU_NOISE = re.compile(r"could not determine TPU|TPU_WORKER_HOSTNAMES|Failed to find host bounds|"
+                          r"Logging before InitGoogle|Source Location Trace|libtpu_init_utils|libtpu_lockfile")
+
+
+def _host_without_tpu_env():
+    """The environment of a fresh shell on this host (skips unless libtpu is installed and no TPU attached)."""
+    from spectron_jax import quiet_libtpu
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (the `tpu` extra)")
+    if quiet_libtpu.tpu_attached():
+        pytest.skip("a TPU is attached: libtpu is meant to start here")
+    return _without_tpu_settings(os.environ)
+
+
+def _without_tpu_settings(environ):
+    """`environ` without JAX_PLATFORMS (the tests' conftest sets it), TPU variables or a log level, and with
+    several libtpu loads allowed: another process holding libtpu's machine-wide lock would otherwise stop
+    libtpu before its probe (and its errors) in the child."""
+    from spectron_jax import quiet_libtpu
+
+    dropped = {"JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", *quiet_libtpu.TPU_ENV}
+    return {**{k: v for k, v in environ.items() if k not in dropped}, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def test_jax_own_platform_search_prints_libtpu_errors_here():
+    """The control: asked for JAX's own search (JAX_PLATFORMS=''), libtpu starts and prints its errors, so
+    the patterns match what this host prints and the user's setting is respected."""
+    env = {**_host_without_tpu_env(), "JAX_PLATFORMS": ""}
+    result = subprocess.run([sys.executable, "-c", "import spectron_jax, jax; print(jax.devices()[0].platform)"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "cpu", result.stderr[-2000:]
+    assert LIBTPU_NOISE.search(result.stderr), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_train_help_and_one_step_print_no_libtpu_errors_on_a_cpu_host(workdir, repo_root):
+    env = _host_without_tpu_env()
+    help_run = subprocess.run([sys.executable, "-m", "spectron_jax.train", "--help"], cwd=repo_root, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert help_run.returncode == 0 and "--gin_file" in help_run.stdout, help_run.stderr[-2000:]
+    step_env = _without_tpu_settings(_env(workdir))
+    step_run = subprocess.run(_command(workdir, workdir["root"] / "quiet_host", "--gin.TRAIN_STEPS=1"),
+                              cwd=repo_root, env=step_env, capture_output=True, text=True, timeout=480)
+    assert step_run.returncode == 0, step_run.stdout[-2000:] + step_run.stderr[-2000:]
+    assert "step 1/1" in step_run.stdout
+    for run in (help_run, step_run):
+        noisy = [line for line in run.stderr.splitlines() if LIBTPU_NOISE.search(line)]
+        assert not noisy, "\n".join(noisy[:10])
 
 
 RUN_FILES = sorted(os.path.basename(p) for p in os.listdir(os.path.join(os.path.dirname(__file__), "..", "gin", "runs")))

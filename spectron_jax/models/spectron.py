@@ -411,12 +411,3 @@ class Spectron(nnx.Module):
         hidden, cache = self._step(x, valid, cache)
         frames, stop = self._heads(hidden)
         return frames[:, 0], (None if stop is None else stop[:, 0]), cache
-
-
-def __getattr__(name: str):
-    # `SpectronModel` lives in spectron_model.py (which imports this module); offered here too.
-    if name == "SpectronModel":
-        from spectron_jax.models.spectron_model import SpectronModel
-
-        return SpectronModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
