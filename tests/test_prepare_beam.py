@@ -10,7 +10,7 @@ import pytest
 import soundfile
 
 from spectron_jax import cli
-from spectron_jax.data import prepare, sources, synthetic_librilight
+from spectron_jax.data import prepare, shard_jobs, sources, synthetic_librilight
 
 if os.environ.get("CI"):
     import apache_beam  # noqa: F401  (CI installs the `beam` extra: a missing Beam fails, never skips)
@@ -84,13 +84,13 @@ def librilight(tmp_path_factory):
 def test_plan_lines_round_trip(librilight):
     root, args, _ = librilight
     listing = sources.read_librilight(str(root / "audio"), str(root / "transcripts.tsv"), max_seconds=6.0)
-    jobs = prepare.plan_shards(listing, prepare.PrepareOptions(), 3)
+    jobs = shard_jobs.plan_shards(listing, shard_jobs.PrepareOptions(), 3)
     assert len(jobs) == 3 and sum(j.num_segments for j in jobs) > 3
     for job in jobs:
         line = prepare_beam.job_to_json(job)
         assert "\n" not in line and prepare_beam.job_from_json(line) == job
     words = sources.Segment("a", "two words", "s", 0.5, 1.25, (0.0, 0.4))
-    job = prepare.ShardJob("train", 0, 1, (sources.SourceFile("x.flac", "x", "train", (words,)),), "f")
+    job = shard_jobs.ShardJob("train", 0, 1, (sources.SourceFile("x.flac", "x", "train", (words,)),), "f")
     assert prepare_beam.job_from_json(prepare_beam.job_to_json(job)) == job
 
 

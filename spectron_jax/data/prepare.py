@@ -33,11 +33,12 @@ Output (a contract: the seqio tasks read it):
 
 Sharding: a split's audio files are sorted by path and dealt round-robin to its shards (default
 ceil(utterances / 256) shards; pass --num_shards to make the count divide the number of hosts). Each
-shard is one job run by a worker process. A shard is written under a temporary hidden name and renamed
-when complete, then its index record is written; a re-run skips every shard whose file, index record,
-fingerprint (inputs, their sizes and mtimes, feature numbers) and TFRecord count all agree, so nothing
-finished is rewritten and a crash never leaves a truncated file under a shard name. After a successful
-run, shards of the same split with another shard count and stale temporary files are removed.
+shard is one job (`spectron_jax.data.shard_jobs`: plan, resume check, featurise, write) run by a
+worker process. A shard is written under a temporary hidden name and renamed when complete, then its
+index record is written; a re-run skips every shard whose file, index record, fingerprint (inputs,
+their sizes and mtimes, feature numbers) and TFRecord count all agree, so nothing finished is
+rewritten and a crash never leaves a truncated file under a shard name. After a successful run, shards
+of the same split with another shard count and stale temporary files are removed.
 
 Runners: `--runner=local` (DEFAULT) runs the shard jobs in a process pool (`run_local`);
 `--runner=beam` runs them as an Apache Beam pipeline with `--beam_pipeline_options` (DirectRunner on
@@ -56,279 +57,34 @@ Records are serialised deterministically, so a killed run resumed gives the same
 
 from __future__ import annotations
 
-import dataclasses
 import glob
-import hashlib
 import json
-import math
 import os
 import sys
-import tempfile
-from typing import Any, Callable, Sequence
-
+from typing import Callable, Sequence
 
 from spectron_jax import cli, filesystem
-from spectron_jax.data import audio_input, features, prompt_features, sources, splitting
-from spectron_jax.data.prepare_report import (  # noqa: F401
+from spectron_jax.data import features, prompt_features, sources, splitting, tfds_source
+from spectron_jax.data.prepare_report import (
     INDEX_DIR,
-    REPORT_EXAMPLES_PER_REASON,
     build_report,
     earlier_splits,
     skip_dict,
     summarise_skips,
     totals,
 )
-from spectron_jax.data.tfrecords import (  # noqa: F401
-    FRAME_DTYPES,
-    count_records,
-    encode_example,
-    parse_example,
-    shard_name,
-    stored_frames,
-    tfrecord_features,
+from spectron_jax.data.shard_jobs import (
+    PrepareOptions,
+    ShardJob,
+    finished_shard,
+    index_path,
+    plan_shards,
+    write_shard,
 )
-from spectron_jax.data import tfds_source  # imports TF / TFDS only when used
+from spectron_jax.data.tfrecords import FRAME_DTYPES
 
 FORMATS = ("librispeech", "librilight", "manifest", "embedded", "tfds")
 RUNNERS = ("local", "beam")
-FORMAT_VERSION = 2  # 2: float16 storage and splitting at pauses
-DEFAULT_EXAMPLES_PER_SHARD = 256
-
-
-def __getattr__(name: str):
-    # TFRECORD_FEATURES is built on first access so that importing this module does not import TF.
-    if name == "TFRECORD_FEATURES":
-        return tfrecord_features()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareOptions:
-    """How utterances are featurised and filtered (part of every shard's fingerprint)."""
-
-    spec: features.FeatureSpec = features.SPECTRON_FEATURES
-    min_seconds: float = 0.0  # shorter utterances are skipped ('too_short'). DEFAULT, keeps all.
-    frame_dtype: str = "float16"  # storage of the frames (tfrecords.FRAME_DTYPES). DEFAULT.
-    split: splitting.SplitConfig = splitting.SplitConfig()  # long utterances, see `splitting`
-    prompt: prompt_features.PromptFeatures | None = None  # extra encoder features stored (None: log-mel only)
-
-    def __post_init__(self):
-        if self.frame_dtype not in FRAME_DTYPES:
-            raise ValueError(f"PrepareOptions.frame_dtype must be one of {FRAME_DTYPES}, got {self.frame_dtype!r}")
-
-    def to_dict(self) -> dict:
-        """The options as report.json and the shard fingerprints record them."""
-        return {
-            "features": self.spec.to_dict(),
-            "min_seconds": self.min_seconds,
-            "frame_dtype": self.frame_dtype,
-            "split": dataclasses.asdict(self.split),
-            **({"prompt_features": dataclasses.asdict(self.prompt)} if self.prompt else {}),
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardJob:
-    """One shard to write: its split, index, the audio files dealt to it and their fingerprint."""
-
-    split: str
-    index: int
-    num_shards: int
-    files: tuple[sources.SourceFile, ...]
-    fingerprint: str
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.split, self.index, self.num_shards)
-
-    @property
-    def num_segments(self) -> int:
-        return sum(len(f.segments) for f in self.files)
-
-
-def _file_state(path: str) -> list:
-    if tfds_source.is_tfds_path(path):
-        return [None, None]
-    try:
-        if filesystem.is_remote(path):
-            st = filesystem.path(path).stat()
-            return [int(st.length), st.mtime]
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
-    except (OSError, ValueError):
-        return [None, None]
-
-
-def _file_states(paths: Sequence[str]) -> dict[str, list]:
-    """`_file_state` of each path; object-store ones are asked in parallel (a stat is a round trip, and a
-    Libri-Light tree on gs:// has ~220k files)."""
-    unique = sorted(set(paths))
-    remote = [p for p in unique if filesystem.is_remote(p)]
-    states = {p: _file_state(p) for p in unique if not filesystem.is_remote(p)}
-    if remote:
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(min(32, len(remote))) as pool:
-            states.update(zip(remote, pool.map(_file_state, remote)))
-    return states
-
-
-def plan_shards(listing: sources.Listing, options: PrepareOptions, num_shards: int | None = None) -> list[ShardJob]:
-    """Deals each split's files round-robin (sorted by path) to its shards."""
-    by_split: dict[str, list[sources.SourceFile]] = {}
-    for source in listing.sources:
-        by_split.setdefault(source.split, []).append(source)
-    states = _file_states([s.path for s in listing.sources])
-    jobs = []
-    for split, files in sorted(by_split.items()):
-        files.sort(key=lambda s: (s.source, s.path))
-        segments = sum(len(f.segments) for f in files)
-        count = num_shards or max(1, min(len(files), math.ceil(segments / DEFAULT_EXAMPLES_PER_SHARD)))
-        for index in range(count):
-            dealt = tuple(files[index::count])
-            payload = {
-                "version": FORMAT_VERSION,
-                **options.to_dict(),
-                "files": [
-                    [f.path, f.source, states[f.path], [dataclasses.astuple(s) for s in f.segments]] for f in dealt
-                ],
-            }
-            digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-            jobs.append(ShardJob(split, index, count, dealt, digest))
-    return jobs
-
-
-def _index_path(output_dir: str, name: str) -> str:
-    return filesystem.join(output_dir, INDEX_DIR, name + ".json")
-
-
-def _write_json(path: str, payload: Any) -> None:
-    filesystem.write_text(path, json.dumps(payload, indent=1))  # atomic (filesystem.write_bytes)
-
-
-def finished_shard(output_dir: str, job: ShardJob) -> dict | None:
-    """The index record of `job` if its shard is complete and matches the job, else None."""
-    try:
-        record = json.loads(filesystem.read_text(_index_path(output_dir, job.name)))
-        path = filesystem.join(output_dir, job.name)
-        if record.get("fingerprint") != job.fingerprint or filesystem.size(path) != record["bytes"]:
-            return None
-        return record if count_records(path) == record["examples"] else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def featurise_file(source: sources.SourceFile, options: PrepareOptions):
-    """Yields (segment, duration s, [frames, mel] log-mel, [samples] its audio) or (segment, None, Skip)."""
-    if tfds_source.is_tfds_path(source.path):  # a range of a TFDS split, see tfds_source
-        yield from tfds_source.featurise_range(source, options)
-        return
-    spec = options.spec
-    try:
-        wave = audio_input.load_audio(source.path, spec)
-    except features.AudioError as e:
-        for seg in source.segments:
-            yield seg, None, sources.Skip(seg.id, source.source, source.split, e.reason, e.detail)
-        return
-    for seg in source.segments:
-        start = int(round(seg.start * spec.sample_rate))
-        end = len(wave) if seg.end is None else min(len(wave), int(round(seg.end * spec.sample_rate)))
-        piece = wave[start:end]
-        duration = piece.size / spec.sample_rate
-        if piece.size == 0:
-            yield (
-                seg,
-                None,
-                sources.Skip(seg.id, source.source, source.split, "empty_audio", "segment lies past the audio's end"),
-            )
-        elif duration < options.min_seconds:
-            yield seg, None, sources.Skip(seg.id, source.source, source.split, "too_short", f"{duration:.2f} s")
-        else:
-            try:
-                frames = features.log_mel(piece, spec)
-            except Exception as e:  # never expected; one bad segment must not stop the shard
-                yield seg, None, sources.Skip(seg.id, source.source, source.split, "feature_error", str(e))
-                continue
-            yield seg, duration, frames, piece
-
-
-def write_shard(
-    job: ShardJob, output_dir: str, options: PrepareOptions, progress: Callable[[int], None] | None = None
-) -> dict:
-    """Featurises the job's files into its shard (temp name, then rename) and writes its index record.
-
-    Utterances longer than `options.split` allows are written as their pieces (`splitting`); the record
-    counts them (`long_utterances`: utterances split, pieces written, stretches dropped).
-    """
-    import tensorflow as tf
-
-    final = filesystem.join(output_dir, job.name)
-    # TFRecordWriter writes local files only: a shard for an object store is staged locally, then uploaded
-    staging = tempfile.mkdtemp(prefix="spectron-prepare-") if filesystem.is_remote(output_dir) else output_dir
-    tmp = os.path.join(staging, f".tmp-{job.name}-{os.getpid()}")
-    stats = features.StatsAccumulator(options.spec)
-    skips, examples, seconds, frames_total = [], 0, 0.0, 0
-    long = {"split": 0, "pieces": 0, "dropped": 0, "dropped_seconds": 0.0}
-    seconds_per_frame = options.spec.hop / options.spec.sample_rate
-    try:
-        with tf.io.TFRecordWriter(tmp) as writer:
-            for source in job.files:
-                for segment, duration, result, *audio in featurise_file(source, options):
-                    if duration is None:
-                        skips.append(skip_dict(result))
-                        continue
-                    wave = audio[0]  # [samples] of the utterance: prompt features are taken per piece
-                    pieces = splitting.split_utterance(
-                        segment, result, options.split, options.spec, source.source, source.split
-                    )
-                    was_split = len(pieces) > 1 or isinstance(pieces[0], sources.Skip) or pieces[0][0] is not segment
-                    long["split"] += was_split
-                    for piece in pieces:
-                        if isinstance(piece, sources.Skip):
-                            skips.append(skip_dict(piece))
-                            long["dropped"] += piece.reason == "too_long"
-                            continue
-                        piece_segment, frames = piece
-                        if piece_segment is not segment:  # a piece's words start elsewhere: no timings
-                            piece_segment = dataclasses.replace(piece_segment, word_starts=None)
-                            long["pieces"] += 1
-                            duration = frames.shape[0] * seconds_per_frame
-                        offset = int(round((piece_segment.start - segment.start) * options.spec.sample_rate))
-                        extra = prompt_features.shard_features(wave[offset:], options.prompt)
-                        writer.write(encode_example(piece_segment, duration, frames, options.frame_dtype, extra))
-                        stats.add(stored_frames(frames, options.frame_dtype))
-                        examples += 1
-                        seconds += duration
-                        frames_total += frames.shape[0]
-                    if was_split:
-                        kept = sum(p[1].shape[0] for p in pieces if not isinstance(p, sources.Skip))
-                        long["dropped_seconds"] += (result.shape[0] - kept) * seconds_per_frame
-                if progress is not None:
-                    progress(len(source.segments))
-        if filesystem.is_remote(final):
-            filesystem.copy(tmp, final)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if staging != output_dir:
-            os.rmdir(staging)
-    record = {
-        "shard": job.name,
-        "split": job.split,
-        "fingerprint": job.fingerprint,
-        "examples": examples,
-        "bytes": filesystem.size(final),
-        "seconds": seconds,
-        "frames": frames_total,
-        "frame_dtype": options.frame_dtype,
-        "long_utterances": long,
-        "skipped": skips,
-        "stats": stats.to_dict(),
-    }
-    _write_json(_index_path(output_dir, job.name), record)
-    return record
 
 
 _worker_progress = None  # a shared counter of segments done, set in each worker process
@@ -409,7 +165,7 @@ def _remove_stale(output_dir: str, jobs: Sequence[ShardJob]) -> list[str]:
             if name not in current:
                 removed.append(name)
                 filesystem.remove_tree(path)
-                filesystem.remove_tree(_index_path(output_dir, name))
+                filesystem.remove_tree(index_path(output_dir, name))
     for folder in (output_dir, filesystem.join(output_dir, INDEX_DIR)):
         for path in filesystem.glob(filesystem.join(folder, ".tmp-*")):
             filesystem.remove_tree(path)
@@ -467,7 +223,7 @@ def prepare(
                 "splits": sorted({r["split"] for r in chosen}),
                 "frames": acc.count,
             }
-    _write_json(filesystem.join(output_dir, "report.json"), report)
+    filesystem.write_text(filesystem.join(output_dir, "report.json"), json.dumps(report, indent=1))
     return report
 
 

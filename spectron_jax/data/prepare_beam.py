@@ -4,10 +4,10 @@
         [--beam_pipeline_options="--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp ..."]
 
 Nothing about the data is implemented twice: the driver lists the input and plans the shards
-(`prepare.plan_shards`), the pipeline runs one element per shard job through `prepare.finished_shard`
-(a finished shard is skipped) and `prepare.write_shard` (featurising, splitting, the shard format, the
-index record), and the driver then builds report.json and stats.json from the index records exactly
-as `--runner=local` does. Shards, report.json and stats.json are the same bytes for either runner.
+(`shard_jobs.plan_shards`), the pipeline runs one element per shard job through
+`shard_jobs.finished_shard` (a finished shard is skipped) and `shard_jobs.write_shard` (featurising,
+splitting, the shard format, the index record), and the driver then builds report.json and
+stats.json from the index records exactly as `--runner=local` does. Shards, report.json and stats.json are the same bytes for either runner.
 
 The pipeline, for N shard jobs:
 
@@ -49,7 +49,7 @@ import shlex
 from typing import Sequence
 
 from spectron_jax import filesystem
-from spectron_jax.data import prepare, sources
+from spectron_jax.data import shard_jobs, sources
 
 JOBS_PER_PLAN_FILE = 64
 METRICS_NAMESPACE = "spectron_prepare"
@@ -64,7 +64,7 @@ class InjectedFailure(RuntimeError):
 # ------------------------------------------------------------------------------------------ the plan
 
 
-def job_to_json(job: prepare.ShardJob) -> str:
+def job_to_json(job: shard_jobs.ShardJob) -> str:
     """One shard job as one line of JSON (floats round-trip exactly): `job_from_json` reads it back."""
     files = [
         {"path": f.path, "source": f.source, "split": f.split, "segments": [dataclasses.asdict(s) for s in f.segments]}
@@ -80,7 +80,7 @@ def job_to_json(job: prepare.ShardJob) -> str:
     return json.dumps(payload, sort_keys=True)
 
 
-def job_from_json(line: str) -> prepare.ShardJob:
+def job_from_json(line: str) -> shard_jobs.ShardJob:
     """The inverse of `job_to_json`: an equal `ShardJob`."""
     payload = json.loads(line)
     files = []
@@ -91,12 +91,12 @@ def job_from_json(line: str) -> prepare.ShardJob:
                 s["word_starts"] = tuple(s["word_starts"])
             segments.append(sources.Segment(**s))
         files.append(sources.SourceFile(f["path"], f["source"], f["split"], tuple(segments)))
-    return prepare.ShardJob(
+    return shard_jobs.ShardJob(
         payload["split"], payload["index"], payload["num_shards"], tuple(files), payload["fingerprint"]
     )
 
 
-def write_plan(jobs: Sequence[prepare.ShardJob], output_dir: str, resumable: set[str]) -> list[str]:
+def write_plan(jobs: Sequence[shard_jobs.ShardJob], output_dir: str, resumable: set[str]) -> list[str]:
     """Writes the jobs, `JOBS_PER_PLAN_FILE` to a file, under a temporary folder of `output_dir`, one
     line each: `<R|W>\t<job_to_json>` (R: an index record of this job existed before the run, see
     `_resumable`); returns the files' paths."""
@@ -124,16 +124,16 @@ def _parallel(fn, items: list, remote: bool) -> list:
         return list(pool.map(fn, items))
 
 
-def _index_record(output_dir: str, job: prepare.ShardJob) -> dict | None:
+def _index_record(output_dir: str, job: shard_jobs.ShardJob) -> dict | None:
     try:
-        return json.loads(filesystem.read_text(filesystem.join(output_dir, prepare.INDEX_DIR, job.name + ".json")))
+        return json.loads(filesystem.read_text(shard_jobs.index_path(output_dir, job.name)))
     except (OSError, ValueError):
         return None
 
 
-def _resumable(output_dir: str, jobs: Sequence[prepare.ShardJob]) -> set[str]:
+def _resumable(output_dir: str, jobs: Sequence[shard_jobs.ShardJob]) -> set[str]:
     """Names of the jobs whose index record (from an earlier run) names the job's fingerprint: only
-    these may count as resumed. The pipeline still checks the shard itself (`prepare.finished_shard`),
+    these may count as resumed. The pipeline still checks the shard itself (`shard_jobs.finished_shard`),
     and a shard finished by a failed attempt of this run counts as written, as with `--runner=local`."""
     records = _parallel(lambda j: _index_record(output_dir, j), list(jobs), filesystem.is_remote(output_dir))
     return {j.name for j, r in zip(jobs, records) if r and r.get("fingerprint") == j.fingerprint}
@@ -238,11 +238,11 @@ def _count_skips(item: tuple[str, int]) -> None:
     _count(f"skipped_{reason}", count)
 
 
-def _make_write_fn(output_dir: str, options: prepare.PrepareOptions):
+def _make_write_fn(output_dir: str, options: shard_jobs.PrepareOptions):
     import apache_beam as beam
 
     class WriteShard(beam.DoFn):
-        """One shard job (a JSON line): skipped when finished, else written by `prepare.write_shard`."""
+        """One shard job (a JSON line): skipped when finished, else written by `shard_jobs.write_shard`."""
 
         def setup(self):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -250,10 +250,10 @@ def _make_write_fn(output_dir: str, options: prepare.PrepareOptions):
         def process(self, line: str):
             mark, _, payload = line.partition("\t")
             job = job_from_json(payload)
-            record = prepare.finished_shard(output_dir, job)  # also after a failed attempt of this run
+            record = shard_jobs.finished_shard(output_dir, job)  # also after a failed attempt of this run
             wrote = record is None
             if wrote:
-                record = prepare.write_shard(job, output_dir, options, _fail_once_hook(job.name))
+                record = shard_jobs.write_shard(job, output_dir, options, _fail_once_hook(job.name))
             _count("shards_written" if mark == "W" or wrote else "shards_resumed")
             _count("examples", record["examples"])
             for skip in record["skipped"]:
@@ -263,7 +263,7 @@ def _make_write_fn(output_dir: str, options: prepare.PrepareOptions):
     return WriteShard()
 
 
-def _read_records(output_dir: str, jobs: Sequence[prepare.ShardJob]) -> list[dict]:
+def _read_records(output_dir: str, jobs: Sequence[shard_jobs.ShardJob]) -> list[dict]:
     """The index record of every job, in `jobs` order (object-store reads in parallel)."""
     records = _parallel(lambda j: _index_record(output_dir, j), list(jobs), filesystem.is_remote(output_dir))
     for job, record in zip(jobs, records):

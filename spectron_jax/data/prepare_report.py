@@ -1,6 +1,6 @@
 """`prepare`'s report.json: per-split counts built from the shard index records, merged across runs.
 
-`build_report` turns the index records of a run's shards (`prepare.write_shard`) and the skips found
+`build_report` turns the index records of a run's shards (`shard_jobs.write_shard`) and the skips found
 while listing into report.json's content; `earlier_splits` recovers what an earlier run wrote for the
 splits this run does not prepare, so that split-by-split runs add up instead of replacing each other.
 """

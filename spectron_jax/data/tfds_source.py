@@ -284,12 +284,12 @@ def to_float_audio(samples: np.ndarray, audio_bits: int | None = None) -> np.nda
 
 
 def featurise_range(source: sources.SourceFile, options) -> Iterator[tuple]:
-    """`prepare.featurise_file` for a TFDS range: (segment, seconds, [frames, mel], [samples] audio) or
+    """`shard_jobs.featurise_file` for a TFDS range: (segment, seconds, [frames, mel], [samples] audio) or
     (segment, None, Skip).
 
     Args:
       source: a SourceFile listed by `read_tfds`.
-      options: `prepare.PrepareOptions` (feature spec, min_seconds).
+      options: `shard_jobs.PrepareOptions` (feature spec, min_seconds).
     """
     ref = json.loads(source.path[len(PREFIX) :])
     spec = options.spec
