@@ -143,7 +143,7 @@ def test_librispeech_report_counts_every_bad_file_with_its_reason(librispeech):
     shards = {s["file"]: s["examples"] for s in train["shards"]}
     assert sorted(shards) == ["train.tfrecord-00000-of-00002", "train.tfrecord-00001-of-00002"]
     for name, count in shards.items():
-        assert prepare.count_records(str(out / name)) == count
+        assert tfrecords.count_records(str(out / name)) == count
     assert report["totals"] == {
         "utterances": 6,
         "hours": pytest.approx(train["hours"] + report["splits"]["validation"]["hours"]),
@@ -277,7 +277,7 @@ def test_changed_input_rewrites_only_its_shard(tmp_path):
     after = mtimes(out)
     assert after["train.tfrecord-00000-of-00003"] == before["train.tfrecord-00000-of-00003"]
     assert after["train.tfrecord-00001-of-00003"] != before["train.tfrecord-00001-of-00003"]
-    assert prepare.count_records(str(out / "train.tfrecord-00002-of-00003")) == 1
+    assert tfrecords.count_records(str(out / "train.tfrecord-00002-of-00003")) == 1
     examples = read_shards(out, "train")
     assert_float16_of(examples["utt1"]["log_mel"], source_log_mel(tmp_path / "wav" / "utt1.flac"))
     assert prepare.main(args + ["--num_shards=1"]) == 0  # another shard count replaces the old shards
