@@ -70,14 +70,15 @@ def parse_eval(spec: str) -> tuple[str, int, str]:
 
 
 def read_free_running(specs: Sequence[str]) -> dict[str, list[tuple[int, dict]]]:
-    """{split: [(step, metrics.json of that folder)] sorted by step}."""
+    """{split: [(step, the pooled figures of that folder's metrics.json)] sorted by step}."""
     out: dict[str, list[tuple[int, dict]]] = {}
     for spec in specs:
         split, step, folder = parse_eval(spec)
         path = filesystem.join(folder, "metrics.json")
         if not filesystem.exists(path):
             raise ValueError(f"--eval {spec!r}: {path} does not exist (run spectron_jax.eval there first)")
-        out.setdefault(split, []).append((step, json.loads(filesystem.read_text(path))))
+        payload = json.loads(filesystem.read_text(path))
+        out.setdefault(split, []).append((step, payload.get("metrics", payload)))
     return {split: sorted(rows, key=lambda r: r[0]) for split, rows in out.items()}
 
 

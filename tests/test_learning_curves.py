@@ -49,8 +49,8 @@ def test_cli_writes_a_png_and_prints_the_figures(tmp_path, capsys):
     for split, step, cer in (("test", 30, 0.8), ("test", 60, 0.6), ("train", 60, 0.2)):
         folder = tmp_path / f"{split}_{step}"
         folder.mkdir()
-        (folder / "metrics.json").write_text(json.dumps(
-            {"prompt_transcript_cer": cer, "continuation_cer": 0.9, "stop_head_fraction": 0.5}))
+        (folder / "metrics.json").write_text(json.dumps({"suite": "continuation", "metrics": {
+            "prompt_transcript_cer": cer, "continuation_cer": 0.9, "stop_head_fraction": 0.5}}))
         evals[(split, step)] = folder
     output = tmp_path / "curves.png"
     argv = ["--model_dir", str(run), "--output", str(output), "--print"]
