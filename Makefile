@@ -2,7 +2,7 @@
 #   make train   creates .venv if missing, installs the package, trains the tiny model on the embedded corpus
 #   make test    creates or reuses the same .venv, adds the extras the tests need, runs the whole suite
 #                (what CI runs: .ci/run only installs the system tools first)
-#   make learn   the reference run that shows the recipe learning (gin/runs/learn_cpu.gin, about an
+#   make learn   the reference learning run (gin/runs/learn_cpu.gin, about an
 #                hour on 2 CPU cores; docs/experiments/learning.md)
 PYTHON ?= python3
 VENV := .venv
