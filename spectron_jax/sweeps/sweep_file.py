@@ -71,10 +71,11 @@ class Statement:
     line: int
 
 
-def _strip_comment(text: str) -> str:
-    """`text` without a trailing `# comment` (a `#` inside a string literal is kept)."""
-    quote = None
-    i = 0
+def _scan(text: str) -> tuple[list[tuple[int, str]], str | None]:
+    """The characters of `text` outside string literals, as (index, character), and the quote of a
+    string left open at its end (None when every string is closed; a backslash escapes in strings)."""
+    code: list[tuple[int, str]] = []
+    quote, i = None, 0
     while i < len(text):
         c = text[i]
         if quote:
@@ -84,32 +85,26 @@ def _strip_comment(text: str) -> str:
                 quote = None
         elif c in "'\"":
             quote = c
-        elif c == "#":
-            return text[:i]
+        else:
+            code.append((i, c))
         i += 1
+    return code, quote
+
+
+def _strip_comment(text: str) -> str:
+    """`text` without a trailing `# comment` (a `#` inside a string literal is kept)."""
+    for i, c in _scan(text)[0]:
+        if c == "#":
+            return text[:i]
     return text
 
 
 def _depth_change(text: str, where: str) -> int:
-    """Net number of brackets `text` opens (strings skipped); raises on a bracket closed too early."""
-    depth, quote, i = 0, None, 0
-    while i < len(text):
-        c = text[i]
-        if quote:
-            if c == "\\":
-                i += 1
-            elif c == quote:
-                quote = None
-        elif c in "'\"":
-            quote = c
-        elif c in _OPEN:
-            depth += 1
-        elif c in _CLOSE:
-            depth -= 1
-        i += 1
+    """Net number of brackets `text` opens (strings skipped); raises on an unterminated string."""
+    code, quote = _scan(text)
     if quote:
         raise SweepError(f"{where}: unterminated string")
-    return depth
+    return sum(1 if c in _OPEN else -1 if c in _CLOSE else 0 for _, c in code)
 
 
 def read_statements(path: str) -> list[Statement]:
