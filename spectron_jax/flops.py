@@ -185,7 +185,7 @@ def step_flops(config: Any, *, batch_size: int, prompt_len: int, text_len: int, 
 
     frames, enc_grad = _encoder(ledger, enc, batch, prompt_len)
     proj_grad = ledger.weight("projection", "projection/kernel", 2 * batch * frames * enc.model_dim * d, enc_grad)
-    if getattr(config, "encoder_ctc", False):  # training only; its CTC recursion is elementwise, not counted
+    if config.encoder_ctc:  # training only; its CTC recursion is elementwise, not counted
         ledger.weight("ctc_head", "ctc_head/kernel", 2 * batch * frames * enc.model_dim * dec.vocab_size, enc_grad)
 
     # pre-net on every speech step (step 0's output is replaced by the eos embedding)

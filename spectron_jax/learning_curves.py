@@ -30,12 +30,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from spectron_jax import filesystem, metric_logs
+from spectron_jax.validation import SWAPPED_SUFFIX
 
 TEXT_TERMS = (("ce_asr", "prompt transcript"), ("ce_lm", "continuation"))
 SPEC_TERMS = (("spec_frames", "frames L1+L2"), ("spec_total", "spectrogram loss"))
 FREE_RUNNING = (("prompt_transcript_cer", "prompt-transcript CER"), ("continuation_cer", "continuation CER"),
                 ("stop_head_fraction", "stopped by the stop head"))
-SWAPPED_SUFFIX = "_swapped_prefix"
 
 
 def series(records: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:

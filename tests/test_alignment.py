@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from spectron_jax.data import alignment
+from spectron_jax.data import alignment, phi
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "embedded")
 
@@ -24,10 +24,10 @@ def _utterance(uid):
 def test_dictionary_words_and_the_boundary_by_time():
     assert alignment.dictionary_words("Old Maren's boat, 3 nets -- gone.") == ["old", "maren's", "boat", "3", "nets", "", "gone"]
     starts = [0.1, 0.6, 1.4, 2.7, 3.2, 4.0]
-    assert alignment.word_index_by_time(starts, 3.0, 4.5) == 4      # 3.2 is nearer than 2.7
-    assert alignment.word_index_by_time(starts, 2.9, 4.5) == 3      # 2.7 is nearer than 3.2
-    assert alignment.word_index_by_time([1.0, 2.0], 1.5, 3.0) == 0  # a tie goes to the earlier start
-    assert alignment.word_index_by_time(starts, 4.4, 4.5) == 6      # the end counts as the start past the last
+    assert phi.word_index_by_time(starts, 3.0, 4.5) == 4      # 3.2 is nearer than 2.7
+    assert phi.word_index_by_time(starts, 2.9, 4.5) == 3      # 2.7 is nearer than 3.2
+    assert phi.word_index_by_time([1.0, 2.0], 1.5, 3.0) == 0  # a tie goes to the earlier start
+    assert phi.word_index_by_time(starts, 4.4, 4.5) == 6      # the end counts as the start past the last
     # letters: "aa bb cc dd" with a prompt of half the duration -> 2 words by letters; timings say 1
     assert alignment.letter_rule_error("aa bb cc dd", [0.0, 1.8, 3.0, 3.5], duration=4.0, prompt_seconds=2.0) == 1
     assert alignment.letter_rule_error("aa bb cc dd", [0.0, 1.0, 2.1, 3.0], duration=4.0, prompt_seconds=2.0) == 0

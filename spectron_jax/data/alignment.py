@@ -90,19 +90,12 @@ class Aligner:
         return [start / FRAMES_PER_SECOND for _, start in segments]
 
 
-def word_index_by_time(word_starts: Sequence[float], prompt_seconds: float, duration: float) -> int:
-    """phi from timings: the word start nearest `prompt_seconds` (the end of the utterance counts as
-    the start past the last word; ties go to the earlier), as `preprocessors.phi_word_index` does."""
-    starts = list(word_starts) + [duration]
-    return min(range(len(starts)), key=lambda k: (abs(starts[k] - prompt_seconds), k))
-
-
 def letter_rule_error(transcript: str, word_starts: Sequence[float], duration: float,
                       prompt_seconds: float = 3.0) -> int:
     """Words between phi by the letter rule and phi by the aligned timings (0 = the same boundary)."""
     words = transcript.split()
     by_letters = phi.prompt_word_count(words, min(prompt_seconds / duration, 1.0))
-    return abs(by_letters - word_index_by_time(word_starts, prompt_seconds, duration))
+    return abs(by_letters - phi.word_index_by_time(word_starts, prompt_seconds, duration))
 
 
 def measure(manifest: str, limit: int | None = None, prompt_seconds: float = 3.0) -> dict:
@@ -117,10 +110,8 @@ def measure(manifest: str, limit: int | None = None, prompt_seconds: float = 3.0
         rows = rows[:limit]
     aligner = Aligner()
     errors, uncovered, failed = [], 0, 0
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = lambda x, **_: x  # noqa: E731
+    from tqdm import tqdm
+
     for row in tqdm(rows, desc="aligning", unit="utt", disable=not sys.stderr.isatty()):
         if not aligner.covers(row["transcript"]):
             uncovered += 1

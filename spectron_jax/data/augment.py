@@ -102,7 +102,7 @@ def shift_mel(log_mel: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
 def word_start_seconds(words: tf.Tensor, duration: tf.Tensor, word_starts: tf.Tensor | None) -> tf.Tensor:
     """float32 [words]: each word's start, from `word_starts` when it holds one per word, else its
     letter share (letters and digits before it over all of them) of `duration` seconds."""
-    letters = tf.strings.length(tf.strings.regex_replace(words, r"[^\pL\pN]", ""), unit="UTF8_CHAR")
+    letters = preprocessors.spoken_letters(words)
     before = tf.cumsum(tf.cast(letters, tf.float32), exclusive=True)
     by_letters = before / tf.maximum(tf.reduce_sum(tf.cast(letters, tf.float32)), 1.0) * duration
     if word_starts is None:

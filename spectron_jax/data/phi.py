@@ -32,6 +32,14 @@ def prompt_word_count(words: Sequence[str], prompt_share: float) -> int:
     return min(range(len(starts)), key=lambda k: (abs(starts[k] - target), k))
 
 
+def word_index_by_time(word_starts: Sequence[float], prompt_seconds: float, duration: float) -> int:
+    """phi from word timings: the word start nearest `prompt_seconds` (the end of the utterance,
+    `duration`, counts as the start past the last word; ties go to the earlier), the rule
+    `preprocessors.phi_word_index` applies when the shards carry `word_starts`."""
+    starts = list(word_starts) + [duration]
+    return min(range(len(starts)), key=lambda k: (abs(starts[k] - prompt_seconds), k))
+
+
 def split_transcript(transcript: str, prompt_share: float) -> tuple[str, str]:
     """(the words before phi, the words after) of `transcript` for a prompt of `prompt_share` of it."""
     words = transcript.split()

@@ -242,6 +242,11 @@ def _round_div(numerator: tf.Tensor, denominator: tf.Tensor) -> tf.Tensor:
     return (2 * numerator + denominator) // (2 * denominator)
 
 
+def spoken_letters(words: tf.Tensor) -> tf.Tensor:
+    """int32 [words]: the letters and digits of each word of `words` (tf.string [words]), what is spoken."""
+    return tf.strings.length(tf.strings.regex_replace(words, r"[^\pL\pN]", ""), unit="UTF8_CHAR")
+
+
 def phi_word_index(words: tf.Tensor, prompt_share: tf.Tensor, word_starts: tf.Tensor | None = None,
                    prompt_seconds: tf.Tensor | None = None) -> tf.Tensor:
     """phi at a word boundary: how many of `words` the prompt's transcript holds (int32 [], 0..words).
@@ -258,7 +263,7 @@ def phi_word_index(words: tf.Tensor, prompt_share: tf.Tensor, word_starts: tf.Te
       word_starts: optional float32 [words] (or [0]: none known, the letter rule applies).
       prompt_seconds: float32 [], the prompt's length, with `word_starts`.
     """
-    letters = tf.strings.length(tf.strings.regex_replace(words, r"[^\pL\pN]", ""), unit="UTF8_CHAR")
+    letters = spoken_letters(words)
     starts = tf.concat([[0.0], tf.cumsum(tf.cast(letters, tf.float32))], 0)  # [words + 1]
     by_letters = tf.argmin(tf.abs(starts - tf.cast(prompt_share, tf.float32) * starts[-1]), output_type=tf.int32)
     if word_starts is None:
